@@ -1,0 +1,60 @@
+"""Client side: one round of local training on this node's partition (no flwr here)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from fedmllm.config import NodeIdentity
+from fedmllm.models import get_model
+from fedmllm.models.adapter import adapter_state, load_adapter_state, payload_bytes, trainable_bytes
+
+
+def local_data(cfg: dict[str, Any], ident: NodeIdentity):
+    """(task, this node's training samples) from the configured dataset and partitioner."""
+    from fedmllm.data import load_task
+    from fedmllm.partitioning import client_samples
+
+    task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
+    samples = client_samples(pool, cfg["partitioner"], ident.partition_id, ident.num_partitions, cfg["seed"])
+    return task, samples
+
+
+def train_round(
+    cfg: dict[str, Any],
+    ident: NodeIdentity,
+    arrays: dict[str, np.ndarray],
+    server_round: int,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Load the global adapter, train `train.local_steps` steps, return (adapter, metrics).
+
+    Every client replies with the same metric keys (Flower rejects inconsistent replies).
+    """
+    from tqdm.auto import tqdm
+
+    from fedmllm.client.train import train_steps
+    from fedmllm.data.collate import Collator
+
+    lm = get_model(cfg["model"], cfg["peft"])
+    load_adapter_state(lm.model, arrays)
+    task, samples = local_data(cfg, ident)
+    collator = Collator(lm.processor, lm.family, task)
+    steps = cfg["train"]["local_steps"]
+    bar = tqdm(total=steps, desc=f"client {ident.partition_id} round {server_round}", leave=False,
+               file=sys.stderr, mininterval=2.0)
+    seed = cfg["seed"] * 100_003 + server_round * 1009 + ident.partition_id  # distinct batches per round/client
+    result = train_steps(lm.model, collator, samples, cfg["train"], seed,
+                         on_step=lambda s, loss: bar.update(1), proximal_mu=proximal_mu)
+    bar.close()
+    out = adapter_state(lm.model)
+    metrics = {
+        **result,
+        "partition-id": ident.partition_id,
+        "partition-size": len(samples),
+        "bytes-up": payload_bytes(out),
+        "trainable-bytes": trainable_bytes(lm.model),
+    }
+    return out, metrics

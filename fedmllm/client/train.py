@@ -1,0 +1,93 @@
+"""Local training on one client's partition (imports no flwr)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable
+
+import numpy as np
+
+from fedmllm.data.collate import Collator
+from fedmllm.data.schema import Sample
+
+
+def batches(samples: list[Sample], batch_size: int, steps: int, seed: int):
+    """`steps` batches drawn without replacement, reshuffling each pass over the data."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(samples)))
+            rng.shuffle(fresh)
+            order += fresh
+        yield [samples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
+def make_optimizer(model, train_cfg: dict[str, Any]):
+    """AdamW with two groups: LoRA tensors at `lr`, the fully trained projector at `projector_lr`
+    (a gentler rate: at 1e-3 a prototype's projector never learned to carry image information)."""
+    import torch
+
+    lora, full = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (full if "modules_to_save" in name else lora).append(p)
+    groups = [{"params": lora, "lr": float(train_cfg["lr"])}]
+    if full:
+        groups.append({"params": full, "lr": float(train_cfg.get("projector_lr", train_cfg["lr"]))})
+    return torch.optim.AdamW(groups, weight_decay=float(train_cfg.get("weight_decay", 0.0)))
+
+
+def answer_loss(model, inputs: dict[str, Any]):
+    """Mean cross-entropy over the answer tokens, computing logits for the last `keep` positions only."""
+    import torch.nn.functional as F
+
+    inputs = dict(inputs)
+    labels, keep = inputs.pop("labels"), inputs.pop("keep")
+    logits = model(**inputs, logits_to_keep=keep).logits  # [B, keep, V]
+    # position t predicts token t+1: the last keep-1 labels come from the first keep-1 logits
+    pred = logits[:, :-1].float()
+    target = labels[:, -(keep - 1):]
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+def train_steps(
+    model,
+    collator: Collator,
+    samples: list[Sample],
+    train_cfg: dict[str, Any],
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+    proximal_mu: float = 0.0,
+) -> dict[str, float]:
+    """Train `train_cfg.local_steps` steps; returns mean train loss and examples seen."""
+    import torch
+
+    if not samples:
+        raise ValueError("this client's partition is empty: lower num_clients or raise partitioner.alpha")
+    steps, bs = int(train_cfg["local_steps"]), int(train_cfg["batch_size"])
+    torch.manual_seed(seed)
+    model.train()
+    opt = make_optimizer(model, train_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    losses = []
+    for step, batch in enumerate(batches(samples, bs, steps, seed)):
+        inputs = collator.train_batch(batch)
+        loss = answer_loss(model, inputs)
+        if anchor is not None:  # FedProx: (mu/2)||theta - theta_global||^2 over adapter tensors
+            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.get("max_grad_norm"):
+            torch.nn.utils.clip_grad_norm_(params, float(train_cfg["max_grad_norm"]))
+        opt.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return {"train-loss": float(np.mean(losses)), "num-examples": steps * bs}

@@ -1,0 +1,78 @@
+"""Collation: samples -> model inputs, with the loss on answer tokens only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from fedmllm.data.prompts import chat_prompt, user_prompt
+from fedmllm.data.schema import Sample, Task
+
+IGNORE = -100  # label value the loss ignores
+
+
+class Collator:
+    """Turns samples into processor outputs for one (processor, family, task)."""
+
+    def __init__(self, processor, family, task: Task):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        # Left padding puts every answer at the end of its row, so the model computes logits
+        # only for the last few positions (`logits_to_keep`): the 49K-vocab head over all ~45
+        # positions would otherwise cost about a tenth of each step. RoPE is relative, so the
+        # shifted absolute positions of padded rows change nothing.
+        self.tokenizer.padding_side = "left"
+        self.family = family
+        self.task = task
+        self.eos = self.tokenizer.eos_token or ""
+
+    def _prompts(self, samples: list[Sample], drop_image: bool) -> tuple[list[str], list[Image.Image]]:
+        texts, images = [], []
+        for s in samples:
+            texts.append(chat_prompt(self.tokenizer, user_prompt(self.task, s, self.family.image_token, drop_image)))
+            if s["image"] is not None and not drop_image:
+                with Image.open(s["image"]) as im:
+                    images.append(im.convert("RGB"))
+        return texts, images
+
+    def _encode(self, texts: list[str], images: list[Image.Image]) -> dict[str, Any]:
+        return dict(
+            self.processor(
+                text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+            )
+        )
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer as it follows the prompt (answer text + end of turn)."""
+        return self.tokenizer(answer + self.eos, add_special_tokens=False)["input_ids"]
+
+    def train_batch(self, samples: list[Sample], drop_image: bool = False) -> dict[str, Any]:
+        """Prompt + gold answer; labels are IGNORE everywhere except the answer tokens.
+
+        `keep` is how many final positions the loss needs (longest answer + 1).
+        """
+        texts, images = self._prompts(samples, drop_image)
+        answers = [self.task.labels[s["label"]] for s in samples]
+        batch = self._encode([t + a + self.eos for t, a in zip(texts, answers)], images)
+        labels = batch["input_ids"].clone().fill_(IGNORE)
+        longest = 0
+        for row, answer in enumerate(answers):
+            ids = self.answer_ids(answer)
+            tail = batch["input_ids"][row, -len(ids):].tolist()
+            if tail != ids:  # the tokenizer merged across the prompt/answer boundary
+                raise ValueError(f"answer {answer!r} does not tokenize apart from its prompt: {tail} != {ids}")
+            labels[row, -len(ids):] = batch["input_ids"][row, -len(ids):]
+            longest = max(longest, len(ids))
+        batch["labels"] = labels
+        batch["keep"] = longest + 1
+        return batch
+
+    def prompt_batch(self, samples: list[Sample], drop_image: bool = False) -> dict[str, Any]:
+        """Prompts only, left-padded: the next-token logits at position -1 score single-token options."""
+        return self._encode(*self._prompts(samples, drop_image))
+
+    def option_batch(self, samples: list[Sample], option: str, drop_image: bool = False) -> dict[str, Any]:
+        """Prompt + one given option (for scoring multi-token options)."""
+        texts, images = self._prompts(samples, drop_image)
+        return self._encode([t + option for t in texts], images)

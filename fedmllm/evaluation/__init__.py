@@ -1,0 +1,1 @@
+"""Option scoring, answer parsing and metrics."""

@@ -1,0 +1,84 @@
+"""Load a preset (offline-built, local dir or hub id) with optional 4-bit NF4 quantization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedmllm.models import llava  # noqa: F401  (registers the family)
+from fedmllm.models.build import ensure_built
+from fedmllm.models.registry import Family, get_family
+
+
+def resolve_path(model_cfg: dict[str, Any]) -> str:
+    """Local directory (built on first use for offline presets) or hub id of a preset."""
+    if model_cfg.get("path"):
+        return str(model_cfg["path"])
+    if model_cfg.get("builder"):
+        return str(ensure_built(model_cfg))
+    raise ValueError(f"model preset {model_cfg.get('name')!r} sets neither `path` nor `builder`")
+
+
+def compute_dtype(model_cfg: dict[str, Any]):
+    """NF4 compute dtype: fp32 on CPU (bf16 compute there measured several times slower), bf16 on GPU."""
+    import torch
+
+    name = model_cfg.get("compute_dtype", "auto")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def quantization_config(model_cfg: dict[str, Any], family: Family):
+    """BitsAndBytesConfig for `model.quantization`, or None; only the language model is quantized."""
+    quant = model_cfg.get("quantization", "none")
+    if quant in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # transformers 5 matches skip entries against full module paths.
+    skip = [p for g in ("vision_encoder", "projector") for p in family.module_groups[g]] + ["lm_head"]
+    if quant == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(model_cfg),
+            llm_int8_skip_modules=skip,
+        )
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise ValueError(f"model.quantization={quant!r} is not one of 4bit, 8bit, none")
+
+
+def load_model(model_cfg: dict[str, Any]):
+    """Return (model, processor, family) for a model preset config."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars in every worker
+    family = get_family(model_cfg["family"])
+    path = resolve_path(model_cfg)
+    quant = quantization_config(model_cfg, family)
+    dtype = compute_dtype(model_cfg) if quant is not None else _plain_dtype(model_cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.get("attn_implementation", "sdpa")}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    model = family.model_cls().from_pretrained(path, **kwargs)
+    processor = family.processor_cls().from_pretrained(path)
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return model, processor, family
+
+
+def _plain_dtype(model_cfg: dict[str, Any]):
+    import torch
+
+    return torch.float32 if not torch.cuda.is_available() else torch.bfloat16
+
+
+def local_dir(model_cfg: dict[str, Any]) -> Path | None:
+    """The preset's local directory if it has one (built presets and `model.path` dirs)."""
+    p = resolve_path(model_cfg)
+    return Path(p) if Path(p).is_dir() else None

@@ -1,0 +1,54 @@
+"""Label partitioners (flwr-datasets) selected by partition-id / num-partitions."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from fedmllm.data.schema import Sample
+
+
+def make_partitioner(cfg: dict[str, Any], num_partitions: int, seed: int):
+    """flwr-datasets partitioner for `partitioner.name` (iid | dirichlet over `label`)."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if cfg["name"] == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if cfg["name"] == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(cfg["alpha"]),
+            min_partition_size=int(cfg.get("min_partition_size", 10)),
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    raise ValueError(f"partitioner.name={cfg['name']!r}: choose iid or dirichlet")
+
+
+def partition_indices(
+    labels: tuple[int, ...], cfg_items: tuple[tuple[str, Any], ...], num_partitions: int, seed: int
+) -> list[list[int]]:
+    """Indices of every partition; deterministic in (labels, config, num_partitions, seed)."""
+    return _partition_indices(labels, cfg_items, num_partitions, seed)
+
+
+@lru_cache(maxsize=8)  # a worker serves many rounds/clients: partition once per process
+def _partition_indices(labels, cfg_items, num_partitions, seed):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
+    part = make_partitioner(dict(cfg_items), num_partitions, seed)
+    part.dataset = ds
+    return [list(part.load_partition(i)["idx"]) for i in range(num_partitions)]
+
+
+def client_samples(
+    samples: list[Sample], cfg: dict[str, Any], partition_id: int, num_partitions: int, seed: int
+) -> list[Sample]:
+    """The samples of one partition."""
+    labels = tuple(s["label"] for s in samples)
+    items = tuple(sorted(cfg.items()))
+    idx = partition_indices(labels, items, num_partitions, seed)[partition_id]
+    return [samples[i] for i in idx]

@@ -1,0 +1,1 @@
+"""Server side: ServerApp, run loop glue, checkpoints and centralized evaluation."""

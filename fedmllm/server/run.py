@@ -1,0 +1,112 @@
+"""Server side of a run: initial adapter, strategy, centralized evaluation, checkpoints, logs."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedmllm.models import get_model
+from fedmllm.models.adapter import adapter_state
+
+
+def default_run_dir() -> Path:
+    return Path.cwd() / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+
+
+def save_predictions(run_dir: Path, server_round: int, samples, scores) -> Path:
+    """Held-out option scores of a round: `predictions/round-<N>.npz` (ids, labels, scores)."""
+    import numpy as np
+
+    out = run_dir / "predictions" / f"round-{server_round}.npz"
+    out.parent.mkdir(exist_ok=True)
+    np.savez(out, ids=np.array([s["id"] for s in samples]), labels=np.array([s["label"] for s in samples]),
+             scores=scores)
+    return out
+
+
+def build_strategy(cfg: dict[str, Any]):
+    """Instantiate `aggregator._target_` with its kwargs; sampling follows clients_per_round."""
+    from hydra.utils import instantiate
+
+    agg = {k: v for k, v in cfg["aggregator"].items() if k != "name"}
+    agg.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
+    agg.setdefault("min_train_nodes", cfg["clients_per_round"])
+    return instantiate(agg)
+
+
+def run_server(grid, cfg: dict[str, Any]) -> Path:
+    """Run all rounds on `grid`; returns the run directory."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from fedmllm.data import load_task
+    from fedmllm.records import from_record, to_record
+    from fedmllm.data.collate import Collator
+    from fedmllm.server.checkpoint import save_checkpoint
+    from fedmllm.server.evaluate import evaluate
+    from fedmllm.tracking import MetricsLog, format_round, plot_run
+
+    run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
+    random.seed(cfg["seed"])  # Flower samples nodes with `random`
+    torch.manual_seed(cfg["seed"])  # LoRA A init: the same initial adapter for the same seed
+
+    lm = get_model(cfg["model"], cfg["peft"])
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    collator = Collator(lm.processor, lm.family, task)
+    initial = adapter_state(lm.model)
+    strategy = build_strategy(cfg)
+    mlog = MetricsLog(run_dir, cfg["logger"], cfg)
+    t0 = time.time()
+    n_rounds = cfg["num_rounds"]
+    bar = tqdm(total=n_rounds, desc="rounds", unit="round", file=sys.stderr)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        payload = from_record(arrays)
+        row: dict[str, Any] = {"round": server_round}
+        stats = getattr(strategy, "round_stats", {}) if server_round > 0 else {}
+        row.update(
+            train_loss=stats.get("train_loss"),
+            bytes_up=stats.get("bytes_up", 0),
+            bytes_down=stats.get("bytes_down", 0),
+            bytes_up_per_client={str(k): v for k, v in stats.get("bytes_up_per_client", {}).items()},
+        )
+        if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
+            ebar = tqdm(total=len(heldout) * 2, desc=f"eval round {server_round}", leave=False, file=sys.stderr)
+            metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar)
+            ebar.close()
+            save_predictions(run_dir, server_round, heldout, metrics.pop("_scores"))
+            row.update(metrics)
+        ckpt = save_checkpoint(lm.model, payload, run_dir, server_round)
+        row["checkpoint"] = str(ckpt.relative_to(run_dir))
+        row["seconds"] = round(time.time() - t0, 2)
+        mlog.log(row)
+        if server_round > 0:
+            bar.update(1)
+        tqdm.write(format_round(row), file=sys.stdout)
+        sys.stdout.flush()
+        return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
+
+    train_config = ConfigRecord({"seed": cfg["seed"]})
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_record(initial),
+            num_rounds=n_rounds,
+            train_config=train_config,
+            evaluate_fn=evaluate_fn,
+        )
+    finally:
+        bar.close()
+        mlog.close()
+        if mlog.rows:
+            plot_run(run_dir)
+    print(f"server finished; results in {run_dir}", flush=True)
+    return run_dir

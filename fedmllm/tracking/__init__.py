@@ -1,0 +1,95 @@
+"""metrics.jsonl, wandb, plots and progress."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per round to `<run dir>/metrics.jsonl` (flushed: nothing lost on a crash)
+    and forwards it to the configured logger."""
+
+    def __init__(self, run_dir: Path, logger_cfg: dict[str, Any], config: dict[str, Any]):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        self.wandb = _init_wandb(logger_cfg, config, run_dir) if logger_cfg.get("name") == "wandb" else None
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["round"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _init_wandb(logger_cfg: dict[str, Any], config: dict[str, Any], run_dir: Path):
+    import wandb
+
+    mode = logger_cfg.get("mode", "auto")
+    if mode == "auto":
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
+        mode = "online" if has_key else "offline"
+    return wandb.init(
+        project=logger_cfg.get("project", "fedmllm"),
+        entity=logger_cfg.get("entity"),
+        mode=mode,
+        dir=str(run_dir),
+        config=config,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path) -> Path:
+    """PNG of held-out accuracy (with and without the image) and train loss per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("accuracy", "o-"), ("accuracy_no_image", "s--"), ("auroc", "^:")):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax1.plot(*zip(*pts), style, label=key)
+    ax1.set(xlabel="round", ylabel="held-out", title="centralized evaluation", ylim=(0, 1))
+    ax1.legend()
+    pts = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    if pts:
+        ax2.plot(*zip(*pts), "o-")
+    ax2.set(xlabel="round", ylabel="mean client train loss", title="training")
+    fig.tight_layout()
+    out = Path(run_dir) / "metrics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def format_round(row: dict[str, Any]) -> str:
+    """One human line per round."""
+
+    def f(key, fmt):
+        v = row.get(key)
+        return "-" if v is None else format(v, fmt)
+
+    return (
+        f"round {row['round']:>3} | train loss {f('train_loss', '.4f')} | acc {f('accuracy', '.3f')} "
+        f"(no image {f('accuracy_no_image', '.3f')}) | auroc {f('auroc', '.3f')} | "
+        f"up {_mb(row.get('bytes_up'))} down {_mb(row.get('bytes_down'))} | {row.get('seconds', 0):.0f}s"
+    )
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"

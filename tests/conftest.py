@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny models (built into the user's cache once), composed configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_overrides(*extra: str) -> list[str]:
+    return [
+        "model=tiny-llava",
+        "num_clients=2",
+        "clients_per_round=2",
+        "num_rounds=2",
+        "train.local_steps=2",
+        "train.batch_size=4",
+        "dataset.eval_samples=16",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from fedmllm.config import compose
+
+    return compose(tiny_overrides())
+
+
+@pytest.fixture(scope="session", params=["4bit", "none"])
+def tiny_lm(request, tiny_cfg):
+    """(LoadedModel, cfg) for tiny-llava in 4-bit and unquantized."""
+    import copy
+
+    import torch
+
+    from fedmllm.models.adapter import apply_peft
+    from fedmllm.models.load import load_model
+    from fedmllm.models import LoadedModel
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg["model"]["quantization"] = request.param
+    torch.manual_seed(0)
+    model, processor, family = load_model(cfg["model"])
+    return LoadedModel(apply_peft(model, family, cfg["peft"]), processor, family), cfg

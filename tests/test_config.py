@@ -1,0 +1,73 @@
+"""Config composition and the Hydra <-> Flower bridge."""
+
+from pathlib import Path
+
+import pytest
+
+from fedmllm.config import ConfigError, compose, from_run_config, node_identity, run_config_overrides
+
+CONF = Path(__file__).parents[1] / "fedmllm" / "conf"
+GROUPS = ["model", "peft", "dataset", "partitioner", "scenario", "aggregator", "train", "logger"]
+
+
+def test_defaults_compose_to_the_demo_setting():
+    cfg = compose()
+    assert cfg["model"]["name"] == "smol-llava" and cfg["model"]["quantization"] == "4bit"
+    assert cfg["partitioner"]["name"] == "dirichlet"
+    assert cfg["aggregator"]["name"] == "fedavg"
+    assert cfg["num_clients"] == 4 and cfg["seed"] == 42
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
+)
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    assert cfg[group].get("name", option) == option
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["model=nope"], "unknown model 'nope'; choose one of ['smol-llava', 'tiny-llava']"),
+        (["num_rounds=abc"], "num_rounds='abc'"),
+        (["no_such_key=1"], "no_such_key"),
+        (["train.lr=-1"], "train.lr=-1 must be a number > 0"),
+        (["clients_per_round=9"], "clients_per_round=9 exceeds num_clients=4"),
+        (["model.quantization=3bit"], "model.quantization='3bit'"),
+        (["partitioner.alpha=0"], "partitioner.alpha=0"),
+    ],
+)
+def test_bad_input_gives_one_short_message_naming_it(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_run_config_overrides_are_hydra_overrides():
+    cfg = from_run_config({"overrides": "model=tiny-llava num_rounds=2 'train.lr=0.001'"})
+    assert cfg["model"]["name"] == "tiny-llava" and cfg["num_rounds"] == 2 and cfg["train"]["lr"] == 0.001
+
+
+def test_base_overrides_come_first_and_run_config_wins():
+    cfg = from_run_config({"overrides": "num_rounds=3"}, base=("num_rounds=7", "num_clients=2", "clients_per_round=2"))
+    assert cfg["num_rounds"] == 3 and cfg["num_clients"] == 2
+
+
+def test_unknown_run_config_key_is_rejected_with_the_fix():
+    with pytest.raises(ConfigError, match="overrides='model=tiny-llava"):
+        run_config_overrides({"num-rounds": 3})
+    assert run_config_overrides({}) == []
+
+
+def test_node_identity(tmp_path):
+    ident = node_identity({"partition-id": 1, "num-partitions": 3, "data-dir": str(tmp_path)})
+    assert (ident.partition_id, ident.num_partitions, ident.data_dir) == (1, 3, str(tmp_path))
+    with pytest.raises(ConfigError, match="lacks 'partition-id'"):
+        node_identity({"num-partitions": 2})
+    with pytest.raises(ConfigError, match="partition-id=2 must be in"):
+        node_identity({"partition-id": 2, "num-partitions": 2})
+    with pytest.raises(ConfigError, match="data-dir='/nonexistent' does not exist"):
+        node_identity({"partition-id": 0, "num-partitions": 2, "data-dir": "/nonexistent"})

@@ -1,0 +1,45 @@
+"""`flwr run .` with Hydra overrides through run_config, on a SuperLink the test starts and stops."""
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_e2e import ray_processes
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def superlink_processes(flwr_home: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "flower-superlink" in line and str(flwr_home) in line]
+
+
+def test_flwr_run_with_overrides_completes_and_leaves_nothing_running(tmp_path):
+    flwr_home = tmp_path / "flwr-home"
+    outdir = tmp_path / "run"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FEDMLLM_SUPERLINK_PORT": str(free_port())}
+    overrides = (f"model=tiny-llava num_clients=2 clients_per_round=2 num_rounds=2 train.local_steps=2 "
+                 f"train.batch_size=4 dataset.eval_samples=16 out_dir={outdir}")
+    try:
+        proc = subprocess.run([str(ROOT / "scripts" / "flwr_sim.sh"), overrides], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        rows = (outdir / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 3  # rounds 0, 1, 2: num_rounds=2 reached the ServerApp
+        assert not superlink_processes(flwr_home)
+    finally:
+        pid_file = flwr_home / "superlink.pid"
+        if pid_file.exists():  # the script died before its trap: stop its SuperLink by PID
+            subprocess.run(["kill", "-KILL", "--", f"-{pid_file.read_text().strip()}"])
+    assert not ray_processes()
