@@ -14,9 +14,19 @@ from fedmllm.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def ray_processes() -> list[str]:
+def ray_processes() -> set[str]:
+    """`pid args` lines of Ray processes (raylet, GCS, workers) on this machine."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "raylet" in line or "gcs_server" in line or "ClientAppActor" in line]
+    keys = ("raylet", "gcs_server", "ray::", "default_worker.py")
+    return {line.strip() for line in out.splitlines() if any(k in line for k in keys)}
+
+
+def assert_none_left(before: set[str], timeout: float = 20) -> None:
+    """Ray processes that were not there before must be gone (Ray takes a moment to exit)."""
+    deadline = time.time() + timeout
+    while ray_processes() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_processes() - before == set()
 
 
 def run_cli(args, timeout=600):
@@ -28,8 +38,10 @@ def run_cli(args, timeout=600):
 @pytest.fixture(scope="module", params=["4bit", "none"])
 def tiny_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"run-{request.param}")
+    before = ray_processes()
     proc = run_cli(["run", *tiny_overrides(f"model.quantization={request.param}"), f"hydra.run.dir={out}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc.ray_before = before
     return out, proc, request.param
 
 
@@ -90,10 +102,7 @@ def test_checkpoint_loads_with_peft_and_reproduces_server_predictions(tiny_run):
 
 
 def test_no_process_left_behind(tiny_run):
-    deadline = time.time() + 20
-    while ray_processes() and time.time() < deadline:
-        time.sleep(0.5)
-    assert ray_processes() == []
+    assert_none_left(tiny_run[1].ray_before)
 
 
 def test_bad_override_fails_in_one_line_without_traceback():
@@ -104,3 +113,15 @@ def test_bad_override_fails_in_one_line_without_traceback():
     proc = run_cli(["run", "model=tiny-llava", "train.local_steps=0"], timeout=120)
     assert proc.returncode == 2 and "train.local_steps=0 must be an integer >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sweep_runs_one_job_per_value(tmp_path):
+    before = ray_processes()
+    proc = run_cli(["run", "-m", *tiny_overrides("train.local_steps=1", "num_rounds=1"),
+                    "partitioner=iid,dirichlet", f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
+    assert len(runs) == 2
+    names = {(r / "config.yaml").read_text().split("partitioner:")[1].split("name:")[1].split()[0] for r in runs}
+    assert names == {"iid", "dirichlet"}
+    assert_none_left(before)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_e2e import ray_processes
+from test_e2e import assert_none_left, ray_processes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
@@ -30,6 +30,8 @@ def test_flwr_run_with_overrides_completes_and_leaves_nothing_running(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FEDMLLM_SUPERLINK_PORT": str(free_port())}
     overrides = (f"model=tiny-llava num_clients=2 clients_per_round=2 num_rounds=2 train.local_steps=2 "
                  f"train.batch_size=4 dataset.eval_samples=16 out_dir={outdir}")
+    before = ray_processes()
+    pyproject = (ROOT / "pyproject.toml").read_text()
     try:
         proc = subprocess.run([str(ROOT / "scripts" / "flwr_sim.sh"), overrides], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
@@ -38,8 +40,9 @@ def test_flwr_run_with_overrides_completes_and_leaves_nothing_running(tmp_path):
         rows = (outdir / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == 3  # rounds 0, 1, 2: num_rounds=2 reached the ServerApp
         assert not superlink_processes(flwr_home)
+        assert (ROOT / "pyproject.toml").read_text() == pyproject  # flwr must not migrate/rewrite it
     finally:
         pid_file = flwr_home / "superlink.pid"
         if pid_file.exists():  # the script died before its trap: stop its SuperLink by PID
             subprocess.run(["kill", "-KILL", "--", f"-{pid_file.read_text().strip()}"])
-    assert not ray_processes()
+    assert_none_left(before)

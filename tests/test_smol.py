@@ -45,7 +45,7 @@ def test_smol_llava_is_4bit_trains_and_scores(smol):
     after = adapter_state(lm.model)
     assert np.isfinite(result["train-loss"]) and result["num-examples"] == 8
     assert any(not np.allclose(before[k], after[k]) for k in before)
-    # LoRA r=16 on q,v of 30 layers + the projector: 921,600 + 480,960 params, fp32
-    assert payload_bytes(after) == trainable_bytes(lm.model) == 4 * (921_600 + 480_960)
+    # LoRA r=16 on q,v of 30 layers + the projector: 921,600 + 480,384 params, fp32
+    assert payload_bytes(after) == trainable_bytes(lm.model) == 4 * (921_600 + 480_384)
     scores = score_options(lm.model, col, heldout[:8], batch_size=8)
     assert scores.shape == (8, 2) and np.isfinite(scores).all()
