@@ -66,7 +66,6 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
 
     for key in ("num_clients", "num_rounds", "clients_per_round"):
         need(isinstance(cfg.get(key), int) and cfg[key] >= 1, f"{key}={cfg.get(key)!r} must be an integer >= 1")
-    need(cfg["num_rounds"] >= 1, "num_rounds must be >= 1")
     need(
         cfg["clients_per_round"] <= cfg["num_clients"],
         f"clients_per_round={cfg['clients_per_round']} exceeds num_clients={cfg['num_clients']}; "

@@ -33,7 +33,11 @@ def train_round(
 
     Every client replies with the same metric keys (Flower rejects inconsistent replies).
     """
+    import time
+
     from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
 
     from fedmllm.client.train import train_steps
     from fedmllm.data.collate import Collator
@@ -43,12 +47,14 @@ def train_round(
     task, samples = local_data(cfg, ident)
     collator = Collator(lm.processor, lm.family, task)
     steps = cfg["train"]["local_steps"]
+    t_setup = time.perf_counter() - t0
     bar = tqdm(total=steps, desc=f"client {ident.partition_id} round {server_round}", leave=False,
                file=sys.stderr, mininterval=2.0)
     seed = cfg["seed"] * 100_003 + server_round * 1009 + ident.partition_id  # distinct batches per round/client
     result = train_steps(lm.model, collator, samples, cfg["train"], seed,
                          on_step=lambda s, loss: bar.update(1), proximal_mu=proximal_mu)
     bar.close()
+    t_train = time.perf_counter() - t0 - t_setup
     out = adapter_state(lm.model)
     metrics = {
         **result,
@@ -56,5 +62,7 @@ def train_round(
         "partition-size": len(samples),
         "bytes-up": payload_bytes(out),
         "trainable-bytes": trainable_bytes(lm.model),
+        "setup-seconds": t_setup,  # model (first round: load), adapter, data, partition
+        "train-seconds": t_train,
     }
     return out, metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from fedmllm.models import llava  # noqa: F401  (registers the family)
@@ -76,9 +75,3 @@ def _plain_dtype(model_cfg: dict[str, Any]):
     import torch
 
     return torch.float32 if not torch.cuda.is_available() else torch.bfloat16
-
-
-def local_dir(model_cfg: dict[str, Any]) -> Path | None:
-    """The preset's local directory if it has one (built presets and `model.path` dirs)."""
-    p = resolve_path(model_cfg)
-    return Path(p) if Path(p).is_dir() else None

@@ -70,6 +70,10 @@ def plot_run(run_dir: Path) -> Path:
     if pts:
         ax2.plot(*zip(*pts), "o-")
     ax2.set(xlabel="round", ylabel="mean client train loss", title="training")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(run_dir) / "metrics.png"
     fig.savefig(out, dpi=100)
@@ -87,8 +91,18 @@ def format_round(row: dict[str, Any]) -> str:
     return (
         f"round {row['round']:>3} | train loss {f('train_loss', '.4f')} | acc {f('accuracy', '.3f')} "
         f"(no image {f('accuracy_no_image', '.3f')}) | auroc {f('auroc', '.3f')} | "
-        f"up {_mb(row.get('bytes_up'))} down {_mb(row.get('bytes_down'))} | {row.get('seconds', 0):.0f}s"
+        f"up {_mb(row.get('bytes_up'))}{_per_client(row)} down {_mb(row.get('bytes_down'))} | "
+        f"{row.get('seconds', 0):.0f}s"
     )
+
+
+def _per_client(row: dict[str, Any]) -> str:
+    per = list((row.get("bytes_up_per_client") or {}).values())
+    if not per:
+        return ""
+    if len(set(per)) == 1:
+        return f" ({len(per)} x {per[0]:,} B)"
+    return f" ({len(per)} clients, {min(per):,}-{max(per):,} B)"
 
 
 def _mb(n) -> str:

@@ -1,0 +1,70 @@
+"""AdapterFedAvg: bad replies are dropped with a reason, good ones averaged by num-examples."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedmllm.records import from_record, to_record
+from fedmllm.strategies import AdapterFedAvg
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages need a run identity, as inside a ServerApp (run_simulation sets the same)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {k: getattr(TaskIdentity, k) for k in ("_task_id", "_run_id", "_node_id")}
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    for k, v in saved.items():
+        setattr(TaskIdentity, k, v)
+
+
+class FakeGrid:
+    """Just enough Grid for configure_train: three connected nodes."""
+
+    def get_node_ids(self):
+        return [11, 12, 13]
+
+
+def reply(instruction: Message, arrays: dict, num_examples: int, pid: int) -> Message:
+    content = RecordDict({"arrays": to_record(arrays),
+                          "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0 + pid,
+                                                   "partition-id": pid})})
+    return Message(content, reply_to=instruction)
+
+
+def run_round(replies_for):
+    strategy = AdapterFedAvg(min_train_nodes=2, min_available_nodes=3, fraction_train=1.0)
+    global_arrays = {"lora_A": np.zeros((2, 3), np.float32)}
+    sent = list(strategy.configure_train(1, to_record(global_arrays), ConfigRecord(), FakeGrid()))
+    return strategy, strategy.aggregate_train(1, replies_for(sent))
+
+
+def test_bad_replies_are_dropped_and_the_rest_weighted_by_examples():
+    def replies(sent):
+        return [
+            reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+            reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
+            reply(sent[2], {"lora_A": np.full((2, 3), np.nan, np.float32)}, 10, 2),
+        ]
+
+    strategy, (arrays, metrics) = run_round(replies)
+    # (10 * 1 + 30 * 3) / 40 = 2.5; the NaN reply is not in the average
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.5)
+    assert metrics["train-loss"] == (10 * 1.0 + 30 * 2.0) / 40
+    assert len(strategy.dropped) == 1 and "non-finite" in strategy.dropped[0][1]
+    assert strategy.round_stats["bytes_up_per_client"] == {0: 24, 1: 24}
+    assert strategy.round_stats["bytes_down"] == 3 * 24
+
+
+def test_round_fails_when_fewer_valid_replies_than_min_train_nodes():
+    def replies(sent):
+        return [
+            reply(sent[0], {"lora_A": np.ones((2, 3), np.float32)}, 10, 0),
+            reply(sent[1], {"lora_A": np.ones((3, 3), np.float32)}, 10, 1),  # wrong shape
+        ]
+
+    strategy, (arrays, metrics) = run_round(replies)
+    assert arrays is None and metrics is None
+    assert "shape" in strategy.dropped[0][1]
