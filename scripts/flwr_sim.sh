@@ -17,6 +17,9 @@ PORT="${FEDMLLM_SUPERLINK_PORT:-39191}"
 NODES="$(printf '%s\n' $OVERRIDES | sed -n 's/^num_clients=//p' | tail -1)"
 NODES="${NODES:-4}"
 
+for tool in flower-superlink flwr; do
+  command -v "$tool" >/dev/null || { echo "error: $tool not found; activate the venv first: . .venv/bin/activate" >&2; exit 2; }
+done
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
@@ -44,12 +47,19 @@ stop() {
 }
 trap stop EXIT
 
-for _ in $(seq 100); do  # wait until the SuperLink answers
-  python - "$PORT" <<'PY' && break || sleep 0.3
-import socket, sys
-socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.5).close()
-PY
+ready=0
+for _ in $(seq 200); do  # wait until the SuperLink answers (up to about a minute)
+  if ! kill -0 "$SUPERLINK_PID" 2>/dev/null; then
+    echo "error: flower-superlink exited; its log: $FLWR_HOME/superlink.log" >&2
+    tail -n 20 "$FLWR_HOME/superlink.log" >&2 || true
+    exit 1
+  fi
+  if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=0.5).close()" "$PORT" 2>/dev/null; then
+    ready=1; break
+  fi
+  sleep 0.3
 done
+[ "$ready" = 1 ] || { echo "error: the SuperLink did not open 127.0.0.1:$PORT within a minute" >&2; exit 1; }
 
 cd "$ROOT"
 flwr run . fedmllm-sim --run-config "overrides='$OVERRIDES'" --stream

@@ -118,10 +118,15 @@ def test_bad_override_fails_in_one_line_without_traceback():
 def test_sweep_runs_one_job_per_value(tmp_path):
     before = ray_processes()
     proc = run_cli(["run", "-m", *tiny_overrides("train.local_steps=1", "num_rounds=1"),
-                    "partitioner=iid,dirichlet", f"hydra.sweep.dir={tmp_path}"])
+                    "aggregator=fedprox,fedadam", f"hydra.sweep.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
     assert len(runs) == 2
-    names = {(r / "config.yaml").read_text().split("partitioner:")[1].split("name:")[1].split()[0] for r in runs}
-    assert names == {"iid", "dirichlet"}
+    import yaml
+
+    names = {yaml.safe_load((r / "config.yaml").read_text())["aggregator"]["name"] for r in runs}
+    assert names == {"fedprox", "fedadam"}
+    for r in runs:  # each job trained and evaluated its round
+        rows = read_metrics(r)
+        assert [row["round"] for row in rows] == [0, 1] and rows[1]["bytes_up"] > 0
     assert_none_left(before)

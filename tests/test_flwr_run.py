@@ -3,6 +3,7 @@
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ def superlink_processes(flwr_home: Path) -> list[str]:
 def test_flwr_run_with_overrides_completes_and_leaves_nothing_running(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     outdir = tmp_path / "run"
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FEDMLLM_SUPERLINK_PORT": str(free_port())}
+    venv_bin = str(Path(sys.executable).parent)  # flower-superlink and flwr live beside this python
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FEDMLLM_SUPERLINK_PORT": str(free_port()),
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
     overrides = (f"model=tiny-llava num_clients=2 clients_per_round=2 num_rounds=2 train.local_steps=2 "
                  f"train.batch_size=4 dataset.eval_samples=16 out_dir={outdir}")
     before = ray_processes()

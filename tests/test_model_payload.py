@@ -75,3 +75,20 @@ def test_fast_option_scoring_equals_full_sequence_scoring(tiny_lm):
     slow = score_options(lm.model, col, heldout[:8], batch_size=3, fast=False)
     assert fast.shape == (8, 2)
     np.testing.assert_allclose(fast, slow, atol=2e-3 if cfg["model"]["quantization"] == "4bit" else 1e-4)
+
+
+def test_proximal_term_keeps_the_adapter_near_the_global_one(tiny_lm):
+    from fedmllm.client.train import train_steps
+
+    lm, cfg = tiny_lm
+    task, train, _ = load_task(cfg["dataset"], cfg["seed"])
+    col = Collator(lm.processor, lm.family, task)
+    start = adapter_state(lm.model)
+    drift = {}
+    for mu in (0.0, 100.0):
+        load_adapter_state(lm.model, start)
+        train_steps(lm.model, col, train[:32], dict(cfg["train"], local_steps=4, lr=1e-2), seed=0, proximal_mu=mu)
+        end = adapter_state(lm.model)
+        drift[mu] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start)
+    load_adapter_state(lm.model, start)
+    assert drift[100.0] < drift[0.0]

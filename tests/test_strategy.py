@@ -68,3 +68,29 @@ def test_round_fails_when_fewer_valid_replies_than_min_train_nodes():
     strategy, (arrays, metrics) = run_round(replies)
     assert arrays is None and metrics is None
     assert "shape" in strategy.dropped[0][1]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
+def test_every_aggregator_builds_from_config_and_validates_replies(name):
+    from fedmllm.config import compose
+    from fedmllm.server.run import build_strategy
+
+    cfg = compose([f"aggregator={name}", "num_clients=3", "clients_per_round=3", "aggregator.min_train_nodes=2"])
+    strategy = build_strategy(cfg)
+    global_arrays = {"lora_A": np.zeros((2, 3), np.float32)}
+    sent = list(strategy.configure_train(1, to_record(global_arrays), ConfigRecord(), FakeGrid()))
+    assert len(sent) == 3
+    if name == "fedprox":  # Flower's FedProx tells clients the proximal weight
+        assert sent[0].content["config"]["proximal-mu"] == 0.01
+    replies = [
+        reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+        reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
+        reply(sent[2], {"lora_A": np.full((2, 3), np.inf, np.float32)}, 10, 2),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    out = from_record(arrays)["lora_A"]
+    assert np.isfinite(out).all() and len(strategy.dropped) == 1
+    if name in ("fedavg", "fedprox", "fedavgm"):  # round 1: plain weighted average (momentum buffer = update)
+        np.testing.assert_allclose(out, 2.5)
+    else:  # a server optimizer step of size ~eta from 0 towards the average
+        assert 0 < out.mean() < 0.1

@@ -1,5 +1,12 @@
-"""Adapter-only strategies; aggregate.py holds the pure math."""
+"""Adapter-only strategies; aggregate.py holds the pure math, validation.py the reply checks."""
 
-from fedmllm.strategies.fedavg import AdapterFedAvg
+from fedmllm.strategies.flower import (
+    AdapterFedAdagrad,
+    AdapterFedAdam,
+    AdapterFedAvg,
+    AdapterFedAvgM,
+    AdapterFedProx,
+    AdapterFedYogi,
+)
 
-__all__ = ["AdapterFedAvg"]
+__all__ = ["AdapterFedAdagrad", "AdapterFedAdam", "AdapterFedAvg", "AdapterFedAvgM", "AdapterFedProx", "AdapterFedYogi"]

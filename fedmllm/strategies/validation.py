@@ -1,4 +1,4 @@
-"""FedAvg over adapter tensors: Flower's FedAvg plus reply validation and payload accounting."""
+"""Reply validation and payload accounting, mixed into Flower's strategies (the round loop stays theirs)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from typing import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedmllm.strategies.aggregate import InvalidReply, check_reply
 
 
-class AdapterFedAvg(FedAvg):
-    """Flower's FedAvg; replies are checked against the global adapter before aggregation.
+class AdapterReplies:
+    """Mixin for a Flower strategy: replies are checked against the global adapter before aggregation.
 
     A bad reply (other keys or shapes, non-finite values, num-examples <= 0) is dropped with
     its reason logged; the round fails only if fewer than `min_train_nodes` valid replies remain.
@@ -23,7 +22,7 @@ class AdapterFedAvg(FedAvg):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self._reference: dict | None = None
         self.round_stats: dict = {}
         self.dropped: list[tuple[int, str]] = []
