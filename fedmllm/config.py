@@ -85,6 +85,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         need(isinstance(t.get(key), int) and t[key] >= 1, f"train.{key}={t.get(key)!r} must be an integer >= 1")
     for key in ("lr", "projector_lr"):
         need(isinstance(t.get(key), (int, float)) and t[key] > 0, f"train.{key}={t.get(key)!r} must be a number > 0")
+    frac = cfg["dataset"].get("public_fraction", 0.0)
+    need(
+        isinstance(frac, (int, float)) and 0 <= frac < 1,
+        f"dataset.public_fraction={frac!r} must be a number in [0, 1) (0.2: a fifth of the images stay with the server)",
+    )
     p = cfg["partitioner"]
     need(p["name"] in ("iid", "dirichlet"), f"partitioner.name={p['name']!r}: choose iid or dirichlet")
     if p["name"] == "dirichlet":

@@ -37,6 +37,7 @@ def test_every_group_option_composes(group, option):
         (["clients_per_round=9"], "clients_per_round=9 exceeds num_clients=4"),
         (["model.quantization=3bit"], "model.quantization='3bit'"),
         (["partitioner.alpha=0"], "partitioner.alpha=0"),
+        (["dataset.public_fraction=1.5"], "dataset.public_fraction=1.5 must be a number in [0, 1)"),
     ],
 )
 def test_bad_input_gives_one_short_message_naming_it(overrides, fragment):

@@ -30,3 +30,21 @@ def test_dirichlet_skews_labels_more_than_iid():
 
     assert spread({"name": "dirichlet", "alpha": 0.1, "min_partition_size": 5}) > 0.3
     assert spread({"name": "iid"}) < 0.1
+
+
+@pytest.mark.parametrize("name", ["easyvqa", "easyvqa_caption"])
+def test_public_pool_and_client_pool_share_no_image_or_sample(name):
+    from fedmllm.data import load_public, load_task
+
+    cfg = {"name": name, "public_fraction": 0.2, "eval_samples": 50}
+    _, pool, heldout = load_task(cfg, seed=42)
+    public = load_public(cfg, seed=42)
+    assert public and pool
+    assert not {s["image"] for s in public} & {s["image"] for s in pool}
+    assert not {s["id"] for s in public} & {s["id"] for s in pool}
+    assert not {s["image"] for s in heldout} & ({s["image"] for s in pool} | {s["image"] for s in public})
+    images = {s["image"] for s in public} | {s["image"] for s in pool}
+    assert len({s["image"] for s in public}) == round(0.2 * len(images))
+    # default: no public pool, the client pool is the whole training split
+    _, whole, _ = load_task({"name": name, "eval_samples": 50}, seed=42)
+    assert load_public({"name": name}, seed=42) == [] and len(whole) == len(pool) + len(public)

@@ -27,7 +27,30 @@ def load_task(dataset_cfg: dict[str, Any], seed: int = 42) -> tuple[Task, list[S
         train, test = easyvqa.caption_samples("train", seed=seed), easyvqa.caption_samples("test", seed=seed)
     else:
         raise ValueError(f"dataset.name={name!r} is unknown; choose easyvqa or easyvqa_caption")
+    public_images = _public_images(train, float(dataset_cfg.get("public_fraction", 0.0)), seed)
+    train = [s for s in train if s["image"] not in public_images]
     n = int(dataset_cfg.get("eval_samples", 200))
     if 0 < n < len(test):
         test = random.Random(seed).sample(test, n)
     return task, train, test
+
+
+def load_public(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
+    """The server's public pool: every training-split sample whose image is among the
+    `dataset.public_fraction` of images drawn with `seed`. Clients never see these images
+    (load_task drops them from the pool they partition)."""
+    frac = float(dataset_cfg.get("public_fraction", 0.0))
+    if frac <= 0:
+        return []
+    full = load_task({**dataset_cfg, "public_fraction": 0.0, "eval_samples": 0}, seed)[1]
+    public_images = _public_images(full, frac, seed)
+    return [s for s in full if s["image"] in public_images]
+
+
+def _public_images(samples: list[Sample], fraction: float, seed: int) -> set[str]:
+    """A seeded `fraction` of the distinct images (split by image, so no image is on both sides)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"dataset.public_fraction={fraction} must be in [0, 1)")
+    images = sorted({s["image"] for s in samples if s["image"] is not None})
+    k = round(fraction * len(images))
+    return set(random.Random(seed).sample(images, k)) if k else set()
