@@ -25,7 +25,7 @@ DEFAULT = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "train.local_
 def centralized(overrides: list[str]) -> None:
     """Train sequentially in one process: same partitions, batches and evaluations."""
     from fedmllm.client import local_data
-    from fedmllm.client.train import train_steps
+    from fedmllm.client.train import round_seed, train_steps
     from fedmllm.config import NodeIdentity, compose
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
@@ -41,8 +41,7 @@ def centralized(overrides: list[str]) -> None:
         for pid in range(cfg["clients_per_round"]):
             ident = NodeIdentity(pid, cfg["num_clients"])
             _, samples = local_data(cfg, ident)
-            seed = cfg["seed"] * 100_003 + rnd * 1009 + pid
-            train_steps(lm.model, col, samples, cfg["train"], seed)
+            train_steps(lm.model, col, samples, cfg["train"], round_seed(cfg["seed"], rnd, pid))
         m = evaluate(lm.model, col, heldout, None, cfg["train"]["eval_batch_size"])
         print(f"centralized round {rnd}: accuracy {m['accuracy']:.3f}", flush=True)
 

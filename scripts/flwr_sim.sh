@@ -54,7 +54,7 @@ for _ in $(seq 200); do  # wait until the SuperLink answers (up to about a minut
     tail -n 20 "$FLWR_HOME/superlink.log" >&2 || true
     exit 1
   fi
-  if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=0.5).close()" "$PORT" 2>/dev/null; then
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
     ready=1; break
   fi
   sleep 0.3

@@ -39,7 +39,7 @@ def train_round(
 
     t0 = time.perf_counter()
 
-    from fedmllm.client.train import train_steps
+    from fedmllm.client.train import round_seed, train_steps
     from fedmllm.data.collate import Collator
 
     lm = get_model(cfg["model"], cfg["peft"])
@@ -50,7 +50,7 @@ def train_round(
     t_setup = time.perf_counter() - t0
     bar = tqdm(total=steps, desc=f"client {ident.partition_id} round {server_round}", leave=False,
                file=sys.stderr, mininterval=2.0)
-    seed = cfg["seed"] * 100_003 + server_round * 1009 + ident.partition_id  # distinct batches per round/client
+    seed = round_seed(cfg["seed"], server_round, ident.partition_id)
     result = train_steps(lm.model, collator, samples, cfg["train"], seed,
                          on_step=lambda s, loss: bar.update(1), proximal_mu=proximal_mu)
     bar.close()

@@ -12,6 +12,11 @@ from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
 
 
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Seed of one client's batches in one round: distinct per round and client, fixed by `seed`."""
+    return seed * 100_003 + server_round * 1009 + partition_id
+
+
 def batches(samples: list[Sample], batch_size: int, steps: int, seed: int):
     """`steps` batches drawn without replacement, reshuffling each pass over the data."""
     rng = random.Random(seed)

@@ -28,7 +28,8 @@ def load_task(dataset_cfg: dict[str, Any], seed: int = 42) -> tuple[Task, list[S
     else:
         raise ValueError(f"dataset.name={name!r} is unknown; choose easyvqa or easyvqa_caption")
     public_images = _public_images(train, float(dataset_cfg.get("public_fraction", 0.0)), seed)
-    train = [s for s in train if s["image"] not in public_images]
+    if public_images:
+        train = [s for s in train if s["image"] not in public_images]
     n = int(dataset_cfg.get("eval_samples", 200))
     if 0 < n < len(test):
         test = random.Random(seed).sample(test, n)
@@ -49,8 +50,8 @@ def load_public(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
 
 def _public_images(samples: list[Sample], fraction: float, seed: int) -> set[str]:
     """A seeded `fraction` of the distinct images (split by image, so no image is on both sides)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"dataset.public_fraction={fraction} must be in [0, 1)")
+    if fraction <= 0:
+        return set()
     images = sorted({s["image"] for s in samples if s["image"] is not None})
     k = round(fraction * len(images))
     return set(random.Random(seed).sample(images, k)) if k else set()

@@ -29,12 +29,11 @@ def save_predictions(run_dir: Path, server_round: int, samples, scores) -> Path:
 
 
 def build_strategy(cfg: dict[str, Any]):
-    """Instantiate `aggregator._target_` with its kwargs; sampling follows clients_per_round."""
+    """Instantiate `aggregator._target_` with its kwargs; the sampled fraction follows clients_per_round."""
     from hydra.utils import instantiate
 
     agg = {k: v for k, v in cfg["aggregator"].items() if k != "name"}
     agg.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
-    agg.setdefault("min_train_nodes", cfg["clients_per_round"])
     return instantiate(agg)
 
 

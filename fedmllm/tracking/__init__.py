@@ -57,6 +57,7 @@ def plot_run(run_dir: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(run_dir)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -70,8 +71,6 @@ def plot_run(run_dir: Path) -> Path:
     if pts:
         ax2.plot(*zip(*pts), "o-")
     ax2.set(xlabel="round", ylabel="mean client train loss", title="training")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
