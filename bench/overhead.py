@@ -25,15 +25,18 @@ DEFAULT = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "train.local_
 def centralized(overrides: list[str]) -> None:
     """Train sequentially in one process: same partitions, batches and evaluations."""
     from fedmllm.client import local_data
-    from fedmllm.client.train import round_seed, train_steps
+    from fedmllm.training import round_seed, train_steps
     from fedmllm.config import NodeIdentity, compose
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
+    from fedmllm.models.stage1 import model_config
     from fedmllm.server.evaluate import evaluate
+    from fedmllm.server.stages import ensure_pretrained
 
     cfg = compose(overrides)
-    lm = get_model(cfg["model"], cfg["peft"])
+    ensure_pretrained(cfg)  # the same stage-1 base as the federated run (cached)
+    lm = get_model(model_config(cfg), cfg["peft"])
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     col = Collator(lm.processor, lm.family, task)
     evaluate(lm.model, col, heldout, None, cfg["train"]["eval_batch_size"])

@@ -90,6 +90,23 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         isinstance(frac, (int, float)) and 0 <= frac < 1,
         f"dataset.public_fraction={frac!r} must be a number in [0, 1) (0.2: a fifth of the images stay with the server)",
     )
+    st = cfg.get("server_stage") or {}
+    pre, align = st.get("pretrain") or {}, st.get("align") or {}
+    if pre.get("enabled") or align.get("enabled"):
+        need(
+            frac > 0,
+            f"server_stage={st.get('name')} trains on the server's public pool, but dataset.public_fraction=0; "
+            "set dataset.public_fraction=0.5 (or server_stage=none)",
+        )
+    if pre.get("enabled"):
+        need(pre.get("objective") in ("embed", "caption"),
+             f"server_stage.pretrain.objective={pre.get('objective')!r}: choose embed or caption")
+        for key in ("steps", "batch_size"):
+            need(isinstance(pre.get(key), int) and pre[key] >= 1,
+                 f"server_stage.pretrain.{key}={pre.get(key)!r} must be an integer >= 1")
+    if align.get("enabled"):
+        need(align.get("rounds") in ("all", "last"),
+             f"server_stage.align.rounds={align.get('rounds')!r}: choose all or last")
     p = cfg["partitioner"]
     need(p["name"] in ("iid", "dirichlet"), f"partitioner.name={p['name']!r}: choose iid or dirichlet")
     if p["name"] == "dirichlet":

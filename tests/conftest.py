@@ -20,6 +20,8 @@ def tiny_overrides(*extra: str) -> list[str]:
         "train.local_steps=2",
         "train.batch_size=4",
         "dataset.eval_samples=16",
+        "server_stage.pretrain.steps=20",
+        "server_stage.pretrain.batch_size=16",
         *extra,
     ]
 

@@ -86,9 +86,11 @@ def test_checkpoint_loads_with_peft_and_reproduces_server_predictions(tiny_run):
     from fedmllm.data.collate import Collator
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models.load import load_model
+    from fedmllm.models.stage1 import model_config
 
     cfg = compose(tiny_overrides(f"model.quantization={quant}"))
-    base, processor, family = load_model(cfg["model"])
+    # the adapter sits on the run's base: the preset + the server's cached stage-1 tower/projector
+    base, processor, family = load_model(model_config(cfg))
     model = PeftModel.from_pretrained(base, out / "checkpoints" / "round-2")
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     saved = np.load(out / "predictions" / "round-2.npz")

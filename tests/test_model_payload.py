@@ -78,7 +78,7 @@ def test_fast_option_scoring_equals_full_sequence_scoring(tiny_lm):
 
 
 def test_proximal_term_keeps_the_adapter_near_the_global_one(tiny_lm):
-    from fedmllm.client.train import train_steps
+    from fedmllm.training import train_steps
 
     lm, cfg = tiny_lm
     task, train, _ = load_task(cfg["dataset"], cfg["seed"])

@@ -31,7 +31,7 @@ def test_language_model_weights_are_the_real_smollm2(smol):
 
 def test_smol_llava_is_4bit_trains_and_scores(smol):
     lm, cfg = smol
-    from fedmllm.client.train import train_steps
+    from fedmllm.training import train_steps
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.evaluation.scoring import score_options

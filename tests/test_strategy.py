@@ -94,3 +94,33 @@ def test_every_aggregator_builds_from_config_and_validates_replies(name):
         np.testing.assert_allclose(out, 2.5)
     else:  # a server optimizer step of size ~eta from 0 towards the average
         assert 0 < out.mean() < 0.1
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_post_aggregate_hook_replaces_the_global_adapter_and_server_state(name):
+    """The server's global alignment: what post_aggregate returns is the new global adapter, and
+    strategies with server state (FedAvgM, FedOpt) take their next update against it."""
+    from fedmllm.config import compose
+    from fedmllm.server.run import build_strategy
+
+    strategy = build_strategy(compose(["aggregator=" + name, "num_clients=2", "clients_per_round=2",
+                                       "aggregator.min_available_nodes=2", "aggregator.min_train_nodes=2"]))
+    calls = []
+
+    def align(rnd, arrays):
+        calls.append((rnd, arrays["lora_A"].copy()))
+        return {k: v + 10.0 for k, v in arrays.items()}, {"align_seconds": 0.5, "align_loss": 0.25}
+
+    strategy.post_aggregate = align
+    global_arrays = {"lora_A": np.zeros((2, 3), np.float32)}
+    sent = list(strategy.configure_train(1, to_record(global_arrays), ConfigRecord(), FakeGrid()))[:2]
+    arrays, _ = strategy.aggregate_train(1, [reply(m, {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, i)
+                                             for i, m in enumerate(sent)])
+    out = from_record(arrays)["lora_A"]
+    assert len(calls) == 1 and calls[0][0] == 1
+    np.testing.assert_allclose(out, calls[0][1] + 10.0)
+    assert strategy.round_stats["align_seconds"] == 0.5
+    current = getattr(strategy, "current_arrays", None)
+    if current is not None:
+        current = from_record(current) if not isinstance(current, dict) else current
+        np.testing.assert_allclose(current["lora_A"], out)

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedmllm.config import NodeIdentity
 from fedmllm.models import get_model
+from fedmllm.models.stage1 import model_config
 from fedmllm.models.adapter import adapter_state, load_adapter_state, payload_bytes, trainable_bytes
 
 
@@ -39,10 +40,10 @@ def train_round(
 
     t0 = time.perf_counter()
 
-    from fedmllm.client.train import round_seed, train_steps
+    from fedmllm.training import round_seed, train_steps
     from fedmllm.data.collate import Collator
 
-    lm = get_model(cfg["model"], cfg["peft"])
+    lm = get_model(model_config(cfg), cfg["peft"])
     load_adapter_state(lm.model, arrays)
     task, samples = local_data(cfg, ident)
     collator = Collator(lm.processor, lm.family, task)

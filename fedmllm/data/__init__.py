@@ -48,6 +48,26 @@ def load_public(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
     return [s for s in full if s["image"] in public_images]
 
 
+def load_public_captions(dataset_cfg: dict[str, Any], seed: int = 42) -> list[tuple[str, tuple[str, ...]]]:
+    """The public pool's images with their caption words, for the server's stage-1 alignment:
+    `(image path, (word, ...))`, the same images as `load_public`, sorted by path.
+
+    easy-vqa captions are `(colour, shape)`, read off the dataset's own open questions.
+    """
+    from fedmllm.data import easyvqa
+
+    name = dataset_cfg["name"]
+    if name not in ("easyvqa", "easyvqa_caption"):
+        raise ValueError(
+            f"dataset.name={name!r} has no image captions for server_stage.pretrain; "
+            "use server_stage=none or an easy-vqa dataset"
+        )
+    images = {s["image"] for s in load_public(dataset_cfg, seed)}
+    paths = easyvqa._image_paths("train")
+    out = [(paths[i], (color, shape)) for i, (shape, color) in easyvqa.image_attributes("train").items()]
+    return sorted((p, words) for p, words in out if p in images)
+
+
 def _public_images(samples: list[Sample], fraction: float, seed: int) -> set[str]:
     """A seeded `fraction` of the distinct images (split by image, so no image is on both sides)."""
     if fraction <= 0:

@@ -58,11 +58,19 @@ def ensure_built(preset: dict[str, Any]) -> Path:
     out = preset_dir(preset)
     if (out / "config.json").is_file():
         return out
+    builder = {"tiny": _build_tiny, "smollm2": _build_smollm2}[preset["builder"]]
+    write_atomically(out, lambda tmp: builder(preset, tmp))
+    return out
+
+
+def write_atomically(out: Path, fill) -> None:
+    """`fill(tmp)` writes a directory's files into a temporary sibling of `out`, which is then
+    renamed to `out`: a crash never leaves a half-written cache entry that later runs would trust,
+    and concurrent writers do not collide (the first rename wins)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     try:
-        builder = {"tiny": _build_tiny, "smollm2": _build_smollm2}[preset["builder"]]
-        builder(preset, tmp)
+        fill(tmp)
         try:
             tmp.rename(out)
         except OSError:  # another process finished first
@@ -70,7 +78,6 @@ def ensure_built(preset: dict[str, Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _vision_config(v: dict[str, Any]):

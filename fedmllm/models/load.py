@@ -65,6 +65,10 @@ def load_model(model_cfg: dict[str, Any]):
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     model = family.model_cls().from_pretrained(path, **kwargs)
+    if model_cfg.get("stage1_weights"):  # the server's stage-1 vision tower + projector
+        from fedmllm.models.stage1 import load_stage1
+
+        load_stage1(model, model_cfg["stage1_weights"])
     processor = family.processor_cls().from_pretrained(path)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token

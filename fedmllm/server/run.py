@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmllm.models import get_model
+from fedmllm.models.stage1 import model_config
 from fedmllm.models.adapter import adapter_state
 
 
@@ -44,11 +46,12 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
-    from fedmllm.data import load_task
+    from fedmllm.data import load_public, load_task
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
     from fedmllm.server.checkpoint import save_checkpoint
     from fedmllm.server.evaluate import evaluate
+    from fedmllm.server.stages import Aligner, ensure_pretrained, format_summary
     from fedmllm.tracking import MetricsLog, format_round, plot_run
 
     run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
@@ -57,11 +60,19 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     random.seed(cfg["seed"])  # Flower samples nodes with `random`
     torch.manual_seed(cfg["seed"])  # LoRA A init: the same initial adapter for the same seed
 
-    lm = get_model(cfg["model"], cfg["peft"])
+    stage1 = ensure_pretrained(cfg)
+    if stage1 is not None:
+        (run_dir / "stage1.json").write_text(json.dumps(stage1, indent=1))
+        if stage1["cached"]:
+            print(f"stage 1: cached ({stage1['dir']}); {format_summary(stage1)}", flush=True)
+    lm = get_model(model_config(cfg), cfg["peft"])
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     collator = Collator(lm.processor, lm.family, task)
     initial = adapter_state(lm.model)
     strategy = build_strategy(cfg)
+    if cfg["server_stage"]["align"].get("enabled"):
+        aligner = Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
+        strategy.post_aggregate = lambda rnd, arrays: aligner(rnd, arrays) if aligner.wants(rnd) else (None, {})
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
     t0 = time.time()
     n_rounds = cfg["num_rounds"]
@@ -77,6 +88,10 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             bytes_down=stats.get("bytes_down", 0),
             bytes_up_per_client={str(k): v for k, v in stats.get("bytes_up_per_client", {}).items()},
         )
+        if server_round == 0 and stage1 is not None:
+            row.update(pretrain_seconds=stage1["seconds"], pretrain_cached=stage1["cached"])
+        if "align_seconds" in stats:
+            row.update(align_seconds=stats["align_seconds"], align_loss=stats["align_loss"])
         if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
             ebar = tqdm(total=len(heldout) * 2, desc=f"eval round {server_round}", leave=False, file=sys.stderr)
             metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar)
@@ -91,7 +106,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             bar.update(1)
         tqdm.write(format_round(row), file=sys.stdout)
         sys.stdout.flush()
-        return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     train_config = ConfigRecord({"seed": cfg["seed"]})
     try:

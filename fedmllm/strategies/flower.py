@@ -2,7 +2,7 @@
 
 Defaults in fedmllm/conf/aggregator/*.yaml follow FedMLLM where it set them (server lr 1e-3,
 tau 1e-3, beta1 0.9, beta2 0.99, mu 0.01); Flower's FedProx sends `proximal-mu` and the client adds
-(mu/2)||theta - theta_global||^2 over the adapter tensors (fedmllm.client.train).
+(mu/2)||theta - theta_global||^2 over the adapter tensors (fedmllm.training).
 """
 
 from __future__ import annotations

@@ -18,7 +18,11 @@ class AdapterReplies:
     A bad reply (other keys or shapes, non-finite values, num-examples <= 0) is dropped with
     its reason logged; the round fails only if fewer than `min_train_nodes` valid replies remain.
     `round_stats` holds bytes down/up and per-client bytes of the last round, for logging.
+    `post_aggregate(server_round, arrays) -> (arrays, stats)`, when set, transforms the aggregate
+    before it becomes the global adapter (the server's global alignment); its stats join round_stats.
     """
+
+    post_aggregate = None
 
     def __init__(self, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
@@ -67,4 +71,24 @@ class AdapterReplies:
         arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None and "train-loss" in metrics:
             self.round_stats["train_loss"] = float(metrics["train-loss"])
+        if arrays is not None and self.post_aggregate is not None:
+            arrays = self._post_aggregate(server_round, arrays)
         return arrays, metrics
+
+    def _post_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        from fedmllm.records import from_record, to_record
+
+        new, stats = self.post_aggregate(server_round, from_record(arrays))
+        if new is None:
+            return arrays
+        self.round_stats.update(stats)
+        record = to_record(new)
+        # Strategies with server state keep their own copy of the global adapter (FedAvgM: an
+        # ArrayRecord; FedOpt: numpy dicts): it must be the aligned one, or the next round's
+        # pseudo-gradient is taken against a model no client received.
+        current = getattr(self, "current_arrays", None)
+        if isinstance(current, ArrayRecord):
+            self.current_arrays = record
+        elif isinstance(current, dict):
+            self.current_arrays = {k: v.copy() for k, v in new.items()}
+        return record

@@ -1,4 +1,4 @@
-"""Local training on one client's partition (imports no flwr)."""
+"""Adapter training steps shared by clients (local training) and the server (global alignment); imports no flwr."""
 
 from __future__ import annotations
 

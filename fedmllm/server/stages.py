@@ -1,0 +1,278 @@
+"""MLLM-FL's server-side stages on the server's public pool (disjoint from every client's data).
+
+- Stage 1, `server_stage.pretrain`: before round 1, train the vision tower and projector so that
+  image tokens mean something to the frozen language model (LLaVA's stage 1). Objectives:
+  `embed` pulls each group of projected image tokens toward the language model's own input
+  embedding of one caption word (no language-model forward pass); `caption` trains LLaVA-style
+  captioning through the frozen language model. The result is cached per base model, stage
+  settings and public pool (fedmllm.models.stage1) and loaded by server and clients alike.
+- Global alignment, `server_stage.align`: after aggregation, the server fine-tunes the global
+  adapter on the public task samples for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmllm.models.stage1 import SUMMARY, WEIGHTS, stage1_dir
+
+
+def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
+    """Build the stage-1 result the config asks for unless it is cached; return its summary
+    (with `seconds` 0 and `cached` true when it was there already), or None when disabled."""
+    out = stage1_dir(cfg)
+    if out is None:
+        return None
+    if (out / WEIGHTS).is_file():
+        summary = json.loads((out / SUMMARY).read_text())
+        return {**summary, "cached": True, "build_seconds": summary["seconds"], "seconds": 0.0, "dir": str(out)}
+    from fedmllm.data import load_public_captions
+    from fedmllm.models.load import load_model
+
+    pairs = load_public_captions(cfg["dataset"], cfg["seed"])
+    if len(pairs) < 10:
+        raise ValueError(
+            f"server_stage.pretrain needs public images; dataset.public_fraction="
+            f"{cfg['dataset'].get('public_fraction')} gives {len(pairs)}: raise it (e.g. 0.5)"
+        )
+    stage = cfg["server_stage"]["pretrain"]
+    log(f"stage 1: training vision tower + projector on {len(pairs)} public images "
+        f"({stage['objective']}, {stage['steps']} steps; once, then cached in {out})")
+    t0 = time.time()
+    model, processor, family = load_model(cfg["model"])
+    summary = pretrain(model, processor, family, pairs, stage, cfg["seed"])
+    summary["seconds"] = round(time.time() - t0, 1)
+    from safetensors.torch import save_file
+
+    from fedmllm.models.build import write_atomically
+
+    prefixes = tuple(p + "." for g in ("vision_encoder", "projector") for p in family.module_groups[g])
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
+
+    write_atomically(out, fill)
+    log(f"stage 1: done in {summary['seconds']:.0f} s; {format_summary(summary)}")
+    return {**summary, "cached": False, "build_seconds": summary["seconds"], "dir": str(out)}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    words = ", ".join(f"slot {i} {a:.2f}" for i, a in enumerate(summary.get("val_slot_accuracy", [])))
+    return (f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
+            + (f"; held-out nearest-word accuracy {words}" if words else ""))
+
+
+def image_features(model, pixel_values):
+    """Projected image tokens [B, T, D] (what replaces the <image> tokens in the LM input)."""
+    import torch
+
+    feats = model.model.get_image_features(pixel_values=pixel_values)
+    feats = getattr(feats, "pooler_output", feats)
+    if isinstance(feats, (list, tuple)):
+        feats = torch.stack(list(feats))
+    return feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
+
+
+def _augment(x, rng: random.Random):
+    """A random 90-degree rotation and horizontal flip of the whole batch (easy-vqa's shapes and
+    colours do not change under them): 8 views of every public image."""
+    import torch
+
+    x = torch.rot90(x, rng.randrange(4), (2, 3))
+    return torch.flip(x, (3,)) if rng.random() < 0.5 else x
+
+
+def _schedule(opt, steps: int, warmup: int):
+    import torch
+
+    def f(s: int) -> float:
+        return min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def pretrain(model, processor, family, pairs, stage: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Train the vision tower + projector of `model` in place; returns a summary with the loss
+    curve and held-out (10% of the public images) nearest-word accuracy per caption slot."""
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    pairs = list(pairs)
+    rng.shuffle(pairs)
+    n_val = max(1, len(pairs) // 10)
+    val, train = pairs[:n_val], pairs[n_val:]
+    groups = ("vision_encoder", "projector")
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(family.group_of(name) in groups)
+        if p.requires_grad:
+            params.append(p)
+    objective = stage["objective"]
+    steps, bs = int(stage["steps"]), int(stage["batch_size"])
+    opt = torch.optim.AdamW(params, lr=float(stage["lr"]), weight_decay=0.0)
+    sched = _schedule(opt, steps, int(stage.get("warmup", max(1, steps // 20))))
+
+    def pixels(items):
+        images = []
+        for path, _ in items:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    if objective == "embed":
+        step_loss, evaluate = _embed_objective(model, processor, train, val, pixels, stage)
+    elif objective == "caption":
+        step_loss, evaluate = _caption_objective(model, processor, family, train, val)
+    else:
+        raise ValueError(f"server_stage.pretrain.objective={objective!r}: choose embed or caption")
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="stage 1", unit="step", file=sys.stderr, mininterval=2.0)
+    for step in bar:
+        idx = [rng.randrange(len(train)) for _ in range(bs)]
+        loss = step_loss(idx, rng if stage.get("augment", True) else None)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"stage 1: non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    k = max(1, min(20, steps // 10))
+    return {
+        "objective": objective,
+        "steps": steps,
+        "public_images": len(pairs),
+        "loss_first": float(np.mean(losses[:k])),
+        "loss_last": float(np.mean(losses[-k:])),
+        "losses": [round(x, 4) for x in losses[:: max(1, steps // 100)]],
+        **evaluate(),
+    }
+
+
+def _word_embedding(model, tokenizer, word: str):
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    return model.get_input_embeddings().weight[ids].detach().float().mean(0)
+
+
+def _embed_objective(model, processor, train, val, pixels, stage):
+    """Token group i of every image -> the LM's input embedding of caption word i: a scaled MSE
+    plus a cosine cross-entropy against the other words seen in that slot."""
+    import torch
+    import torch.nn.functional as F
+
+    n_slots = len(train[0][1])
+    vocab = [sorted({words[i] for _, words in train + val}) for i in range(n_slots)]
+    tok = processor.tokenizer
+    table = [torch.stack([_word_embedding(model, tok, w) for w in v]) for v in vocab]
+    scale = model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean()
+    temp = float(stage.get("temperature", 20.0))
+    train_pix, val_pix = pixels(train), pixels(val)
+    target = [torch.tensor([vocab[i].index(words[i]) for _, words in train]) for i in range(n_slots)]
+    val_target = [torch.tensor([vocab[i].index(words[i]) for _, words in val]) for i in range(n_slots)]
+
+    def slots(feats):
+        return torch.tensor_split(feats, n_slots, dim=1)
+
+    def step_loss(idx, rng):
+        x = train_pix[idx]
+        if rng is not None:
+            x = _augment(x, rng)
+        feats = image_features(model, x).float()
+        loss = feats.new_zeros(())
+        for i, group in enumerate(slots(feats)):
+            y = target[i][idx]
+            loss = loss + ((group - table[i][y].unsqueeze(1)) ** 2).sum(-1).mean() / scale**2
+            logits = F.normalize(group, dim=-1) @ F.normalize(table[i], dim=-1).T * temp
+            loss = loss + F.cross_entropy(logits.reshape(-1, len(vocab[i])), y.repeat_interleave(group.shape[1]))
+        return loss
+
+    def evaluate():
+        with torch.no_grad():
+            feats = image_features(model, val_pix).float()
+            acc = []
+            for i, group in enumerate(slots(feats)):
+                pred = (F.normalize(group, dim=-1) @ F.normalize(table[i], dim=-1).T).argmax(-1)
+                acc.append(float((pred == val_target[i].unsqueeze(1)).float().mean()))
+        return {"val_slot_accuracy": acc, "slots": vocab}
+
+    return step_loss, evaluate
+
+
+def _caption_objective(model, processor, family, train, val):
+    """LLaVA stage 1: '<image> Describe the image.' -> 'a <word> <word>', loss on the caption."""
+    import torch
+
+    from fedmllm.data.collate import Collator
+    from fedmllm.data.schema import Task
+    from fedmllm.training import answer_loss
+
+    captions = sorted({"a " + " ".join(words) for _, words in train + val})
+    task = Task("caption", labels=tuple(captions), instruction="Describe the image.")
+    collator = Collator(processor, family, task)
+
+    def sample(item):
+        path, words = item
+        return {"id": path, "image": path, "text": None, "label": captions.index("a " + " ".join(words))}
+
+    def step_loss(idx, rng):
+        return answer_loss(model, collator.train_batch([sample(train[i]) for i in idx]))
+
+    def evaluate():
+        with torch.no_grad():
+            losses = [answer_loss(model, collator.train_batch([sample(v) for v in val[i:i + 16]])).item()
+                      for i in range(0, len(val), 16)]
+        return {"val_caption_loss": float(np.mean(losses))}
+
+    return step_loss, evaluate
+
+
+class Aligner:
+    """Global alignment: after aggregation, fine-tune the global adapter on the public task
+    samples for `align.steps` steps (same trainer as the clients); returns the new adapter."""
+
+    def __init__(self, cfg: dict[str, Any], lm, collator, public_samples):
+        self.cfg = cfg
+        self.lm = lm
+        self.collator = collator
+        self.samples = public_samples
+        align = cfg["server_stage"]["align"]
+        self.train_cfg = {**cfg["train"], **{k: v for k, v in align.items() if k in ("local_steps", "batch_size", "lr", "projector_lr")}}
+        self.rounds = align.get("rounds", "all")
+        if not public_samples:
+            raise ValueError("server_stage.align needs public samples: set dataset.public_fraction > 0 (e.g. 0.5)")
+
+    def wants(self, server_round: int) -> bool:
+        return self.rounds == "all" or server_round == self.cfg["num_rounds"]
+
+    def __call__(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+        from fedmllm.models.adapter import adapter_state, load_adapter_state
+        from fedmllm.training import round_seed, train_steps
+
+        t0 = time.time()
+        load_adapter_state(self.lm.model, arrays)
+        # a partition id no client has: the server's batches differ from every client's
+        seed = round_seed(self.cfg["seed"], server_round, 99_991)
+        result = train_steps(self.lm.model, self.collator, self.samples, self.train_cfg, seed)
+        out = adapter_state(self.lm.model)
+        return out, {"align_seconds": round(time.time() - t0, 2), "align_loss": result["train-loss"]}
