@@ -131,4 +131,10 @@ def test_sweep_runs_one_job_per_value(tmp_path):
     for r in runs:  # each job trained and evaluated its round
         rows = read_metrics(r)
         assert [row["round"] for row in rows] == [0, 1] and rows[1]["bytes_up"] > 0
+    # Every job starts from the same initial adapter (same seed): the second job must not inherit
+    # the first job's trained adapter from the sweep process's model cache.
+    round0 = [np.load(r / "predictions" / "round-0.npz")["scores"] for r in runs]
+    np.testing.assert_allclose(round0[0], round0[1], atol=1e-5)
+    round1 = [np.load(r / "predictions" / "round-1.npz")["scores"] for r in runs]
+    assert not np.allclose(round0[1], round1[1])
     assert_none_left(before)

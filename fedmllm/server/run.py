@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedmllm.models import get_model
+from fedmllm.models import clear_cache, get_model
 from fedmllm.models.stage1 import model_config
 from fedmllm.models.adapter import adapter_state
 
@@ -57,14 +57,18 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
-    random.seed(cfg["seed"])  # Flower samples nodes with `random`
-    torch.manual_seed(cfg["seed"])  # LoRA A init: the same initial adapter for the same seed
 
     stage1 = ensure_pretrained(cfg)
     if stage1 is not None:
         (run_dir / "stage1.json").write_text(json.dumps(stage1, indent=1))
         if stage1["cached"]:
             print(f"stage 1: cached ({stage1['dir']}); {format_summary(stage1)}", flush=True)
+    # Seeded after stage 1, which draws from both generators only when it is not cached yet.
+    random.seed(cfg["seed"])  # Flower samples nodes with `random`
+    torch.manual_seed(cfg["seed"])  # LoRA A init: the same initial adapter for the same seed
+    # A fresh model per run: a sweep runs its jobs in this one process, and a cached model would
+    # hand the next job the last job's adapter as its "initial" one.
+    clear_cache()
     lm = get_model(model_config(cfg), cfg["peft"])
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     collator = Collator(lm.processor, lm.family, task)
