@@ -44,7 +44,7 @@ def smollm2_gguf_path() -> Path:
 
 def preset_dir(preset: dict[str, Any]) -> Path:
     """Cache directory of an offline preset, keyed by its build settings."""
-    key = json.dumps({k: preset[k] for k in ("builder", "vision", "text") if k in preset}, sort_keys=True)
+    key = json.dumps({k: preset[k] for k in ("builder", "vision", "text", "seed") if k in preset}, sort_keys=True)
     digest = hashlib.sha1(f"{BUILD_VERSION}:{key}".encode()).hexdigest()[:10]
     return cache_root() / "models" / f"{preset['name']}-{digest}"
 

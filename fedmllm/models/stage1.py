@@ -19,13 +19,13 @@ SUMMARY = "summary.json"
 
 def stage1_dir(cfg: dict[str, Any]) -> Path | None:
     """Cache directory of the stage-1 result the config asks for, or None (no pretraining)."""
-    from fedmllm.models.build import cache_root
+    from fedmllm.models.build import cache_root, preset_dir
 
     stage = (cfg.get("server_stage") or {}).get("pretrain") or {}
     if not stage.get("enabled", False):
         return None
     model = cfg["model"]
-    base = model.get("path") or {k: model[k] for k in ("builder", "vision", "text", "seed") if k in model}
+    base = model.get("path") or preset_dir(model).name  # the build's own key
     ds = cfg["dataset"]
     key = json.dumps(
         {

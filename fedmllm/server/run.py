@@ -75,8 +75,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     initial = adapter_state(lm.model)
     strategy = build_strategy(cfg)
     if cfg["server_stage"]["align"].get("enabled"):
-        aligner = Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
-        strategy.post_aggregate = lambda rnd, arrays: aligner(rnd, arrays) if aligner.wants(rnd) else (None, {})
+        strategy.post_aggregate = Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
     t0 = time.time()
     n_rounds = cfg["num_rounds"]

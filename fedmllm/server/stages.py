@@ -249,7 +249,7 @@ def _caption_objective(model, processor, family, train, val):
 
 class Aligner:
     """Global alignment: after aggregation, fine-tune the global adapter on the public task
-    samples for `align.steps` steps (same trainer as the clients); returns the new adapter."""
+    samples for `align.local_steps` steps (same trainer as the clients); returns the new adapter."""
 
     def __init__(self, cfg: dict[str, Any], lm, collator, public_samples):
         self.cfg = cfg
@@ -262,13 +262,13 @@ class Aligner:
         if not public_samples:
             raise ValueError("server_stage.align needs public samples: set dataset.public_fraction > 0 (e.g. 0.5)")
 
-    def wants(self, server_round: int) -> bool:
-        return self.rounds == "all" or server_round == self.cfg["num_rounds"]
-
-    def __call__(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    def __call__(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, dict]:
+        """The aligned adapter and its cost, or (None, {}) in a round that `align.rounds` skips."""
         from fedmllm.models.adapter import adapter_state, load_adapter_state
         from fedmllm.training import round_seed, train_steps
 
+        if self.rounds == "last" and server_round != self.cfg["num_rounds"]:
+            return None, {}
         t0 = time.time()
         load_adapter_state(self.lm.model, arrays)
         # a partition id no client has: the server's batches differ from every client's
