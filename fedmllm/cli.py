@@ -9,7 +9,8 @@ USAGE = """usage: fedmllm <command> [args]
 
 commands:
   run [hydra overrides]     federated fine-tuning as a Flower simulation
-                            (e.g. fedmllm run model=tiny-llava num_rounds=2; -m for sweeps)
+                            (e.g. fedmllm run model=tiny-llava num_rounds=2; -m for sweeps;
+                            resume=RUN_DIR continues a stopped run from its last checkpoint)
   report RUN_DIR            print a run's metrics table and (re)draw its plot
 """
 
@@ -30,7 +31,12 @@ def _run(argv: list[str]) -> None:
     @hydra.main(version_base="1.3", config_path="pkg://fedmllm.conf", config_name="config")
     def job(_: DictConfig) -> None:
         hc = HydraConfig.get()
-        overrides = tuple(hc.overrides.task) + (f"out_dir='{hc.runtime.output_dir}'",)
+        out_dir = hc.runtime.output_dir
+        overrides = tuple(hc.overrides.task)
+        resume = next((o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("resume=")), None)
+        if resume:
+            overrides, out_dir = resume_overrides(resume, overrides), resume
+        overrides += (f"out_dir='{out_dir}'",)
         try:
             cfg = compose(overrides)
             preflight(cfg)
@@ -42,12 +48,29 @@ def _run(argv: list[str]) -> None:
             run_simulation(cfg, overrides)
         except Exception as err:  # noqa: BLE001 - the cause is printed; partial results stay on disk
             cause = err.__cause__ or err
-            print(f"run dir: {hc.runtime.output_dir} (incomplete)", flush=True)
+            print(f"run dir: {out_dir} (incomplete; continue it with: fedmllm run resume={out_dir})", flush=True)
             _fail(f"the run failed: {type(cause).__name__}: {cause}")
-        print(f"run dir: {hc.runtime.output_dir}", flush=True)
+        print(f"run dir: {out_dir}", flush=True)
 
     sys.argv = ["fedmllm run", *argv]
     job()
+
+
+def resume_overrides(run_dir: str, current: tuple[str, ...]) -> tuple[str, ...]:
+    """A resumed run composes the stopped run's overrides (its `.hydra/overrides.yaml`), then the
+    ones given now (e.g. a larger num_rounds); it writes into the stopped run's dir."""
+    from pathlib import Path
+
+    import yaml
+
+    saved_file = Path(run_dir) / ".hydra" / "overrides.yaml"
+    saved: list[str] = []
+    if saved_file.is_file():
+        saved = list(yaml.safe_load(saved_file.read_text()) or [])
+    else:
+        print(f"note: {saved_file} not found; resuming with the overrides given now only", flush=True)
+    keep = [o for o in saved if not o.startswith(("out_dir=", "resume="))]
+    return tuple(keep) + tuple(o for o in current if not o.startswith("out_dir="))
 
 
 def preflight(cfg: dict) -> None:

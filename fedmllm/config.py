@@ -107,6 +107,28 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if align.get("enabled"):
         need(align.get("rounds") in ("all", "last"),
              f"server_stage.align.rounds={align.get('rounds')!r}: choose all or last")
+    client = cfg["aggregator"].get("client") or {}
+    algo = client.get("algorithm", "standard")
+    from fedmllm.strategies.protocol import ALGORITHMS
+
+    need(algo in ALGORITHMS, f"aggregator.client.algorithm={algo!r}: choose one of {list(ALGORITHMS)}")
+    if algo != "standard":
+        need(not align.get("enabled"),
+             f"server_stage.align trains the whole adapter on the server, which aggregator={cfg['aggregator'].get('name')} "
+             "does not share; use server_stage=pretrain or a standard aggregator")
+    if algo == "flora":
+        ranks = list(client.get("ranks") or [])
+        need(all(isinstance(r, int) and r >= 1 for r in ranks),
+             f"aggregator.client.ranks={ranks!r} must be integers >= 1 (e.g. [8,16])")
+        need(isinstance(client.get("max_rank"), int) and client["max_rank"] >= max(ranks + [1]),
+             f"aggregator.client.max_rank={client.get('max_rank')!r} must be an integer >= every client rank")
+    reg = cfg["train"].get("adaptive_reg") or {}
+    if reg:
+        need(isinstance(reg.get("s_layer"), int) and reg["s_layer"] >= 0,
+             f"train.adaptive_reg.s_layer={reg.get('s_layer')!r} must be an integer >= 0")
+    if cfg.get("resume"):
+        need(Path(str(cfg["resume"])).is_dir(),
+             f"resume={cfg['resume']!r} is not a directory; pass the 'run dir:' a stopped run printed")
     p = cfg["partitioner"]
     need(p["name"] in ("iid", "dirichlet"), f"partitioner.name={p['name']!r}: choose iid or dirichlet")
     if p["name"] == "dirichlet":
@@ -143,6 +165,7 @@ class NodeIdentity:
     partition_id: int
     num_partitions: int
     data_dir: str | None = None
+    lora_rank: int | None = None  # node_config `lora-rank`: this client's LoRA rank (aggregator=flora)
 
 
 def node_identity(node_config: Mapping[str, Any]) -> NodeIdentity:
@@ -159,4 +182,7 @@ def node_identity(node_config: Mapping[str, Any]) -> NodeIdentity:
     data_dir = node_config.get("data-dir")
     if data_dir is not None and not Path(str(data_dir)).is_dir():
         raise ConfigError(f"node_config data-dir={data_dir!r} does not exist")
-    return NodeIdentity(pid, n, str(data_dir) if data_dir else None)
+    rank = node_config.get("lora-rank")
+    if rank is not None and int(rank) < 1:
+        raise ConfigError(f"node_config lora-rank={rank!r} must be an integer >= 1")
+    return NodeIdentity(pid, n, str(data_dir) if data_dir else None, int(rank) if rank is not None else None)

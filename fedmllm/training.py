@@ -65,9 +65,14 @@ def train_steps(
     train_cfg: dict[str, Any],
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
-    proximal_mu: float = 0.0,
+    penalty: Callable[[], Any] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Train `train_cfg.local_steps` steps; returns mean train loss and examples seen."""
+    """Train `train_cfg.local_steps` steps; returns mean train loss and examples seen.
+
+    `penalty()` is added to each step's loss (FedProx, adaptive regularization);
+    `after_backward()` runs between backward and the optimizer step (SCAFFOLD's correction).
+    """
     import torch
 
     if not samples:
@@ -77,17 +82,18 @@ def train_steps(
     model.train()
     opt = make_optimizer(model, train_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     losses = []
     for step, batch in enumerate(batches(samples, bs, steps, seed)):
         inputs = collator.train_batch(batch)
         loss = answer_loss(model, inputs)
-        if anchor is not None:  # FedProx: (mu/2)||theta - theta_global||^2 over adapter tensors
-            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        if penalty is not None:
+            loss = loss + penalty()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         if train_cfg.get("max_grad_norm"):
             torch.nn.utils.clip_grad_norm_(params, float(train_cfg["max_grad_norm"]))
         opt.step()

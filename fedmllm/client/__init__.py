@@ -10,7 +10,7 @@ import numpy as np
 from fedmllm.config import NodeIdentity
 from fedmllm.models import get_model
 from fedmllm.models.stage1 import model_config
-from fedmllm.models.adapter import adapter_state, load_adapter_state, payload_bytes, trainable_bytes
+from fedmllm.models.adapter import payload_bytes, trainable_bytes
 
 
 def local_data(cfg: dict[str, Any], ident: NodeIdentity):
@@ -29,9 +29,14 @@ def train_round(
     arrays: dict[str, np.ndarray],
     server_round: int,
     proximal_mu: float = 0.0,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Load the global adapter, train `train.local_steps` steps, return (adapter, metrics).
+    extra: dict[str, dict[str, np.ndarray]] | None = None,
+    store=None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, dict[str, np.ndarray]]]:
+    """Load the global adapter, train `train.local_steps` steps, return (adapter, metrics, extra).
 
+    `extra` holds the message's other array records (SCAFFOLD's server control variate), and the
+    returned extra the reply's (SCAFFOLD's dc, FedSA-LoRA's B for evaluation); `store` is what
+    this client keeps across rounds (fedmllm.client.algorithms.ClientStore).
     Every client replies with the same metric keys (Flower rejects inconsistent replies).
     """
     import time
@@ -40,30 +45,39 @@ def train_round(
 
     t0 = time.perf_counter()
 
-    from fedmllm.training import round_seed, train_steps
+    from fedmllm.client.algorithms import ClientStore, LocalRound, client_state_path
     from fedmllm.data.collate import Collator
+    from fedmllm.strategies.protocol import adaptive_reg_settings, client_rank, client_spec, peft_for
+    from fedmllm.training import round_seed, train_steps
 
-    lm = get_model(model_config(cfg), cfg["peft"])
-    load_adapter_state(lm.model, arrays)
+    spec = client_spec(cfg)
+    rank = client_rank(cfg, ident.partition_id, ident.lora_rank)
+    lm = get_model(model_config(cfg), peft_for(cfg, rank if spec.algorithm == "flora" else ident.lora_rank))
+    if store is None:
+        store = ClientStore(path=client_state_path(cfg, ident.partition_id))
+    seed = round_seed(cfg["seed"], server_round, ident.partition_id)
+    local = LocalRound(spec, lm.model, arrays, extra or {}, store, cfg["seed"], seed, proximal_mu,
+                       adaptive_reg_settings(cfg), lm.model.config.get_text_config().num_hidden_layers)
+    local.prepare()
     task, samples = local_data(cfg, ident)
     collator = Collator(lm.processor, lm.family, task)
     steps = cfg["train"]["local_steps"]
     t_setup = time.perf_counter() - t0
     bar = tqdm(total=steps, desc=f"client {ident.partition_id} round {server_round}", leave=False,
                file=sys.stderr, mininterval=2.0)
-    seed = round_seed(cfg["seed"], server_round, ident.partition_id)
-    result = train_steps(lm.model, collator, samples, cfg["train"], seed,
-                         on_step=lambda s, loss: bar.update(1), proximal_mu=proximal_mu)
+    result = train_steps(lm.model, collator, samples, cfg["train"], seed, on_step=lambda s, loss: bar.update(1),
+                         penalty=local.penalty if local.has_penalty else None, after_backward=local.after_backward)
     bar.close()
     t_train = time.perf_counter() - t0 - t_setup
-    out = adapter_state(lm.model)
+    out, extra_out = local.finish()
     metrics = {
         **result,
         "partition-id": ident.partition_id,
         "partition-size": len(samples),
-        "bytes-up": payload_bytes(out),
+        "bytes-up": payload_bytes(out) + sum(payload_bytes(a) for a in extra_out.values()),
+        "lora-rank": rank,
         "trainable-bytes": trainable_bytes(lm.model),
         "setup-seconds": t_setup,  # model (first round: load), adapter, data, partition
         "train-seconds": t_train,
     }
-    return out, metrics
+    return out, metrics, extra_out

@@ -34,7 +34,7 @@ def build_strategy(cfg: dict[str, Any]):
     """Instantiate `aggregator._target_` with its kwargs; the sampled fraction follows clients_per_round."""
     from hydra.utils import instantiate
 
-    agg = {k: v for k, v in cfg["aggregator"].items() if k != "name"}
+    agg = {k: v for k, v in cfg["aggregator"].items() if k not in ("name", "client")}
     agg.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
     return instantiate(agg)
 
@@ -49,7 +49,9 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.data import load_public, load_task
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
-    from fedmllm.server.checkpoint import save_checkpoint
+    from fedmllm.models.adapter import init_lora_a
+    from fedmllm.server.checkpoint import latest_state, save_checkpoint, save_strategy_state
+    from fedmllm.strategies.protocol import client_spec, peft_for, shared_payload
     from fedmllm.server.evaluate import evaluate
     from fedmllm.server.stages import Aligner, ensure_pretrained, format_summary
     from fedmllm.tracking import MetricsLog, format_round, plot_run
@@ -69,20 +71,37 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     # A fresh model per run: a sweep runs its jobs in this one process, and a cached model would
     # hand the next job the last job's adapter as its "initial" one.
     clear_cache()
-    lm = get_model(model_config(cfg), cfg["peft"])
+    spec = client_spec(cfg)
+    lm = get_model(model_config(cfg), peft_for(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     collator = Collator(lm.processor, lm.family, task)
-    initial = adapter_state(lm.model)
+    if spec.algorithm == "ffa_lora":
+        init_lora_a(lm.model, cfg["seed"])  # the frozen A every client derives from the same seed
+    full = adapter_state(lm.model)
+    initial = shared_payload(spec.algorithm, full)
     strategy = build_strategy(cfg)
+    strategy.fixed = {k: v for k, v in full.items() if k not in initial}  # FFA: A; FedSA: B (until clients report)
+    done = 0
+    if cfg.get("resume"):
+        done, initial, state = latest_state(Path(cfg["resume"]))
+        strategy.load_state_arrays(state)
+        strategy.round_offset = done
+        print(f"resuming {cfg['resume']} after round {done} of {cfg['num_rounds']}", flush=True)
+        if done >= cfg["num_rounds"]:
+            raise ValueError(f"{cfg['resume']} already finished {done} rounds; raise num_rounds to continue it")
     if cfg["server_stage"]["align"].get("enabled"):
         strategy.post_aggregate = Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
     t0 = time.time()
     n_rounds = cfg["num_rounds"]
-    bar = tqdm(total=n_rounds, desc="rounds", unit="round", file=sys.stderr)
+    bar = tqdm(total=n_rounds, initial=done, desc="rounds", unit="round", file=sys.stderr)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        payload = from_record(arrays)
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if done and server_round == 0:
+            return None  # the resumed round was evaluated and logged by the stopped run
+        server_round += done
+        shared = from_record(arrays)
+        payload = strategy.full_payload(shared)
         row: dict[str, Any] = {"round": server_round}
         stats = getattr(strategy, "round_stats", {}) if server_round > 0 else {}
         row.update(
@@ -93,6 +112,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         )
         if server_round == 0 and stage1 is not None:
             row.update(pretrain_seconds=stage1["seconds"], pretrain_cached=stage1["cached"])
+        if "flora_truncation_error" in stats:
+            row["flora_truncation_error"] = stats["flora_truncation_error"]
         if "align_seconds" in stats:
             row.update(align_seconds=stats["align_seconds"], align_loss=stats["align_loss"])
         if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
@@ -102,6 +123,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             save_predictions(run_dir, server_round, heldout, metrics.pop("_scores"))
             row.update(metrics)
         ckpt = save_checkpoint(lm.model, payload, run_dir, server_round)
+        save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
         row["checkpoint"] = str(ckpt.relative_to(run_dir))
         row["seconds"] = round(time.time() - t0, 2)
         mlog.log(row)
@@ -116,7 +138,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         strategy.start(
             grid=grid,
             initial_arrays=to_record(initial),
-            num_rounds=n_rounds,
+            num_rounds=n_rounds - done,
             train_config=train_config,
             evaluate_fn=evaluate_fn,
         )

@@ -10,3 +10,6 @@ from fedmllm.strategies.flower import (
 )
 
 __all__ = ["AdapterFedAdagrad", "AdapterFedAdam", "AdapterFedAvg", "AdapterFedAvgM", "AdapterFedProx", "AdapterFedYogi"]
+from fedmllm.strategies.lora import AdapterFedSALoRA, AdapterFFALoRA, AdapterFLoRA, AdapterScaffold  # noqa: E402
+
+__all__ += ["AdapterFedSALoRA", "AdapterFFALoRA", "AdapterFLoRA", "AdapterScaffold"]

@@ -23,6 +23,10 @@ class AdapterReplies:
     """
 
     post_aggregate = None
+    free_rank = False  # replies may differ from the global adapter in LoRA rank (FLoRA)
+    # Server state saved with every checkpoint and restored by `fedmllm run resume=<run dir>`:
+    # Flower's optimizer moments (FedOpt m_t, v_t; FedAvgM momentum_vector) and ours.
+    state_attrs: tuple[str, ...] = ("m_t", "v_t", "momentum_vector")
 
     def __init__(self, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
@@ -30,21 +34,74 @@ class AdapterReplies:
         self._reference: dict | None = None
         self.round_stats: dict = {}
         self.dropped: list[tuple[int, str]] = []
+        self.round_offset = 0  # rounds already done before a resume
+        self.fixed: dict = {}  # adapter tensors that do not travel but complete the global adapter
+
+    def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
+        """Array records sent to every client besides the adapter (SCAFFOLD: the control variate)."""
+        return {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._reference = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        extra = self.extra_records(server_round)
+        for msg in messages:
+            for name, record in extra.items():
+                msg.content[name] = record
         down = sum(v.numpy().nbytes for v in arrays.values())
+        down += sum(v.numpy().nbytes for r in extra.values() for v in r.values())
         self.round_stats = {"bytes_down": down * len(messages), "bytes_down_per_client": down}
         return messages
+
+    def full_payload(self, arrays: dict) -> dict:
+        """The complete adapter for evaluation and checkpoints: the shared payload + `fixed`."""
+        return {**self.fixed, **arrays}
+
+    def state_arrays(self) -> dict:
+        """Flat {"<attr>/<key>": array} of the server state in `state_attrs` (+ `fixed`)."""
+        import numpy as np
+
+        out = {f"fixed/{k}": v for k, v in self.fixed.items()}
+        for attr in self.state_attrs:
+            value = getattr(self, attr, None)
+            if isinstance(value, dict):
+                out.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+            elif isinstance(value, list):
+                out.update({f"{attr}/#{i}": np.asarray(v) for i, v in enumerate(value)})
+        return out
+
+    def load_state_arrays(self, flat: dict) -> None:
+        """Restore what `state_arrays` saved."""
+        groups: dict[str, dict] = {}
+        for name, v in flat.items():
+            attr, key = name.split("/", 1)
+            groups.setdefault(attr, {})[key] = v
+        for attr, items in groups.items():
+            if attr != "fixed" and attr not in self.state_attrs:
+                raise KeyError(f"saved strategy state {attr!r} is not state of {type(self).__name__}")
+            if all(k.startswith("#") for k in items):
+                value = [items[f"#{i}"] for i in range(len(items))]
+            else:
+                value = dict(items)
+            setattr(self, attr, value)
+
+    def aggregate_extra(self, server_round: int, arrays: ArrayRecord, extras: list[dict], weights: list[float]
+                        ) -> ArrayRecord:
+        """Use the replies' other array records (popped before Flower's aggregation); the default
+        ignores them."""
+        return arrays
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         valid: list[Message] = []
         per_client: dict[int, int] = {}
+        extras: list[dict] = []
+        weights: list[float] = []
         for msg in replies:
             if msg.has_error():
                 valid.append(msg)  # Flower's own check logs and drops it
@@ -52,14 +109,22 @@ class AdapterReplies:
             try:
                 arrays = {k: v.numpy() for k, v in msg.content[self.arrayrecord_key].items()}
                 metrics = next(iter(msg.content.metric_records.values()), {})
-                check_reply(self._reference or arrays, arrays, metrics.get(self.weighted_by_key))
+                check_reply(self._reference or arrays, arrays, metrics.get(self.weighted_by_key),
+                            free_rank=self.free_rank)
+                extra = {name: {k: v.numpy() for k, v in rec.items()}
+                         for name, rec in msg.content.array_records.items() if name != self.arrayrecord_key}
+                self.check_extra(extra)
             except (InvalidReply, KeyError, StopIteration) as err:
                 log(WARNING, "round %s: dropped reply from node %s: %s", server_round, msg.metadata.src_node_id, err)
                 self.dropped.append((server_round, str(err)))
                 continue
+            for name in extra:  # Flower's aggregation expects exactly one ArrayRecord per reply
+                del msg.content[name]
             per_client[int(metrics.get("partition-id", msg.metadata.src_node_id))] = sum(
                 a.nbytes for a in arrays.values()
-            )
+            ) + sum(a.nbytes for e in extra.values() for a in e.values())
+            extras.append(extra)
+            weights.append(float(metrics[self.weighted_by_key]))
             valid.append(msg)
         ok = [m for m in valid if not m.has_error()]
         if len(ok) < self.min_train_nodes:
@@ -68,12 +133,28 @@ class AdapterReplies:
             self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client)
             return None, None
         self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client)
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        arrays, metrics = self.aggregate_replies(server_round, valid)
+        if arrays is not None:
+            arrays = self.aggregate_extra(server_round, arrays, extras, weights)
         if metrics is not None and "train-loss" in metrics:
             self.round_stats["train_loss"] = float(metrics["train-loss"])
         if arrays is not None and self.post_aggregate is not None:
             arrays = self._post_aggregate(server_round, arrays)
         return arrays, metrics
+
+    def check_extra(self, extra: dict) -> None:
+        """Validate a reply's other array records (finite values); subclasses check their shapes."""
+        import numpy as np
+
+        for name, rec in extra.items():
+            for k, v in rec.items():
+                if not np.isfinite(v).all():
+                    raise InvalidReply(f"{name}/{k}: non-finite values")
+
+    def aggregate_replies(self, server_round: int, valid: list[Message]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregation proper: Flower's, unless a LoRA-aware strategy replaces it."""
+        return super().aggregate_train(server_round, valid)  # type: ignore[misc]
 
     def _post_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         from fedmllm.records import from_record, to_record
