@@ -47,6 +47,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from tqdm.auto import tqdm
 
     from fedmllm.data import load_public, load_task
+    from fedmllm.partitioning.scenarios import apply_eval_scenario
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
     from fedmllm.server.checkpoint import save_checkpoint
@@ -71,6 +72,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     clear_cache()
     lm = get_model(model_config(cfg), cfg["peft"])
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])  # default: full modality
     collator = Collator(lm.processor, lm.family, task)
     initial = adapter_state(lm.model)
     strategy = build_strategy(cfg)
