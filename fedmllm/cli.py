@@ -1,4 +1,4 @@
-"""`fedmllm` console script: run | report."""
+"""`fedmllm` console script: run | partition | report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ commands:
   run [hydra overrides]     federated fine-tuning as a Flower simulation
                             (e.g. fedmllm run model=tiny-llava num_rounds=2; -m for sweeps;
                             resume=RUN_DIR continues a stopped run from its last checkpoint)
+  partition [overrides] out=DIR
+                            write every client's samples under DIR/<dataset>/<scenario>/partition-...
+                            (e.g. fedmllm partition partitioner=fedmllm scenario=missing num_clients=10 out=data)
   report RUN_DIR            print a run's metrics table and (re)draw its plot
 """
 
@@ -85,6 +88,27 @@ def preflight(cfg: dict) -> None:
         easyvqa._easy_vqa()
 
 
+def _partition(argv: list[str]) -> None:
+    from fedmllm.config import ConfigError, compose
+    from fedmllm.models.build import MissingAssetError
+    from fedmllm.partitioning.materialise import format_stats, warn_empty, write_partitions
+
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
+    overrides = [a for a in argv if not a.startswith("out=")]
+    if len(outs) != 1 or not outs[0]:
+        _fail("fedmllm partition needs one out=DIR (e.g. fedmllm partition scenario=missing out=data)")
+    try:
+        cfg = compose(overrides)
+        target, stats = write_partitions(cfg, outs[0])
+    except (ConfigError, MissingAssetError, ValueError) as err:
+        _fail(str(err))
+    print(format_stats(stats))
+    warn_empty([r["client"] for r in stats if r["num_samples"] == 0])
+    print(f"chart: {target / 'stats.png'}")
+    print(f"partition dir: {target}  (a SuperNode reads it with --node-config \"partition-id=I num-partitions="
+          f"{cfg['num_clients']} data-dir={target}\")", flush=True)
+
+
 def _report(argv: list[str]) -> None:
     from pathlib import Path
 
@@ -111,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         _run(rest)
+    elif cmd == "partition":
+        _partition(rest)
     elif cmd == "report":
         _report(rest)
     else:

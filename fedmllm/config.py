@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 CONF_MODULE = "fedmllm.conf"
 OVERRIDES_KEY = "overrides"  # the only run_config key fedmllm reads
@@ -130,15 +130,42 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         need(Path(str(cfg["resume"])).is_dir(),
              f"resume={cfg['resume']!r} is not a directory; pass the 'run dir:' a stopped run printed")
     p = cfg["partitioner"]
-    need(p["name"] in ("iid", "dirichlet"), f"partitioner.name={p['name']!r}: choose iid or dirichlet")
-    if p["name"] == "dirichlet":
+    need(p["name"] in ("iid", "dirichlet", "fedmllm"), f"partitioner.name={p['name']!r}: choose iid, dirichlet or fedmllm")
+    if p["name"] in ("dirichlet", "fedmllm"):
         need(
             isinstance(p.get("alpha"), (int, float)) and p["alpha"] > 0,
             f"partitioner.alpha={p.get('alpha')!r} must be a number > 0 (e.g. 0.5 for strong skew)",
         )
+    _validate_scenarios(cfg, need)
     need(cfg["peft"].get("r", 1) >= 1, f"peft.r={cfg['peft'].get('r')!r} must be >= 1")
     need(cfg["logger"]["name"] in ("none", "wandb"), f"logger={cfg['logger']['name']!r}: choose none or wandb")
     return cfg
+
+
+def _validate_scenarios(cfg: dict[str, Any], need: Callable[[bool, str], None]) -> None:
+    """`scenario.*` (training modalities) and `eval.*` (held-out modalities)."""
+
+    def rate(key: str, value: Any) -> None:
+        need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
+             f"{key}={value!r} must be a number in [0, 1] (e.g. {key}=0.3)")
+
+    sc = cfg["scenario"]
+    need(sc.get("name") in ("aligned", "missing", "cross", "hybrid"),
+         f"scenario={sc.get('name')!r}: choose one of aligned, missing, cross, hybrid")
+    if sc["name"] == "missing":
+        rate("scenario.mrate", sc.get("mrate"))
+    elif sc["name"] == "hybrid":
+        rate("scenario.qrate", sc.get("qrate"))
+    elif sc["name"] == "cross":
+        k, n = sc.get("image_clients"), cfg["num_clients"]
+        need(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= n,
+             f"scenario.image_clients={k!r} must be an integer in [0, num_clients={n}]; "
+             f"set scenario.image_clients<={n} or raise num_clients")
+    ev = cfg.get("eval") or {}
+    need(ev.get("scenario", "aligned") in ("aligned", "missing", "image_only", "text_only"),
+         f"eval.scenario={ev.get('scenario')!r}: choose one of aligned, missing, image_only, text_only")
+    if ev.get("scenario") == "missing":
+        rate("eval.mrate", ev.get("mrate"))
 
 
 def run_config_overrides(run_config: Mapping[str, Any]) -> list[str]:

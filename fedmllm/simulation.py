@@ -22,6 +22,11 @@ def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
     quiet_flower_env()
     from flwr.simulation import run_simulation as flwr_run_simulation
 
+    from fedmllm.data import load_task
+    from fedmllm.partitioning.materialise import empty_clients, warn_empty
+
+    warn_empty(empty_clients(cfg, load_task(cfg["dataset"], cfg["seed"])[1]))  # up front, not mid-round
+
     from fedmllm.client.app import make_client_app
     from fedmllm.server.app import make_server_app
 

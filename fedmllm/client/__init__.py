@@ -14,13 +14,17 @@ from fedmllm.models.adapter import payload_bytes, trainable_bytes
 
 
 def local_data(cfg: dict[str, Any], ident: NodeIdentity):
-    """(task, this node's training samples) from the configured dataset and partitioner."""
+    """(task, this node's training samples): read from node_config `data-dir` (a directory
+    `fedmllm partition` wrote) when given, else built the same way from the configured dataset,
+    partitioner and modality scenario."""
     from fedmllm.data import load_task
-    from fedmllm.partitioning import client_samples
+    from fedmllm.partitioning import client_partition
+    from fedmllm.partitioning.materialise import read_client
 
     task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
-    samples = client_samples(pool, cfg["partitioner"], ident.partition_id, ident.num_partitions, cfg["seed"])
-    return task, samples
+    if ident.data_dir:
+        return task, read_client(ident.data_dir, cfg, ident.partition_id, ident.num_partitions)
+    return task, client_partition(pool, cfg, ident.partition_id, ident.num_partitions)
 
 
 def train_round(
@@ -65,15 +69,24 @@ def train_round(
     t_setup = time.perf_counter() - t0
     bar = tqdm(total=steps, desc=f"client {ident.partition_id} round {server_round}", leave=False,
                file=sys.stderr, mininterval=2.0)
-    result = train_steps(lm.model, collator, samples, cfg["train"], seed, on_step=lambda s, loss: bar.update(1),
-                         penalty=local.penalty if local.has_penalty else None, after_backward=local.after_backward)
+    if samples:
+        result = train_steps(lm.model, collator, samples, cfg["train"], seed, on_step=lambda s, loss: bar.update(1),
+                             penalty=local.penalty if local.has_penalty else None,
+                             after_backward=local.after_backward)
+        out, extra_out = local.finish()
+    else:  # the global adapter back with weight 0: the strategy drops the reply (num-examples <= 0)
+        print(f"client {ident.partition_id}: empty partition, nothing to train; replying num-examples 0",
+              file=sys.stderr, flush=True)
+        local.release()
+        result = {"train-loss": float("nan"), "num-examples": 0}
+        out, extra_out = arrays, {}
     bar.close()
     t_train = time.perf_counter() - t0 - t_setup
-    out, extra_out = local.finish()
     metrics = {
         **result,
         "partition-id": ident.partition_id,
         "partition-size": len(samples),
+        "empty-partition": int(not samples),
         "bytes-up": payload_bytes(out) + sum(payload_bytes(a) for a in extra_out.values()),
         "lora-rank": rank,
         "trainable-bytes": trainable_bytes(lm.model),

@@ -164,10 +164,14 @@ class LocalRound:
         return self.proximal_mu > 0 or bool(self.adaptive_reg and self.regularized_keys())
 
     # --- after training ----------------------------------------------------------------------
-    def finish(self) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    def release(self) -> None:
+        """Remove the gradient hooks (the cached model serves the next client and round)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def finish(self) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+        self.release()
         state = adapter_state(self.model)
         algo = self.spec.algorithm
         extra: dict[str, dict[str, np.ndarray]] = {}

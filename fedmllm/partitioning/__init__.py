@@ -1,4 +1,4 @@
-"""Label partitioners (flwr-datasets) selected by partition-id / num-partitions."""
+"""Label partitioners (flwr-datasets iid/dirichlet, FedMLLM's script) selected by partition-id / num-partitions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from fedmllm.data.schema import Sample
 
 
 def make_partitioner(cfg: dict[str, Any], num_partitions: int, seed: int):
-    """flwr-datasets partitioner for `partitioner.name` (iid | dirichlet over `label`)."""
+    """flwr-datasets partitioner for `partitioner.name` (iid | dirichlet over `label`); `fedmllm`
+    is not a flwr-datasets partitioner (see fedmllm_split)."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     if cfg["name"] == "iid":
@@ -24,7 +25,7 @@ def make_partitioner(cfg: dict[str, Any], num_partitions: int, seed: int):
             shuffle=True,
             seed=seed,
         )
-    raise ValueError(f"partitioner.name={cfg['name']!r}: choose iid or dirichlet")
+    raise ValueError(f"partitioner.name={cfg['name']!r}: choose iid, dirichlet or fedmllm")
 
 
 def partition_indices(
@@ -36,10 +37,15 @@ def partition_indices(
 
 @lru_cache(maxsize=8)  # a worker serves many rounds/clients: partition once per process
 def _partition_indices(labels, cfg_items, num_partitions, seed):
+    cfg = dict(cfg_items)
+    if cfg["name"] == "fedmllm":
+        from fedmllm.partitioning.fedmllm_split import fedmllm_partition
+
+        return fedmllm_partition(labels, num_partitions, float(cfg["alpha"]), seed)
     from datasets import Dataset
 
     ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
-    part = make_partitioner(dict(cfg_items), num_partitions, seed)
+    part = make_partitioner(cfg, num_partitions, seed)
     part.dataset = ds
     return [list(part.load_partition(i)["idx"]) for i in range(num_partitions)]
 
@@ -52,3 +58,18 @@ def client_samples(
     items = tuple(sorted(cfg.items()))
     idx = partition_indices(labels, items, num_partitions, seed)[partition_id]
     return [samples[i] for i in idx]
+
+
+def client_partition(pool: list[Sample], cfg: dict[str, Any], partition_id: int, num_partitions: int) -> list[Sample]:
+    """One client's training samples: the label partition, then the modality scenario (copies,
+    image paths absolute), so every process and `fedmllm partition` build the same samples."""
+    import os
+
+    from fedmllm.partitioning.scenarios import apply_scenario
+
+    samples = client_samples(pool, cfg["partitioner"], partition_id, num_partitions, cfg["seed"])
+    out = apply_scenario(samples, cfg["scenario"], partition_id, num_partitions, cfg["seed"])
+    for s in out:
+        if s["image"] is not None:
+            s["image"] = os.path.abspath(s["image"])
+    return out

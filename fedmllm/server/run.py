@@ -47,6 +47,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from tqdm.auto import tqdm
 
     from fedmllm.data import load_public, load_task
+    from fedmllm.partitioning.scenarios import apply_eval_scenario
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
     from fedmllm.models.adapter import init_lora_a
@@ -74,6 +75,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     spec = client_spec(cfg)
     lm = get_model(model_config(cfg), peft_for(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])  # default: full modality
     collator = Collator(lm.processor, lm.family, task)
     if spec.algorithm == "ffa_lora":
         init_lora_a(lm.model, cfg["seed"])  # the frozen A every client derives from the same seed

@@ -35,6 +35,7 @@ class AdapterReplies:
         self.round_stats: dict = {}
         self.dropped: list[tuple[int, str]] = []
         self.round_offset = 0  # rounds already done before a resume
+        self.empty_nodes: set[int] = set()  # nodes that reported an empty partition: never sampled again
         self.fixed: dict = {}  # adapter tensors that do not travel but complete the global adapter
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
@@ -46,7 +47,7 @@ class AdapterReplies:
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self._reference = {k: v.numpy() for k, v in arrays.items()}
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._sample_without_empty(server_round, arrays, config, grid)
         extra = self.extra_records(server_round)
         for msg in messages:
             for name, record in extra.items():
@@ -55,6 +56,18 @@ class AdapterReplies:
         down += sum(v.numpy().nbytes for r in extra.values() for v in r.values())
         self.round_stats = {"bytes_down": down * len(messages), "bytes_down_per_client": down}
         return messages
+
+    def _sample_without_empty(self, server_round, arrays, config, grid) -> list[Message]:
+        """Flower's sampling over the nodes that have data (minimums lowered by the empty ones)."""
+        k = len(self.empty_nodes)
+        if not k:
+            return list(super().configure_train(server_round, arrays, config, grid))
+        saved = self.min_available_nodes, self.min_train_nodes
+        self.min_available_nodes, self.min_train_nodes = max(1, saved[0] - k), max(1, saved[1] - k)
+        try:
+            return list(super().configure_train(server_round, arrays, config, _NodesWithData(grid, self.empty_nodes)))
+        finally:
+            self.min_available_nodes, self.min_train_nodes = saved
 
     def full_payload(self, arrays: dict) -> dict:
         """The complete adapter for evaluation and checkpoints: the shared payload + `fixed`."""
@@ -106,9 +119,14 @@ class AdapterReplies:
             if msg.has_error():
                 valid.append(msg)  # Flower's own check logs and drops it
                 continue
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            if metrics.get("empty-partition"):
+                log(WARNING, "round %s: node %s has an empty partition; it is left out of sampling from now on",
+                    server_round, msg.metadata.src_node_id)
+                self.empty_nodes.add(msg.metadata.src_node_id)
+                continue
             try:
                 arrays = {k: v.numpy() for k, v in msg.content[self.arrayrecord_key].items()}
-                metrics = next(iter(msg.content.metric_records.values()), {})
                 check_reply(self._reference or arrays, arrays, metrics.get(self.weighted_by_key),
                             free_rank=self.free_rank)
                 extra = {name: {k: v.numpy() for k, v in rec.items()}
@@ -127,7 +145,7 @@ class AdapterReplies:
             weights.append(float(metrics[self.weighted_by_key]))
             valid.append(msg)
         ok = [m for m in valid if not m.has_error()]
-        if len(ok) < self.min_train_nodes:
+        if len(ok) < max(1, self.min_train_nodes - len(self.empty_nodes)):
             log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
                 server_round, len(ok), self.min_train_nodes)
             self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client)
@@ -173,3 +191,16 @@ class AdapterReplies:
         elif isinstance(current, dict):
             self.current_arrays = {k: v.copy() for k, v in new.items()}
         return record
+
+
+class _NodesWithData:
+    """A Grid view without the nodes whose partition is empty (for Flower's node sampling)."""
+
+    def __init__(self, grid: Grid, empty: set[int]):
+        self._grid, self._empty = grid, empty
+
+    def get_node_ids(self):
+        return [n for n in self._grid.get_node_ids() if n not in self._empty]
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)

@@ -1,0 +1,352 @@
+"""Modality scenarios (FedMLLM's client sets and rates), eval.scenario, `fedmllm partition`,
+the data-dir round trip and empty partitions."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmllm.config import ConfigError, NodeIdentity, compose
+from fedmllm.data.schema import Task, modality
+from fedmllm.partitioning.scenarios import (
+    apply_eval_scenario,
+    apply_scenario,
+    hybrid_presence,
+    image_only_clients,
+    scenario_tag,
+)
+
+TASK = Task("synthetic", labels=("no", "yes"), instruction="Answer yes or no.")
+
+
+def _samples(n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"id": f"s{i}", "image": f"img/{i}.png", "text": f"text {i}", "label": int(rng.integers(0, 2))}
+            for i in range(n)]
+
+
+def _mix(samples):
+    out = dict.fromkeys(("both", "image", "text", "none"), 0)
+    for s in samples:
+        out[modality(s)] += 1
+    return out
+
+
+def _within(count, n, p, sigmas=4.0):
+    """A binomial count within `sigmas` standard deviations of n * p."""
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+# --- FedMLLM's client sets (num_clients=10, seed=42) -----------------------------------------
+
+
+@pytest.mark.parametrize("k,expected", [(3, {0, 1, 4}), (5, {0, 1, 4, 6, 9}), (7, {0, 1, 4, 5, 6, 8, 9})])
+def test_cross_image_clients_are_fedmllms(k, expected):
+    assert image_only_clients(10, k, seed=42) == expected
+    samples = _samples(20)
+    for c in range(10):
+        mix = _mix(apply_scenario(samples, {"name": "cross", "image_clients": k}, c, 10, seed=42))
+        assert mix == ({"both": 0, "image": 20, "text": 0, "none": 0} if c in expected
+                       else {"both": 0, "image": 0, "text": 20, "none": 0})
+
+
+def test_hybrid_client_sets_are_fedmllms():
+    presence = hybrid_presence(10, 0.4, seed=42)
+    kind = {c: {(1, 1): "both", (1, 0): "image", (0, 1): "text", (0, 0): "neither"}[tuple(presence[c])]
+            for c in range(10)}
+    assert {c for c, v in kind.items() if v == "image"} == {0, 3, 5}
+    assert {c for c, v in kind.items() if v == "text"} == {1, 6}
+    assert {c for c, v in kind.items() if v == "neither"} == {4}
+    assert {c for c, v in kind.items() if v == "both"} == {2, 7, 8, 9}
+    samples = _samples(2000)
+    cfg = {"name": "hybrid", "qrate": 0.4}
+    mixes = {c: _mix(apply_scenario(samples, cfg, c, 10, seed=42)) for c in range(10)}
+    for c in (0, 3, 5):
+        assert mixes[c]["image"] == 2000
+    for c in (1, 6):
+        assert mixes[c]["text"] == 2000
+    for c in (2, 7, 8, 9):
+        assert mixes[c]["both"] == 2000
+    # neither: every sample gets exactly one modality, image or text at 50/50
+    assert mixes[4]["both"] == mixes[4]["none"] == 0
+    assert _within(mixes[4]["image"], 2000, 0.5)
+
+
+@pytest.mark.parametrize("m", [0.3, 0.5, 0.7])
+def test_missing_rates_match_the_definition(m):
+    n = 20_000
+    mix = _mix(apply_scenario(_samples(n), {"name": "missing", "mrate": m}, 0, 10, seed=42))
+    keep = 1 - m
+    # m=0.3: 49% both, 21% text only, 21% image only, 9% neither
+    for key, p in (("both", keep * keep), ("text", keep * m), ("image", m * keep), ("none", m * m)):
+        assert _within(mix[key], n, p), (key, mix[key], n * p)
+
+
+def test_missing_extremes_and_clients_draw_differently():
+    samples = _samples(200)
+    assert _mix(apply_scenario(samples, {"name": "missing", "mrate": 0.0}, 3, 10, 42))["both"] == 200
+    assert _mix(apply_scenario(samples, {"name": "missing", "mrate": 1.0}, 3, 10, 42))["none"] == 200
+    a = apply_scenario(samples, {"name": "missing", "mrate": 0.5}, 0, 10, 42)
+    b = apply_scenario(samples, {"name": "missing", "mrate": 0.5}, 1, 10, 42)
+    assert [modality(s) for s in a] != [modality(s) for s in b]
+
+
+def test_scenarios_return_copies_and_keep_other_fields():
+    samples = _samples(50)
+    before = json.dumps(samples)
+    for cfg in ({"name": "aligned"}, {"name": "missing", "mrate": 0.9}, {"name": "cross", "image_clients": 5},
+                {"name": "hybrid", "qrate": 0.9}):
+        out = apply_scenario(samples, cfg, 4, 10, 42)
+        assert all(o is not s for o, s in zip(out, samples))
+        assert [(o["id"], o["label"]) for o in out] == [(s["id"], s["label"]) for s in samples]
+    assert json.dumps(samples) == before
+    with pytest.raises(ValueError, match="scenario.name='nope': choose one of aligned, missing, cross, hybrid"):
+        apply_scenario(samples, {"name": "nope"}, 0, 10, 42)
+
+
+_DRAW = """
+import json, sys
+from fedmllm.partitioning.scenarios import apply_scenario
+samples = [{"id": str(i), "image": "a.png", "text": "t", "label": 0} for i in range(300)]
+out = {}
+for c in map(int, sys.argv[1:]):
+    for cfg in ({"name": "missing", "mrate": 0.4}, {"name": "hybrid", "qrate": 0.4}):
+        out[f"{cfg['name']}-{c}"] = [(s["image"] is None, s["text"] is None) for s in apply_scenario(samples, cfg, c, 10, 42)]
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def test_per_sample_draws_are_the_same_in_any_process_and_order():
+    def draw(clients, hashseed):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": str(Path(__file__).parents[1])}
+        out = subprocess.run([sys.executable, "-c", _DRAW, *map(str, clients)], capture_output=True, text=True,
+                             env=env, check=True).stdout
+        return json.loads(out)
+
+    together = draw([4, 0], "1")  # client 4 (hybrid: neither) drawn first, then client 0
+    assert draw([0], "2")["missing-0"] == together["missing-0"]
+    alone = draw([4], "3")
+    assert alone["missing-4"] == together["missing-4"] and alone["hybrid-4"] == together["hybrid-4"]
+
+
+def test_scenario_tags():
+    assert scenario_tag({"name": "aligned"}) == "aligned"
+    assert scenario_tag({"name": "missing", "mrate": 0.3}) == "missing-mrate0.3"
+    assert scenario_tag({"name": "cross", "image_clients": 3}) == "cross-img3"
+    assert scenario_tag({"name": "hybrid", "qrate": 0.4}) == "hybrid-qrate0.4"
+
+
+# --- eval.scenario ---------------------------------------------------------------------------
+
+
+def test_eval_scenario_keeps_full_modality_by_default_and_drops_on_request():
+    samples = _samples(4000)
+    assert apply_eval_scenario(samples, None, 42) == samples
+    assert apply_eval_scenario(samples, {"scenario": "aligned", "mrate": 0.5}, 42) == samples
+    assert _mix(apply_eval_scenario(samples, {"scenario": "image_only"}, 42))["image"] == 4000
+    assert _mix(apply_eval_scenario(samples, {"scenario": "text_only"}, 42))["text"] == 4000
+    missing = apply_eval_scenario(samples, {"scenario": "missing", "mrate": 0.3}, 42)
+    assert missing == apply_eval_scenario(samples, {"scenario": "missing", "mrate": 0.3}, 42)
+    assert _within(_mix(missing)["both"], 4000, 0.49) and _within(_mix(missing)["none"], 4000, 0.09)
+    assert samples[0]["image"] is not None  # the input is untouched
+    with pytest.raises(ValueError, match="eval.scenario='blind'"):
+        apply_eval_scenario(samples, {"scenario": "blind"}, 42)
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["scenario=missing", "scenario.mrate=1.5"], "scenario.mrate=1.5 must be a number in [0, 1]"),
+        (["scenario=hybrid", "scenario.qrate=-0.1"], "scenario.qrate=-0.1 must be a number in [0, 1]"),
+        (["scenario=cross", "scenario.image_clients=5"],
+         "scenario.image_clients=5 must be an integer in [0, num_clients=4]; set scenario.image_clients<=4"),
+        (["scenario=nope"], "unknown scenario 'nope'; choose one of ['aligned', 'cross', 'hybrid', 'missing']"),
+        (["eval.scenario=blind"], "eval.scenario='blind': choose one of aligned, missing, image_only, text_only"),
+        (["eval.scenario=missing", "eval.mrate=2"], "eval.mrate=2 must be a number in [0, 1]"),
+        (["partitioner=fedmllm", "partitioner.alpha=0"], "partitioner.alpha=0 must be a number > 0"),
+    ],
+)
+def test_bad_scenario_config_names_the_key_and_the_fix(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_scenario_and_partitioner_options_compose():
+    cfg = compose(["partitioner=fedmllm", "scenario=cross", "num_clients=10", "clients_per_round=10",
+                   "scenario.image_clients=7"])
+    assert cfg["partitioner"] == {"name": "fedmllm", "alpha": 0.5}
+    assert cfg["scenario"] == {"name": "cross", "image_clients": 7}
+    assert compose()["eval"]["scenario"] == "aligned" and compose()["seed"] == 42
+
+
+# --- fedmllm partition: files, stats, chart, atomic writes, data-dir round trip ---------------
+
+
+def _cfg(*extra):
+    return compose(["partitioner=fedmllm", "num_clients=10", "clients_per_round=10", *extra])
+
+
+def test_write_partitions_layout_stats_and_chart(tmp_path):
+    from fedmllm.partitioning.materialise import format_stats, write_partitions
+
+    cfg = _cfg("scenario=missing", "scenario.mrate=0.3", "dataset.name=synthetic")
+    pool = _samples(3000)
+    target, stats = write_partitions(cfg, tmp_path, TASK, pool)
+    assert target == tmp_path / "synthetic" / "missing-mrate0.3" / "partition-alpha0.5-clt10"
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        [f"client_{i}.jsonl" for i in range(10)] + ["partition.json", "stats.json", "stats.png"])
+    assert json.loads((target / "stats.json").read_text()) == stats
+    assert [r["client"] for r in stats] == list(range(10))
+    for r, i in zip(stats, range(10)):
+        rows = [json.loads(line) for line in (target / f"client_{i}.jsonl").read_text().splitlines()]
+        assert set(r) == {"client", "num_samples", "labels", "modalities"}
+        assert r["num_samples"] == len(rows) == sum(r["labels"].values()) == sum(r["modalities"].values())
+        assert set(r["labels"]) == {"no", "yes"} and set(r["modalities"]) == {"both", "image", "text", "none"}
+        assert r["labels"]["yes"] == sum(row["label"] == 1 for row in rows) >= 1
+        assert all(set(row) == {"id", "image", "text", "label"} for row in rows)
+        assert all(row["image"] is None or os.path.isabs(row["image"]) for row in rows)
+    assert sum(r["num_samples"] for r in stats) == 3000
+    assert _within(sum(r["modalities"]["both"] for r in stats), 3000, 0.49)
+    assert (target / "stats.png").read_bytes()[:4] == b"\x89PNG" and (target / "stats.png").stat().st_size > 5000
+    table = format_stats(stats).splitlines()
+    assert table[0].split() == ["client", "samples", "both", "image", "text", "none", "no", "yes"]
+    assert table[-1].split()[:2] == ["total", "3000"] and len(table) == 2 + 10 + 1
+    assert [t.name for t in target.parent.iterdir()] == [target.name]  # no temporary directories left
+
+
+def test_a_crash_while_writing_leaves_no_half_partition(tmp_path, monkeypatch):
+    from fedmllm.partitioning import materialise
+
+    cfg = _cfg("dataset.name=synthetic")
+    target, _ = materialise.write_partitions(cfg, tmp_path, TASK, _samples(500))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(materialise, "plot_stats", crash)
+    with pytest.raises(OSError, match="disk full"):
+        materialise.write_partitions(cfg, tmp_path, TASK, _samples(700, seed=1))
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old partition, untouched
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    fresh = _cfg("dataset.name=synthetic", "scenario=hybrid")
+    with pytest.raises(OSError, match="disk full"):
+        materialise.write_partitions(fresh, tmp_path, TASK, _samples(700))
+    assert list(materialise.partition_path(fresh, tmp_path).parent.iterdir()) == []
+
+
+def test_partition_of_10000_samples_takes_well_under_30_seconds(tmp_path):
+    from fedmllm.partitioning.materialise import write_partitions
+
+    pool = _samples(10_000)
+    for scenario in ("scenario=missing", "scenario=cross", "scenario=hybrid"):
+        t0 = time.perf_counter()
+        _, stats = write_partitions(_cfg(scenario, "dataset.name=synthetic"), tmp_path, TASK, pool)
+        seconds = time.perf_counter() - t0
+        assert sum(r["num_samples"] for r in stats) == 10_000
+        assert seconds < 10, f"{scenario}: {seconds:.1f}s for 10,000 samples"
+
+
+@pytest.mark.parametrize("scenario", ["scenario=aligned", "scenario=missing", "scenario=cross", "scenario=hybrid"])
+def test_clients_read_the_materialised_partition_and_build_the_same_on_the_fly(tmp_path, scenario):
+    from fedmllm.client import local_data
+    from fedmllm.partitioning.materialise import write_partitions
+
+    cfg = _cfg(scenario)
+    target, stats = write_partitions(cfg, tmp_path)
+    for i in range(10):
+        _, from_file = local_data(cfg, NodeIdentity(i, 10, str(target)))
+        task, on_the_fly = local_data(cfg, NodeIdentity(i, 10))
+        assert from_file == on_the_fly and len(from_file) == stats[i]["num_samples"] > 0
+
+
+def test_data_dir_errors_name_the_file_the_settings_and_the_command(tmp_path):
+    from fedmllm.partitioning.materialise import read_client, write_partitions
+
+    cfg = _cfg("scenario=cross", "dataset.name=synthetic")
+    target, _ = write_partitions(cfg, tmp_path, TASK, _samples(500))
+    (target / "client_7.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"has no client_7.jsonl; write it with `fedmllm partition <the run's "
+                                          r"overrides> out=DIR`"):
+        read_client(target, cfg, 7, 10)
+    other = _cfg("scenario=hybrid", "dataset.name=synthetic")
+    with pytest.raises(ConfigError, match=r"partitioned with \{'scenario': \{'name': 'cross'.*but this run has "
+                                          r"\{'scenario': \{'name': 'hybrid'.*rewrite it"):
+        read_client(target, other, 0, 10)
+    assert len(read_client(target, cfg, 0, 10)) > 0
+
+
+def test_partition_command_prints_the_table_and_writes_the_directory(tmp_path, capsys):
+    from fedmllm.cli import main
+
+    t0 = time.perf_counter()
+    main(["partition", "dataset=easyvqa", "scenario=missing", "scenario.mrate=0.3", "partitioner=fedmllm",
+          "num_clients=10", f"out={tmp_path}"])
+    seconds = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    target = tmp_path / "easyvqa" / "missing-mrate0.3" / "partition-alpha0.5-clt10"
+    assert out.splitlines()[0].split() == ["client", "samples", "both", "image", "text", "none", "no", "yes"]
+    assert f"partition dir: {target}" in out and (target / "stats.png").is_file()
+    assert seconds < 30
+    with pytest.raises(SystemExit):
+        main(["partition", "scenario=missing"])
+    assert "needs one out=DIR" in capsys.readouterr().err
+
+
+# --- empty partitions ------------------------------------------------------------------------
+
+
+def _skewed():
+    """8 clients, Dirichlet(0.05) without a minimum size: on 60 samples clients 5 and 6 get none."""
+    return compose(["partitioner=dirichlet", "partitioner.alpha=0.05", "partitioner.min_partition_size=0",
+                    "num_clients=8", "clients_per_round=8"])
+
+
+def test_empty_partitions_are_found_and_warned_about(capsys):
+    from fedmllm.partitioning.materialise import empty_clients, warn_empty
+
+    assert empty_clients(_skewed(), _samples(60)) == [5, 6]
+    warn_empty([3, 5])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("warning: client 3's partition is empty")
+    assert "lower num_clients or raise partitioner.alpha" in err[1]
+
+
+def test_run_simulation_lists_empty_partitions_up_front(monkeypatch, capsys):
+    import flwr.simulation
+
+    import fedmllm.data
+    from fedmllm.simulation import run_simulation
+
+    started = []
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: started.append(kw))
+    monkeypatch.setattr(fedmllm.data, "load_task", lambda *a: (TASK, _samples(60), []))
+    run_simulation(_skewed(), ())
+    assert "warning: client 5's partition is empty" in capsys.readouterr().err and len(started) == 1
+
+
+def test_an_empty_client_replies_its_adapter_unchanged_with_zero_examples(tiny_cfg, monkeypatch):
+    import fedmllm.client as client
+    from fedmllm.models import get_model
+    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.strategies.aggregate import InvalidReply, check_reply
+
+    monkeypatch.setattr(client, "local_data", lambda cfg, ident: (TASK, []))
+    arrays = {k: v + 0.5 for k, v in adapter_state(get_model(model_config(tiny_cfg), tiny_cfg["peft"]).model).items()}
+    out, metrics = client.train_round(tiny_cfg, NodeIdentity(1, 2), arrays, server_round=1)
+    assert out.keys() == arrays.keys() and all(np.array_equal(out[k], arrays[k]) for k in arrays)
+    assert metrics["num-examples"] == 0 and metrics["empty-partition"] == 1 and metrics["partition-size"] == 0
+    assert math.isnan(metrics["train-loss"])
+    with pytest.raises(InvalidReply, match="num-examples=0 must be > 0"):  # the strategy drops it with this reason
+        check_reply(arrays, out, metrics["num-examples"])
