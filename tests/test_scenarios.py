@@ -344,7 +344,8 @@ def test_an_empty_client_replies_its_adapter_unchanged_with_zero_examples(tiny_c
 
     monkeypatch.setattr(client, "local_data", lambda cfg, ident: (TASK, []))
     arrays = {k: v + 0.5 for k, v in adapter_state(get_model(model_config(tiny_cfg), tiny_cfg["peft"]).model).items()}
-    out, metrics = client.train_round(tiny_cfg, NodeIdentity(1, 2), arrays, server_round=1)
+    out, metrics, extra = client.train_round(tiny_cfg, NodeIdentity(1, 2), arrays, server_round=1)
+    assert extra == {}
     assert out.keys() == arrays.keys() and all(np.array_equal(out[k], arrays[k]) for k in arrays)
     assert metrics["num-examples"] == 0 and metrics["empty-partition"] == 1 and metrics["partition-size"] == 0
     assert math.isnan(metrics["train-loss"])

@@ -124,3 +124,23 @@ def test_post_aggregate_hook_replaces_the_global_adapter_and_server_state(name):
     if current is not None:
         current = from_record(current) if not isinstance(current, dict) else current
         np.testing.assert_allclose(current["lora_A"], out)
+
+
+def test_a_node_with_an_empty_partition_is_left_out_of_sampling():
+    """Its reply (num-examples 0, empty-partition 1) neither fails the round nor is averaged, and
+    the node is not sampled again; the minimums shrink by the empty nodes."""
+    strategy = AdapterFedAvg(min_train_nodes=3, min_available_nodes=3, fraction_train=1.0)
+    glob = {"lora_A": np.zeros((2, 3), np.float32)}
+    sent = list(strategy.configure_train(1, to_record(glob), ConfigRecord(), FakeGrid()))
+    assert len(sent) == 3
+    empty = Message(RecordDict({"arrays": to_record(glob), "metrics": MetricRecord(
+        {"num-examples": 0, "train-loss": 0.0, "partition-id": 2, "empty-partition": 1})}), reply_to=sent[2])
+    replies = [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+               reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 10, 1), empty]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.0)
+    assert strategy.dropped == [] and strategy.empty_nodes == {sent[2].metadata.dst_node_id}
+    again = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid()))
+    assert sorted(m.metadata.dst_node_id for m in again) == sorted(
+        n for n in FakeGrid().get_node_ids() if n not in strategy.empty_nodes)
+    assert (strategy.min_train_nodes, strategy.min_available_nodes) == (3, 3)  # restored after sampling
