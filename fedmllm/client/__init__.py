@@ -18,7 +18,7 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     from fedmllm.data import load_task
     from fedmllm.partitioning import client_samples
 
-    task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
+    task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     samples = client_samples(pool, cfg["partitioner"], ident.partition_id, ident.num_partitions, cfg["seed"])
     return task, samples
 

@@ -70,7 +70,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     # hand the next job the last job's adapter as its "initial" one.
     clear_cache()
     lm = get_model(model_config(cfg), cfg["peft"])
-    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     collator = Collator(lm.processor, lm.family, task)
     initial = adapter_state(lm.model)
     strategy = build_strategy(cfg)
