@@ -37,7 +37,7 @@ def centralized(overrides: list[str]) -> None:
     cfg = compose(overrides)
     ensure_pretrained(cfg)  # the same stage-1 base as the federated run (cached)
     lm = get_model(model_config(cfg), cfg["peft"])
-    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     col = Collator(lm.processor, lm.family, task)
     evaluate(lm.model, col, heldout, None, cfg["train"]["eval_batch_size"])
     for rnd in range(1, cfg["num_rounds"] + 1):

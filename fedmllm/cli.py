@@ -29,6 +29,7 @@ def _run(argv: list[str]) -> None:
     from omegaconf import DictConfig
 
     from fedmllm.config import ConfigError, compose
+    from fedmllm.data import DataError
     from fedmllm.models.build import MissingAssetError
 
     @hydra.main(version_base="1.3", config_path="pkg://fedmllm.conf", config_name="config")
@@ -43,7 +44,7 @@ def _run(argv: list[str]) -> None:
         try:
             cfg = compose(overrides)
             preflight(cfg)
-        except (ConfigError, MissingAssetError) as err:
+        except (ConfigError, DataError, MissingAssetError) as err:
             _fail(str(err))
         from fedmllm.simulation import run_simulation
 
@@ -78,7 +79,7 @@ def resume_overrides(run_dir: str, current: tuple[str, ...]) -> tuple[str, ...]:
 
 def preflight(cfg: dict) -> None:
     """Check offline assets before starting workers, so a missing one fails in one short line."""
-    from fedmllm.data import easyvqa
+    from fedmllm.data import check_source, easyvqa
 
     if cfg["model"].get("builder") == "smollm2":
         from fedmllm.models.build import smollm2_gguf_path
@@ -86,6 +87,8 @@ def preflight(cfg: dict) -> None:
         smollm2_gguf_path()
     if cfg["dataset"]["name"].startswith("easyvqa"):
         easyvqa._easy_vqa()
+    else:
+        check_source(cfg["dataset"])  # on-disk datasets: root and split files exist
 
 
 def _partition(argv: list[str]) -> None:

@@ -48,7 +48,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
 
 def _explain(err: Exception, overrides: list[str]) -> str:
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    for group in ("model", "peft", "dataset", "partitioner", "scenario", "aggregator", "train", "logger"):
+    groups = ("model", "peft", "dataset", "prompt", "partitioner", "scenario", "aggregator", "server_stage", "train")
+    for group in (*groups, "logger"):
         for o in overrides:
             if o.startswith(group + "=") and f"'{group}'" in str(err):
                 return f"unknown {group} {o.split('=', 1)[1]!r}; choose one of {_choices(group)} ({msg})"
@@ -85,13 +86,29 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         need(isinstance(t.get(key), int) and t[key] >= 1, f"train.{key}={t.get(key)!r} must be an integer >= 1")
     for key in ("lr", "projector_lr"):
         need(isinstance(t.get(key), (int, float)) and t[key] > 0, f"train.{key}={t.get(key)!r} must be a number > 0")
-    frac = cfg["dataset"].get("public_fraction", 0.0)
+    d = cfg["dataset"]
+    frac = d.get("public_fraction", 0.0)
     need(
         isinstance(frac, (int, float)) and 0 <= frac < 1,
         f"dataset.public_fraction={frac!r} must be a number in [0, 1) (0.2: a fifth of the images stay with the server)",
     )
+    need(d.get("template", "short") in ("mc", "short"), f"dataset.template={d.get('template')!r}: choose mc or short")
+    prompt = (cfg.get("prompt") or {}).get("name", "plain")
+    need(prompt in ("plain", "aug"), f"prompt={prompt!r}: choose plain or aug")
     st = cfg.get("server_stage") or {}
     pre, align = st.get("pretrain") or {}, st.get("align") or {}
+    if not d["name"].startswith("easyvqa"):
+        # The server stages need the public pool's image captions, which only easy-vqa provides.
+        need(frac == 0, f"dataset.public_fraction={frac} is supported for easy-vqa only; "
+             f"set dataset.public_fraction=0 for dataset={d['name']}")
+        need(not (pre.get("enabled") or align.get("enabled")),
+             f"server_stage={st.get('name')} needs a captioned public pool, which only easy-vqa has; "
+             f"add server_stage=none for dataset={d['name']}")
+    if d["name"] == "crisismmd":
+        need(d.get("task") in ("humanitarian", "informative", "damage"),
+             f"dataset.task={d.get('task')!r}: choose humanitarian, informative or damage")
+        need(not (d.get("agreed") and d["task"] == "damage"),
+             "CrisisMMD has no agreed-label damage split; set dataset.agreed=false for dataset.task=damage")
     if pre.get("enabled") or align.get("enabled"):
         need(
             frac > 0,

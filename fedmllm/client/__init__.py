@@ -21,7 +21,7 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     from fedmllm.partitioning import client_partition
     from fedmllm.partitioning.materialise import read_client
 
-    task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
+    task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     if ident.data_dir:
         return task, read_client(ident.data_dir, cfg, ident.partition_id, ident.num_partitions)
     return task, client_partition(pool, cfg, ident.partition_id, ident.num_partitions)

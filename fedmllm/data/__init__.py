@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
+__all__ = ["DataError", "Sample", "Task", "check_source", "load_public", "load_public_captions", "load_task"]
 
-def load_task(dataset_cfg: dict[str, Any], seed: int = 42) -> tuple[Task, list[Sample], list[Sample]]:
+
+NEW_SOURCES = ("hateful_memes", "crisismmd", "llava_json")
+
+
+def load_task(
+    dataset_cfg: dict[str, Any], seed: int = 42, prompt: dict[str, Any] | str | None = None
+) -> tuple[Task, list[Sample], list[Sample]]:
     """Return (task, train pool, held-out eval samples) for a dataset config.
 
     The held-out set is `dataset.eval_samples` samples drawn with `seed` from the source's
-    test split; it never overlaps the training pool that clients partition.
+    test split; it never overlaps the training pool that clients partition. `prompt` is the
+    `prompt` config group (`plain` or `aug`); `dataset.template` (mc or short) overrides the
+    source's default template. Samples are fresh dicts: callers may edit them.
     """
-    from fedmllm.data import easyvqa
-
-    name = dataset_cfg["name"]
-    if name == "easyvqa":
-        balanced = bool(dataset_cfg.get("balanced", False))
-        task = easyvqa.YESNO
-        train = easyvqa.yesno_samples("train", balanced=balanced, seed=seed)
-        test = easyvqa.yesno_samples("test", balanced=balanced, seed=seed)
-    elif name == "easyvqa_caption":
-        task = easyvqa.CAPTION
-        train, test = easyvqa.caption_samples("train", seed=seed), easyvqa.caption_samples("test", seed=seed)
-    else:
-        raise ValueError(f"dataset.name={name!r} is unknown; choose easyvqa or easyvqa_caption")
+    task, train, test = _source(dataset_cfg, seed)
+    template = dataset_cfg.get("template") or task.template
+    task = replace(task, template=template, aug=prompt_name(prompt) == "aug")
     public_images = _public_images(train, float(dataset_cfg.get("public_fraction", 0.0)), seed)
     if public_images:
         train = [s for s in train if s["image"] not in public_images]
@@ -34,6 +36,99 @@ def load_task(dataset_cfg: dict[str, Any], seed: int = 42) -> tuple[Task, list[S
     if 0 < n < len(test):
         test = random.Random(seed).sample(test, n)
     return task, train, test
+
+
+def prompt_name(prompt: dict[str, Any] | str | None) -> str:
+    """`plain` or `aug` from the prompt config group (None: plain)."""
+    name = (prompt.get("name") if isinstance(prompt, dict) else prompt) or "plain"
+    if name not in ("plain", "aug"):
+        raise ValueError(f"prompt={name!r}: choose plain or aug")
+    return name
+
+
+def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sample]]:
+    """(task, train split, test split) of the configured source, before held-out sampling."""
+    from fedmllm.data import crisismmd, easyvqa, hateful_memes, llava_json
+
+    name = cfg["name"]
+    strict = bool(cfg.get("strict", False))
+    if name == "easyvqa":
+        balanced = bool(cfg.get("balanced", False))
+        return (easyvqa.YESNO, easyvqa.yesno_samples("train", balanced=balanced, seed=seed),
+                easyvqa.yesno_samples("test", balanced=balanced, seed=seed))
+    if name == "easyvqa_caption":
+        return easyvqa.CAPTION, easyvqa.caption_samples("train", seed=seed), easyvqa.caption_samples("test", seed=seed)
+    if name == "hateful_memes":
+        root = _root(cfg, "hateful_memes")
+        splits = (cfg.get("train_split", "train"), cfg.get("test_split", "test_seen"))
+        hateful_memes.expected_files(Path(root), splits)  # both files checked before either is read
+        train, test = (_copy(hateful_memes.load_split(root, s, strict)) for s in splits)
+        return hateful_memes.TASK, train, test
+    if name == "crisismmd":
+        root, t = _root(cfg, "crisismmd"), str(cfg.get("task", "humanitarian"))
+        agreed, column = bool(cfg.get("agreed", False)), str(cfg.get("label_column", "label"))
+        splits = (cfg.get("train_split", "train"), cfg.get("test_split", "test"))
+        for s in splits:
+            crisismmd.split_file(Path(root), t, s, agreed)
+        train, test = (_copy(crisismmd.load_split(root, t, s, agreed, column, strict)) for s in splits)
+        return crisismmd.task(t), train, test
+    if name == "llava_json":
+        task = llava_json.task(cfg)
+        path = str(llava_json.check_path(cfg.get("path"), "path"))
+        test_path = cfg.get("test_path")
+        if test_path:
+            llava_json.check_path(test_path, "test_path")
+        rows = _copy(llava_json.load_file(path, cfg.get("image_root"), task.labels, strict))
+        if test_path:
+            return task, rows, _copy(llava_json.load_file(str(test_path), cfg.get("image_root"), task.labels, strict))
+        # No test file: hold out `eval_samples` records of the one file (a fifth when 0), seeded.
+        n = int(cfg.get("eval_samples", 200)) or round(0.2 * len(rows))
+        if not 0 < n < len(rows):
+            raise DataError(
+                f"llava_json: {path} has {len(rows)} usable records, too few to hold out "
+                f"dataset.eval_samples={n}; lower it or set dataset.test_path=FILE"
+            )
+        held = set(random.Random(seed).sample(range(len(rows)), n))
+        return task, [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    raise ValueError(
+        f"dataset.name={name!r} is unknown; choose easyvqa, easyvqa_caption, {', '.join(NEW_SOURCES)}"
+    )
+
+
+def check_source(dataset_cfg: dict[str, Any]) -> None:
+    """Raise DataError (one line) when the configured files are absent; reads no rows.
+
+    For `fedmllm run`'s preflight: a wrong path fails before any worker starts.
+    """
+    from fedmllm.data import crisismmd, hateful_memes, llava_json
+
+    name = dataset_cfg["name"]
+    if name == "hateful_memes":
+        splits = (dataset_cfg.get("train_split", "train"), dataset_cfg.get("test_split", "test_seen"))
+        hateful_memes.expected_files(Path(_root(dataset_cfg, name)), splits)
+    elif name == "crisismmd":
+        root, t, agreed = Path(_root(dataset_cfg, name)), str(dataset_cfg.get("task")), bool(dataset_cfg.get("agreed"))
+        for s in (dataset_cfg.get("train_split", "train"), dataset_cfg.get("test_split", "test")):
+            crisismmd.split_file(root, t, s, agreed)
+    elif name == "llava_json":
+        llava_json.task(dataset_cfg)
+        llava_json.check_path(dataset_cfg.get("path"), "path")
+        if dataset_cfg.get("test_path"):
+            llava_json.check_path(dataset_cfg["test_path"], "test_path")
+        if dataset_cfg.get("image_root") and not Path(dataset_cfg["image_root"]).is_dir():
+            raise DataError(f"llava_json: dataset.image_root={dataset_cfg['image_root']} is not a directory")
+
+
+def _root(cfg: dict[str, Any], name: str) -> str:
+    root = cfg.get("root")
+    if not root:
+        raise DataError(f"{name}: dataset.root is not set; add dataset.root=DIR (see README, Data)")
+    return str(Path(root).expanduser())
+
+
+def _copy(samples: tuple[Sample, ...]) -> list[Sample]:
+    """Fresh dicts from a cached tuple, so a caller's edits (scenarios) never reach the cache."""
+    return [Sample(**s) for s in samples]
 
 
 def load_public(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:

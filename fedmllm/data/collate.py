@@ -53,7 +53,7 @@ class Collator:
         `keep` is how many final positions the loss needs (longest answer + 1).
         """
         texts, images = self._prompts(samples, drop_image)
-        answers = [self.task.labels[s["label"]] for s in samples]
+        answers = [self.task.answers[s["label"]] for s in samples]
         batch = self._encode([t + a + self.eos for t, a in zip(texts, answers)], images)
         labels = batch["input_ids"].clone().fill_(IGNORE)
         longest = 0
@@ -69,10 +69,10 @@ class Collator:
         return batch
 
     def prompt_batch(self, samples: list[Sample], drop_image: bool = False) -> dict[str, Any]:
-        """Prompts only, left-padded: the next-token logits at position -1 score single-token options."""
+        """Prompts only, left-padded: the next-token logits at position -1 score single-token answers."""
         return self._encode(*self._prompts(samples, drop_image))
 
     def option_batch(self, samples: list[Sample], option: str, drop_image: bool = False) -> dict[str, Any]:
-        """Prompt + one given option (for scoring multi-token options)."""
+        """Prompt + one given answer text, e.g. '(A) not-hateful' (for scoring multi-token answers)."""
         texts, images = self._prompts(samples, drop_image)
         return self._encode([t + option for t in texts], images)

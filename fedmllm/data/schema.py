@@ -15,13 +15,38 @@ class Sample(TypedDict):
     label: int  # index into the task's label names
 
 
+TEMPLATES = ("short", "mc")
+
+
 @dataclass(frozen=True)
 class Task:
-    """A classification task: its label names (answer options) and how to phrase the prompt."""
+    """A classification task: its label names (answer options) and how to phrase the prompt.
+
+    `template` picks the prompt (fedmllm.data.prompts): `short` is sample text + `instruction`,
+    answered with the bare label; `mc` is FedMLLM's multiple-choice prompt around `question`,
+    answered with '(A) <label>'. `aug` is FedMLLM's modality-agnostic wording.
+    """
 
     name: str
     labels: tuple[str, ...]
-    instruction: str  # appended after the sample text, e.g. "Answer yes or no."
+    instruction: str = ""  # short template: follows the sample text, e.g. "Answer yes or no."
+    question: str = ""  # mc template: the question line; "{based_on}" marks the modality phrase
+    template: str = "short"
+    both: str = "text and image"  # how `question` names both modalities (FedMLLM's CrisisMMD: "image and text")
+    aug: bool = False  # ", without considering the modality" replaces the modality phrase
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"Task {self.name!r}: template={self.template!r}; choose one of {TEMPLATES}")
+        if self.template == "mc" and len(self.labels) > 26:
+            raise ValueError(f"Task {self.name!r}: {len(self.labels)} labels exceed the mc template's letters A-Z")
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The answer the model writes for each label: '(A) not-hateful' (mc) or the label (short)."""
+        if self.template == "mc":
+            return tuple(f"({chr(ord('A') + i)}) {label}" for i, label in enumerate(self.labels))
+        return self.labels
 
 
 def modality(sample: Sample) -> str:

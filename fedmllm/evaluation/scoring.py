@@ -11,9 +11,9 @@ from fedmllm.data.schema import Sample
 
 
 def option_token_ids(collator: Collator) -> list[list[int]]:
-    """Token ids of each option's answer text (without the end-of-turn token)."""
+    """Token ids of each option's answer text (`task.answers`, without the end-of-turn token)."""
     tok = collator.tokenizer
-    return [tok(o, add_special_tokens=False)["input_ids"] for o in collator.task.labels]
+    return [tok(o, add_special_tokens=False)["input_ids"] for o in collator.task.answers]
 
 
 def score_options(
@@ -27,8 +27,11 @@ def score_options(
 ) -> np.ndarray:
     """Log-likelihood of each option's answer tokens after the prompt: array [n_samples, n_options].
 
-    Fast path: when every option is one distinct token, one forward pass over the prompt scores
-    all options at once (K times cheaper than scoring K full sequences).
+    Each option's score is the summed log-probability of all its answer tokens (the mc template's
+    '(A) not-hateful': '(', 'A', ')', ' not', ...), one forward pass per option and batch; the
+    end-of-turn token is not scored (every option ends with it, after distinct text).
+    Fast path: when every option is one distinct token (easy-vqa's 'yes'/'no'), one forward pass
+    over the prompt scores all options at once (K times cheaper), with the same result.
     """
     import torch
 
@@ -46,12 +49,15 @@ def score_options(
                 out.append(logp[:, [i[0] for i in ids]].cpu().numpy())
             else:
                 cols = []
-                for option, oid in zip(collator.task.labels, ids):
+                for option, oid in zip(collator.task.answers, ids):
                     batch = collator.option_batch(chunk, option, drop_image=drop_image)
                     k = len(oid)
                     logits = model(**batch, logits_to_keep=k + 1).logits[:, :-1].float()
                     logp = torch.log_softmax(logits, dim=-1)  # [B, k, V]: predictions of the k option tokens
                     target = batch["input_ids"][:, -k:]
+                    if (target != torch.as_tensor(oid)).any():  # merged across the prompt/answer boundary
+                        raise ValueError(f"option {option!r} does not tokenize apart from its prompt: "
+                                         f"{target[0].tolist()} != {oid}")
                     cols.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(dim=1).tolist())
                 out.append(np.asarray(cols).T)
             if on_batch is not None:

@@ -74,7 +74,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     clear_cache()
     spec = client_spec(cfg)
     lm = get_model(model_config(cfg), peft_for(cfg))
-    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])  # default: full modality
     collator = Collator(lm.processor, lm.family, task)
     if spec.algorithm == "ffa_lora":
