@@ -115,6 +115,13 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             f"partitioner.alpha={p.get('alpha')!r} must be a number > 0 (e.g. 0.5 for strong skew)",
         )
     need(cfg["peft"].get("r", 1) >= 1, f"peft.r={cfg['peft'].get('r')!r} must be >= 1")
+    ev = cfg.get("eval") or {}
+    need(ev.get("mode") in ("score", "generate"), f"eval.mode={ev.get('mode')!r}: choose score or generate")
+    need(
+        isinstance(ev.get("max_new_tokens"), int) and not isinstance(ev.get("max_new_tokens"), bool)
+        and ev["max_new_tokens"] >= 1,
+        f"eval.max_new_tokens={ev.get('max_new_tokens')!r} must be an integer >= 1 (e.g. 8)",
+    )
     need(cfg["logger"]["name"] in ("none", "wandb"), f"logger={cfg['logger']['name']!r}: choose none or wandb")
     return cfg
 
