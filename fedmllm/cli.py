@@ -15,6 +15,8 @@ commands:
                             write every client's samples under DIR/<dataset>/<scenario>/partition-...
                             (e.g. fedmllm partition partitioner=fedmllm scenario=missing num_clients=10 out=data)
   report RUN_DIR            print a run's metrics table and (re)draw its plot
+  report MULTIRUN_DIR       a sweep's results table (report.md, report.csv) and plot (report.png);
+                            --metric NAME picks the plotted metric (default accuracy)
 """
 
 
@@ -116,15 +118,26 @@ def _report(argv: list[str]) -> None:
     from pathlib import Path
 
     from fedmllm.tracking import format_round, plot_run, read_metrics
+    from fedmllm.tracking.report import is_multirun, write_report
 
     p = argparse.ArgumentParser(prog="fedmllm report")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a run dir, or a sweep's multirun dir (its jobs in 0/, 1/, ...)")
+    p.add_argument("--metric", default="accuracy", help="sweep: metric of the plot and the best-round column")
     args = p.parse_args(argv)
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        _fail(f"{args.run_dir} has no metrics.jsonl; pass the 'run dir:' a run printed")
-    for row in read_metrics(args.run_dir):
-        print(format_round(row))
-    print(f"plot: {plot_run(args.run_dir)}")
+    if (args.run_dir / "metrics.jsonl").is_file():
+        for row in read_metrics(args.run_dir):
+            print(format_round(row))
+        print(f"plot: {plot_run(args.run_dir)}")
+    elif is_multirun(args.run_dir):
+        try:
+            markdown, paths = write_report(args.run_dir, args.metric)
+        except ValueError as err:
+            _fail(str(err))
+        print(markdown)
+        print(f"table: {paths['md']}\ncsv: {paths['csv']}\nplot: {paths['png']}")
+    else:
+        _fail(f"{args.run_dir} has no metrics.jsonl and no job subdirs (0/, 1/, ...); pass the 'run dir:' "
+              "a run printed, or the sweep dir of `fedmllm run -m` (multirun/<date>/<time>)")
 
 
 def main(argv: list[str] | None = None) -> None:

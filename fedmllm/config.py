@@ -155,6 +155,13 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     _validate_scenarios(cfg, need)
     need(cfg["peft"].get("r", 1) >= 1, f"peft.r={cfg['peft'].get('r')!r} must be >= 1")
+    ev = cfg.get("eval") or {}
+    need(ev.get("mode") in ("score", "generate"), f"eval.mode={ev.get('mode')!r}: choose score or generate")
+    need(
+        isinstance(ev.get("max_new_tokens"), int) and not isinstance(ev.get("max_new_tokens"), bool)
+        and ev["max_new_tokens"] >= 1,
+        f"eval.max_new_tokens={ev.get('max_new_tokens')!r} must be an integer >= 1 (e.g. 8)",
+    )
     need(cfg["logger"]["name"] in ("none", "wandb"), f"logger={cfg['logger']['name']!r}: choose none or wandb")
     return cfg
 

@@ -138,3 +138,9 @@ def test_sweep_runs_one_job_per_value(tmp_path):
     round1 = [np.load(r / "predictions" / "round-1.npz")["scores"] for r in runs]
     assert not np.allclose(round0[1], round1[1])
     assert_none_left(before)
+    # The sweep's report: one row per job, the swept aggregator as its column.
+    proc = run_cli(["report", str(tmp_path)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("| job | aggregator | status |")
+    assert "| 0 | fedprox | ok | 1 |" in proc.stdout and "| 1 | fedadam | ok | 1 |" in proc.stdout
+    assert all((tmp_path / f"report.{ext}").is_file() for ext in ("md", "csv", "png"))

@@ -49,3 +49,19 @@ def test_smol_llava_is_4bit_trains_and_scores(smol):
     assert payload_bytes(after) == trainable_bytes(lm.model) == 4 * (921_600 + 480_384)
     scores = score_options(lm.model, col, heldout[:8], batch_size=8)
     assert scores.shape == (8, 2) and np.isfinite(scores).all()
+
+
+def test_smol_llava_generate_mode_answers_yes_or_no(smol):
+    lm, cfg = smol
+    from fedmllm.data import load_task
+    from fedmllm.data.collate import Collator
+    from fedmllm.server.evaluate import evaluate
+
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    col = Collator(lm.processor, lm.family, task)
+    m = evaluate(lm.model, col, heldout[:8], None, batch_size=8, mode="generate", max_new_tokens=4)
+    saved = m.pop("_predictions")
+    assert len(saved["answers"]) == 8 and saved["pred"].shape == (8,)
+    # SmolLM2-Instruct follows "Answer yes or no." (4-bit, PEFT-wrapped, left-padded batch)
+    assert m["unparsed"] < 8, saved["answers"]
+    assert 0 <= m["accuracy"] <= 1 and m["eval_samples_both"] == 8

@@ -17,6 +17,8 @@ def test_metrics_log_appends_rows_and_plots(tmp_path):
     assert plot_run(tmp_path).stat().st_size > 1000
     line = format_round(read_metrics(tmp_path)[1])
     assert "round   1" in line and "acc 0.700" in line and "no image 0.600" in line
+    assert "unparsed" not in line
+    assert "| unparsed 3/16 |" in format_round({"round": 1, "accuracy": 0.5, "unparsed": 3, "eval_samples": 16})
 
 
 def test_wandb_logger_runs_offline_without_an_api_key(tmp_path, monkeypatch):

@@ -19,14 +19,15 @@ def default_run_dir() -> Path:
     return Path.cwd() / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
 
 
-def save_predictions(run_dir: Path, server_round: int, samples, scores) -> Path:
-    """Held-out option scores of a round: `predictions/round-<N>.npz` (ids, labels, scores)."""
+def save_predictions(run_dir: Path, server_round: int, samples, arrays) -> Path:
+    """Held-out predictions of a round: `predictions/round-<N>.npz` with ids, labels and the
+    evaluation's arrays (`scores` in eval.mode=score; `answers` and `pred` in eval.mode=generate)."""
     import numpy as np
 
     out = run_dir / "predictions" / f"round-{server_round}.npz"
     out.parent.mkdir(exist_ok=True)
     np.savez(out, ids=np.array([s["id"] for s in samples]), labels=np.array([s["label"] for s in samples]),
-             scores=scores)
+             **arrays)
     return out
 
 
@@ -120,9 +121,10 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             row.update(align_seconds=stats["align_seconds"], align_loss=stats["align_loss"])
         if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
             ebar = tqdm(total=len(heldout) * 2, desc=f"eval round {server_round}", leave=False, file=sys.stderr)
-            metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar)
+            metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar,
+                               mode=cfg["eval"]["mode"], max_new_tokens=cfg["eval"]["max_new_tokens"])
             ebar.close()
-            save_predictions(run_dir, server_round, heldout, metrics.pop("_scores"))
+            save_predictions(run_dir, server_round, heldout, metrics.pop("_predictions"))
             row.update(metrics)
         ckpt = save_checkpoint(lm.model, payload, run_dir, server_round)
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())

@@ -90,7 +90,8 @@ def format_round(row: dict[str, Any]) -> str:
     return (
         f"round {row['round']:>3} | train loss {f('train_loss', '.4f')} | acc {f('accuracy', '.3f')} "
         f"(no image {f('accuracy_no_image', '.3f')}) | auroc {f('auroc', '.3f')} | "
-        f"up {_mb(row.get('bytes_up'))}{_per_client(row)} down {_mb(row.get('bytes_down'))} | "
+        + (f"unparsed {row['unparsed']}/{row.get('eval_samples', '?')} | " if "unparsed" in row else "")
+        + f"up {_mb(row.get('bytes_up'))}{_per_client(row)} down {_mb(row.get('bytes_down'))} | "
         + (f"align {row['align_seconds']:.0f}s (loss {row['align_loss']:.3f}) | " if "align_seconds" in row else "")
         + f"{row.get('seconds', 0):.0f}s"
     )
