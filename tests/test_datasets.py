@@ -237,7 +237,8 @@ def test_hateful_memes_prompt_collate_score_with_and_without_images(tmp_path):
     for row, s in enumerate(heldout):
         assert [t for t in batch["labels"][row].tolist() if t != IGNORE] == col.answer_ids(task.answers[s["label"]])
     metrics = evaluate(model, col, heldout, None, batch_size=3)
-    assert metrics["_scores"].shape == (4, 2) and np.isfinite(metrics["_scores"]).all()
+    scores = metrics["_predictions"]["scores"]
+    assert scores.shape == (4, 2) and np.isfinite(scores).all()
     assert {"accuracy", "macro_f1", "accuracy_no_image"} <= set(metrics)
     # each score is the full answer's log-likelihood: check one by hand
     s = heldout[0]

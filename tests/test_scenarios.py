@@ -193,7 +193,8 @@ def test_scenario_and_partitioner_options_compose():
 
 
 def _cfg(*extra):
-    return compose(["partitioner=fedmllm", "num_clients=10", "clients_per_round=10", *extra])
+    return compose(["partitioner=fedmllm", "num_clients=10", "clients_per_round=10", "server_stage=none",
+                    "dataset.public_fraction=0", *extra])
 
 
 def test_write_partitions_layout_stats_and_chart(tmp_path):

@@ -39,7 +39,7 @@ def evaluate(model, collator: Collator, samples: list[Sample], arrays: dict[str,
             scores = score_options(model, collator, samples, batch_size, drop_image=drop_image, on_batch=tick)
             return classification_metrics(scores, labels, prefix), scores.argmax(axis=1), {"scores": scores}
         answers = generate_answers(model, collator, samples, max_new_tokens, batch_size, drop_image, tick)
-        pred = parse_predictions(answers, collator.task.labels)
+        pred = parse_predictions(answers, collator.task.answers)  # "(A) not-hateful": parsed by letter
         metrics = choice_metrics(pred, labels, len(collator.task.labels), prefix)
         return metrics, pred, {"answers": np.asarray(answers), "pred": pred}
 

@@ -25,8 +25,43 @@ def weighted_average(payloads: Sequence[Mapping[str, np.ndarray]], weights: Sequ
     }
 
 
+def weighted_average_fused(
+    payloads: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """FedAvg without per-client temporaries: per tensor, one float32 accumulator and one scratch
+    buffer (w_k x_k is written into it, then added). Finiteness is checked once, on the result;
+    when it is not finite, the payloads with non-finite values are found, left out and the average
+    rebuilt from the others. Returns (average, indices of the left-out payloads)."""
+    if not payloads:
+        raise ValueError("nothing to aggregate")
+    w = np.asarray(weights, dtype=np.float64)
+    if (w <= 0).any():
+        raise ValueError(f"weights must be > 0, got {w.tolist()}")
+
+    def average(idx: list[int]) -> dict[str, np.ndarray]:
+        wi = w[idx] / w[idx].sum()
+        out = {}
+        with np.errstate(invalid="ignore", over="ignore"):
+            for k in payloads[0]:
+                acc = np.zeros(np.shape(payloads[0][k]), np.float32)
+                tmp = np.empty_like(acc)
+                for weight, i in zip(wi, idx):
+                    np.multiply(payloads[i][k], np.float32(weight), out=tmp)
+                    acc += tmp
+                out[k] = acc
+        return out
+
+    everyone = list(range(len(payloads)))
+    out = average(everyone)
+    if all(np.isfinite(v).all() for v in out.values()):
+        return out, []
+    bad = [i for i, p in enumerate(payloads) if not all(np.isfinite(v).all() for v in p.values())]
+    keep = [i for i in everyone if i not in bad]
+    return (average(keep) if keep else {}), bad
+
+
 def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.ndarray], num_examples,
-                free_rank: bool = False) -> None:
+                free_rank: bool = False, finite: bool = True) -> None:
     """Raise InvalidReply unless the payload has the reference's keys, shapes, a float dtype,
     finite values and num_examples > 0. `free_rank`: LoRA A/B may have any rank r (A [r, in],
     B [out, r], the same r for a module's pair), other dimensions as the reference's."""
@@ -43,7 +78,7 @@ def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.nd
             raise InvalidReply(f"{k}: shape {arr.shape} != {tuple(want)}")
         if arr.dtype != np.float32:
             raise InvalidReply(f"{k}: dtype {arr.dtype}, expected float32")
-        if not np.isfinite(arr).all():
+        if finite and not np.isfinite(arr).all():
             raise InvalidReply(f"{k}: non-finite values")
     if not isinstance(num_examples, (int, float)) or num_examples <= 0:
         raise InvalidReply(f"num-examples={num_examples!r} must be > 0")

@@ -14,16 +14,17 @@ from fedmllm.strategies.aggregate import (
     scaffold_server_update,
     weighted_average,
 )
-from fedmllm.strategies.validation import AdapterReplies
+from fedmllm.strategies.validation import AdapterReplies, FusedAverage
 
 
-class AdapterScaffold(AdapterReplies, fl.FedAvg):
+class AdapterScaffold(AdapterReplies, FusedAverage):
     """SCAFFOLD over the adapter: the server control variate c travels down with the adapter
     (record `scaffold-c`), each client corrects its gradients by c - c_k, keeps c_k across rounds
     and sends dc_k (record `scaffold-dc`) up with its adapter y_k. Server:
     x <- x + server_lr * avg_k(y_k - x),  c <- c + (|S|/N) mean_k(dc_k)."""
 
     state_attrs = ("server_c",)
+    fused_average = False  # check finiteness per reply: the control-variate step uses every reply's y_k
 
     def __init__(self, server_learning_rate: float = 1.0, num_clients: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -61,12 +62,12 @@ class AdapterScaffold(AdapterReplies, fl.FedAvg):
         return super().aggregate_replies(server_round, valid)
 
 
-class AdapterFFALoRA(AdapterReplies, fl.FedAvg):
+class AdapterFFALoRA(AdapterReplies, FusedAverage):
     """FFA-LoRA: A stays at the shared seed-derived init on every client (never sent); only B and
     the projector travel, so FedAvg of B is exact: avg_k(B_k) A = avg_k(B_k A)."""
 
 
-class AdapterFedSALoRA(AdapterReplies, fl.FedAvg):
+class AdapterFedSALoRA(AdapterReplies, FusedAverage):
     """FedSA-LoRA: only A (and the projector) is shared and averaged; each client keeps its own B
     across rounds. Clients also upload B in record `lora-b`, used only to complete the adapter for
     the server's centralized evaluation (its average is never sent back)."""

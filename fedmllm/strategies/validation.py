@@ -8,7 +8,9 @@ from typing import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
+from fedmllm.records import from_record
 from fedmllm.strategies.aggregate import InvalidReply, check_reply
 
 
@@ -46,14 +48,14 @@ class AdapterReplies:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        self._reference = {k: v.numpy() for k, v in arrays.items()}
+        self._reference = from_record(arrays)
         messages = self._sample_without_empty(server_round, arrays, config, grid)
         extra = self.extra_records(server_round)
         for msg in messages:
             for name, record in extra.items():
                 msg.content[name] = record
-        down = sum(v.numpy().nbytes for v in arrays.values())
-        down += sum(v.numpy().nbytes for r in extra.values() for v in r.values())
+        down = sum(a.nbytes for a in self._reference.values())
+        down += sum(a.nbytes for r in extra.values() for a in from_record(r).values())
         self.round_stats = {"bytes_down": down * len(messages), "bytes_down_per_client": down}
         return messages
 
@@ -115,6 +117,7 @@ class AdapterReplies:
         per_client: dict[int, int] = {}
         extras: list[dict] = []
         weights: list[float] = []
+        self._decoded: dict[int, dict] = {}
         for msg in replies:
             if msg.has_error():
                 valid.append(msg)  # Flower's own check logs and drops it
@@ -126,10 +129,10 @@ class AdapterReplies:
                 self.empty_nodes.add(msg.metadata.src_node_id)
                 continue
             try:
-                arrays = {k: v.numpy() for k, v in msg.content[self.arrayrecord_key].items()}
+                arrays = from_record(msg.content[self.arrayrecord_key])
                 check_reply(self._reference or arrays, arrays, metrics.get(self.weighted_by_key),
-                            free_rank=self.free_rank)
-                extra = {name: {k: v.numpy() for k, v in rec.items()}
+                            free_rank=self.free_rank, finite=not getattr(self, "fused_average", False))  # FusedAverage checks it on the aggregate
+                extra = {name: from_record(rec)
                          for name, rec in msg.content.array_records.items() if name != self.arrayrecord_key}
                 self.check_extra(extra)
             except (InvalidReply, KeyError, StopIteration) as err:
@@ -141,6 +144,7 @@ class AdapterReplies:
             per_client[int(metrics.get("partition-id", msg.metadata.src_node_id))] = sum(
                 a.nbytes for a in arrays.values()
             ) + sum(a.nbytes for e in extra.values() for a in e.values())
+            self._decoded[id(msg)] = arrays  # decoded once: the fused average consumes these
             extras.append(extra)
             weights.append(float(metrics[self.weighted_by_key]))
             valid.append(msg)
@@ -152,6 +156,7 @@ class AdapterReplies:
             return None, None
         self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client)
         arrays, metrics = self.aggregate_replies(server_round, valid)
+        self._decoded = {}
         if arrays is not None:
             arrays = self.aggregate_extra(server_round, arrays, extras, weights)
         if metrics is not None and "train-loss" in metrics:
@@ -204,3 +209,40 @@ class _NodesWithData:
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
+
+
+class FusedAverage(FedAvg):
+    """Flower's FedAvg.aggregate_train with the weighted average done by
+    aggregate.weighted_average_fused over the replies AdapterReplies already decoded as zero-copy
+    views (Flower's own decodes every reply again with np.load and allocates a temporary per array). Placed after Flower's
+    strategy in the bases, so FedAvgM / FedOpt get the average from here and step from it."""
+
+    fused_average = True
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        from fedmllm.records import to_record
+        from fedmllm.strategies.aggregate import weighted_average_fused
+
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        decoded = getattr(self, "_decoded", {})
+        payloads = [decoded.pop(id(m), None) or from_record(m.content[self.arrayrecord_key]) for m in valid]
+        weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
+        average, bad = weighted_average_fused(payloads, weights)
+        stats = getattr(self, "round_stats", {})
+        for i in bad:
+            node = valid[i].metadata.src_node_id
+            log(WARNING, "round %s: dropped reply from node %s: non-finite values", server_round, node)
+            getattr(self, "dropped", []).append((server_round, "non-finite values"))
+            pid = int(next(iter(valid[i].content.metric_records.values())).get("partition-id", node))
+            stats.get("bytes_up_per_client", {}).pop(pid, None)
+        if bad and "bytes_up_per_client" in stats:
+            stats["bytes_up"] = sum(stats["bytes_up_per_client"].values())
+        valid = [m for i, m in enumerate(valid) if i not in bad]
+        if len(valid) < max(1, self.min_train_nodes - len(getattr(self, "empty_nodes", ()))):
+            log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
+                server_round, len(valid), self.min_train_nodes)
+            return None, None
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return to_record(average), metrics
