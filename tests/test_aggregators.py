@@ -268,3 +268,24 @@ def test_adaptive_reg_covers_only_the_middle_llm_layers(tiny_lm):
     from fedmllm.models.adapter import load_adapter_state
 
     load_adapter_state(lm.model, arrays)  # the fixture's model is shared: leave it as it was
+
+
+def test_resume_composes_the_stopped_runs_overrides_then_the_new_ones(tmp_path):
+    from fedmllm.cli import resume_overrides
+    from fedmllm.server.checkpoint import latest_state
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra/overrides.yaml").write_text("- model=tiny-llava\n- num_rounds=2\n- out_dir=/elsewhere\n")
+    got = resume_overrides(str(tmp_path), (f"resume={tmp_path}", "num_rounds=4", "out_dir=/x"))
+    assert got == ("model=tiny-llava", "num_rounds=2", f"resume={tmp_path}", "num_rounds=4")  # last wins in Hydra
+    with pytest.raises(FileNotFoundError, match="no checkpoints/round-<N>/fedmllm-state.npz"):
+        latest_state(tmp_path)
+
+
+def test_resuming_a_finished_run_says_how_to_continue_it(tmp_path):
+    from inprocess import run_in_process
+
+    common = tiny_overrides("server_stage=none", "dataset.eval_samples=4", "num_rounds=1", f"out_dir={tmp_path}")
+    run_in_process(common)
+    with pytest.raises(ValueError, match="raise num_rounds"):
+        run_in_process([*common, f"resume={tmp_path}"])

@@ -2,7 +2,6 @@
 formats: drops with file and line, strict mode, layout errors, and the prompt->collate->score path."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -93,12 +92,11 @@ def test_cached_samples_are_copies(tmp_path):
     assert hateful_memes.load_split.cache_info().hits >= 2
 
 
-def test_ten_thousand_rows_load_fast(tmp_path):
+def test_ten_thousand_rows_load(tmp_path):
+    """(The time is measured by bench/partition.py, not asserted here.)"""
     root = write_hateful_memes(tmp_path / "hm", n_rows=10_000, seed=2)
-    t0 = time.perf_counter()
     _, train, _ = load_task(hm_cfg(root))
     assert len(train) == 10_000
-    assert time.perf_counter() - t0 < 30
 
 
 # ---- CrisisMMD --------------------------------------------------------------------------------
