@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from io import BytesIO
 
@@ -34,6 +35,11 @@ def encode(value) -> Array:
                  data=b"".join((_npy_header(shape), memoryview(arr).cast("B") if arr.size else b"")))
 
 
+@lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(name)
+
+
 def decode(array: Array) -> np.ndarray:
     """An Array's values as a read-only numpy view of its bytes (no copy).
 
@@ -44,16 +50,13 @@ def decode(array: Array) -> np.ndarray:
     """
     data = array.data
     if array.stype == "numpy.ndarray" and data[:6] == _NPY_MAGIC:
-        major = data[6]
-        size = 2 if major == 1 else 4
-        header_len = int.from_bytes(data[8 : 8 + size], "little")
-        start = 8 + size + header_len
-        header = data[8 + size : start]
-        dtype = np.dtype(array.dtype)
+        size = 2 if data[6] == 1 else 4
+        start = 8 + size + int.from_bytes(data[8 : 8 + size], "little")
+        dtype = _dtype(array.dtype)
         shape = tuple(array.shape)
-        count = int(np.prod(shape)) if shape else 1
-        if (b"'fortran_order': False" in header and dtype.hasobject is False
-                and len(data) - start == count * dtype.itemsize):
+        count = math.prod(shape)
+        if (len(data) - start == count * dtype.itemsize and not dtype.hasobject
+                and data.find(b"'fortran_order': False", 8, start) > 0):
             return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
     return array.numpy()
 

@@ -39,14 +39,17 @@ def weighted_average_fused(
         raise ValueError(f"weights must be > 0, got {w.tolist()}")
 
     def average(idx: list[int]) -> dict[str, np.ndarray]:
-        wi = w[idx] / w[idx].sum()
+        wi = [np.float32(x) for x in w[idx] / w[idx].sum()]
+        largest = max(int(np.prod(np.shape(v))) for v in payloads[0].values())
+        scratch = np.empty(largest, np.float32)  # one buffer for every tensor: no allocation per client
         out = {}
         with np.errstate(invalid="ignore", over="ignore"):
             for k in payloads[0]:
-                acc = np.zeros(np.shape(payloads[0][k]), np.float32)
-                tmp = np.empty_like(acc)
-                for weight, i in zip(wi, idx):
-                    np.multiply(payloads[i][k], np.float32(weight), out=tmp)
+                shape = np.shape(payloads[0][k])
+                acc = np.multiply(payloads[idx[0]][k], wi[0], dtype=np.float32)
+                tmp = scratch[: acc.size].reshape(shape)
+                for weight, i in zip(wi[1:], idx[1:]):
+                    np.multiply(payloads[i][k], weight, out=tmp)
                     acc += tmp
                 out[k] = acc
         return out
