@@ -58,6 +58,10 @@ def _run(argv: list[str]) -> None:
             _fail(f"the run failed: {type(cause).__name__}: {cause}")
         print(f"run dir: {out_dir}", flush=True)
 
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
+        # continue in the stopped run's dir, and keep its .hydra/overrides.yaml as it was
+        argv = [*argv, f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
     sys.argv = ["fedmllm run", *argv]
     job()
 
