@@ -28,6 +28,8 @@ test: install
 bench: install
 	$(BIN)/python bench/payload.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/aggregate.py
+	$(BIN)/python bench/partition.py
 
 clean:
 	rm -rf $(VENV) outputs multirun
