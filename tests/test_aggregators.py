@@ -289,3 +289,24 @@ def test_resuming_a_finished_run_says_how_to_continue_it(tmp_path):
     run_in_process(common)
     with pytest.raises(ValueError, match="raise num_rounds"):
         run_in_process([*common, f"resume={tmp_path}"])
+
+
+def test_flora_takes_the_client_rank_from_node_config(tmp_path):
+    """Deployment path: each SuperNode's --node-config "lora-rank=4" sets its LoRA rank."""
+    from inprocess import InProcessGrid, task_identity
+
+    from fedmllm.config import compose
+    from fedmllm.server.run import run_server
+    from fedmllm.tracking import read_metrics
+
+    overrides = tiny_overrides("server_stage=none", "dataset.eval_samples=4", "num_rounds=1",
+                               "aggregator=flora", "aggregator.client.max_rank=8", f"out_dir={tmp_path}")
+    cfg = compose(overrides)
+    with task_identity():
+        run_server(InProcessGrid(2, tuple(overrides), node_config={"lora-rank": 4}), cfg)
+    rows = read_metrics(tmp_path)
+    full = _state(tmp_path, 1)
+    a_key = next(k for k in full if ".lora_A." in k)
+    assert full[a_key].shape[0] == 8  # the global update keeps max_rank
+    # each client sent rank-4 factors: half the LoRA bytes of a rank-8 reply
+    assert rows[1]["bytes_up_per_client"]["0"] < rows[1]["bytes_down"] / 2
