@@ -88,7 +88,9 @@ class LocalRound:
         elif algo == "flora":
             self._prepare_flora(params)
         self.trainable = {k: p for k, p in params.items() if p.requires_grad}
-        self.anchor = {k: p.detach().clone() for k, p in self.trainable.items()}
+        self._reg_keys = self._layer_range_keys() if self.adaptive_reg else []
+        # the global values the penalties pull towards, only when a penalty is on
+        self.anchor = ({k: p.detach().clone() for k, p in self.trainable.items()} if self.has_penalty else {})
         if algo == "scaffold":
             c = self.extra.get("scaffold-c")
             if c is None:
@@ -133,16 +135,17 @@ class LocalRound:
         if self.proximal_mu > 0:
             terms.append(self.proximal_mu / 2 * sum(((p - self.anchor[k]) ** 2).sum()
                                                     for k, p in self.trainable.items()))
-        if self.adaptive_reg:
-            keys = self.regularized_keys()
-            if keys:
-                r = self.adaptive_reg
-                terms.append(r["mu"] / 2 * r["mu_w"] * sum(((self.trainable[k] - self.anchor[k]) ** 2).sum()
-                                                           for k in keys))
+        if self._reg_keys:
+            r = self.adaptive_reg
+            terms.append(r["mu"] / 2 * r["mu_w"] * sum(((self.trainable[k] - self.anchor[k]) ** 2).sum()
+                                                       for k in self._reg_keys))
         return sum(terms) if terms else None
 
     def regularized_keys(self) -> list[str]:
-        """Trained keys in LLM layers with index in [s_layer, L-1-s_layer]."""
+        """Trained keys in LLM layers with index in [s_layer, L-1-s_layer] (fixed by prepare())."""
+        return list(self._reg_keys)
+
+    def _layer_range_keys(self) -> list[str]:
         s, n = int(self.adaptive_reg["s_layer"]), self.num_llm_layers
         if n is None:
             raise ValueError("adaptive regularization needs the number of LLM layers")
@@ -161,7 +164,7 @@ class LocalRound:
 
     @property
     def has_penalty(self) -> bool:
-        return self.proximal_mu > 0 or bool(self.adaptive_reg and self.regularized_keys())
+        return self.proximal_mu > 0 or bool(self._reg_keys)
 
     # --- after training ----------------------------------------------------------------------
     def release(self) -> None:

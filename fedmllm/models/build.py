@@ -63,14 +63,22 @@ def ensure_built(preset: dict[str, Any]) -> Path:
     return out
 
 
-def write_atomically(out: Path, fill) -> None:
+def write_atomically(out: Path, fill, replace: bool = False) -> None:
     """`fill(tmp)` writes a directory's files into a temporary sibling of `out`, which is then
-    renamed to `out`: a crash never leaves a half-written cache entry that later runs would trust,
-    and concurrent writers do not collide (the first rename wins)."""
+    renamed to `out`: a crash never leaves a half-written directory that later runs would trust.
+    Cache entries (`replace=False`): concurrent writers do not collide, the first rename wins.
+    `replace=True` (e.g. a rewritten partition): an existing `out` is renamed aside, the new one
+    renamed into place, then the old one removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-" if replace else out.name + ".tmp", dir=out.parent))
     try:
         fill(tmp)
+        if replace and out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+            return
         try:
             tmp.rename(out)
         except OSError:  # another process finished first

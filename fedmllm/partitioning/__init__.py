@@ -54,10 +54,13 @@ def client_samples(
     samples: list[Sample], cfg: dict[str, Any], partition_id: int, num_partitions: int, seed: int
 ) -> list[Sample]:
     """The samples of one partition."""
-    labels = tuple(s["label"] for s in samples)
-    items = tuple(sorted(cfg.items()))
-    idx = partition_indices(labels, items, num_partitions, seed)[partition_id]
+    idx = label_partition(samples, cfg, num_partitions, seed)[partition_id]
     return [samples[i] for i in idx]
+
+
+def label_partition(samples: list[Sample], cfg: dict[str, Any], num_partitions: int, seed: int) -> list[list[int]]:
+    """Sample indices of every partition under `cfg` (the `partitioner` section), cached per process."""
+    return partition_indices(tuple(s["label"] for s in samples), tuple(sorted(cfg.items())), num_partitions, seed)
 
 
 def client_partition(pool: list[Sample], cfg: dict[str, Any], partition_id: int, num_partitions: int) -> list[Sample]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from fedmllm.config import ConfigError
 from fedmllm.data.schema import Sample, Task, modality
-from fedmllm.partitioning import client_partition, partition_indices
+from fedmllm.models.build import write_atomically
+from fedmllm.partitioning import client_partition, label_partition
 from fedmllm.partitioning.scenarios import scenario_tag
 
 PROVENANCE = "partition.json"  # the settings a partition was built from; clients check theirs against it
@@ -115,9 +114,8 @@ def write_partitions(
     parts = build_partitions(cfg, pool)
     stats = partition_stats(parts, task.labels)
     target = partition_path(cfg, out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         for i, part in enumerate(parts):
             with open(tmp / f"client_{i}.jsonl", "w", encoding="utf-8") as f:
@@ -125,22 +123,9 @@ def write_partitions(
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         (tmp / PROVENANCE).write_text(json.dumps(provenance(cfg, cfg["num_clients"]), indent=1))
         plot_stats(stats, tmp / "stats.png")
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(target, fill, replace=True)
     return target, stats
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing `target` is renamed aside first, then removed."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old)
 
 
 def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, num_partitions: int) -> list[Sample]:
@@ -172,9 +157,7 @@ def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, nu
 
 def empty_clients(cfg: dict[str, Any], pool: list[Sample]) -> list[int]:
     """Clients whose label partition is empty (scenarios only drop modalities, never samples)."""
-    labels = tuple(s["label"] for s in pool)
-    items = tuple(sorted(cfg["partitioner"].items()))
-    parts = partition_indices(labels, items, cfg["num_clients"], cfg["seed"])
+    parts = label_partition(pool, cfg["partitioner"], cfg["num_clients"], cfg["seed"])
     return [i for i, p in enumerate(parts) if not p]
 
 

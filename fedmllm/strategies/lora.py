@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as fl
 
-from fedmllm.records import from_record, to_record
+from fedmllm.records import to_record
 from fedmllm.strategies.aggregate import (
     InvalidReply,
     flora_merge,
@@ -14,7 +14,7 @@ from fedmllm.strategies.aggregate import (
     scaffold_server_update,
     weighted_average,
 )
-from fedmllm.strategies.validation import AdapterReplies, FusedAverage
+from fedmllm.strategies.validation import AdapterReplies, FusedAverage, ValidReplies
 
 
 class AdapterScaffold(AdapterReplies, FusedAverage):
@@ -31,12 +31,10 @@ class AdapterScaffold(AdapterReplies, FusedAverage):
         self.server_learning_rate = float(server_learning_rate)
         self.num_clients = num_clients
         self.server_c: dict[str, np.ndarray] | None = None
-        self._x: dict[str, np.ndarray] | None = None
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
-        self._x = dict(self._reference or {})
         if self.server_c is None:
-            self.server_c = {k: np.zeros_like(v) for k, v in self._x.items()}
+            self.server_c = {k: np.zeros_like(v) for k, v in self._reference.items()}
         return {"scaffold-c": to_record(self.server_c)}
 
     def check_extra(self, extra: dict) -> None:
@@ -48,18 +46,12 @@ class AdapterScaffold(AdapterReplies, FusedAverage):
             if k not in dc or np.shape(dc[k]) != np.shape(ref):
                 raise InvalidReply(f"scaffold-dc/{k}: missing or shaped {np.shape(dc.get(k))} != {np.shape(ref)}")
 
-    def aggregate_extra(self, server_round, arrays, extras, weights):
-        x = self._x or from_record(arrays)
-        ys = self._last_payloads
-        n = self.num_clients or len(ys)
+    def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies):
+        x, ys = self._reference, decoded.payloads  # x: the global adapter this round started from
         new_x, self.server_c = scaffold_server_update(
-            x, self.server_c, [{k: y[k] - x[k] for k in x} for y in ys], [e["scaffold-dc"] for e in extras],
-            weights, max(n, len(ys)), self.server_learning_rate)
-        return to_record(new_x)
-
-    def aggregate_replies(self, server_round: int, valid: list[Message]):
-        self._last_payloads = [from_record(m.content[self.arrayrecord_key]) for m in valid if not m.has_error()]
-        return super().aggregate_replies(server_round, valid)
+            x, self.server_c, [{k: y[k] - x[k] for k in x} for y in ys], [e["scaffold-dc"] for e in decoded.extras],
+            decoded.weights, max(self.num_clients or len(ys), len(ys)), self.server_learning_rate)
+        return to_record(new_x), self.train_metrics(valid)
 
 
 class AdapterFFALoRA(AdapterReplies, FusedAverage):
@@ -79,9 +71,9 @@ class AdapterFedSALoRA(AdapterReplies, FusedAverage):
         if "lora-b" not in extra:
             raise InvalidReply("no 'lora-b' record: the client does not run aggregator=fedsa_lora")
 
-    def aggregate_extra(self, server_round, arrays, extras, weights):
-        self.fixed = weighted_average([e["lora-b"] for e in extras], weights)
-        return arrays
+    def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies):
+        self.fixed = weighted_average([e["lora-b"] for e in decoded.extras], decoded.weights)
+        return super().aggregate_replies(server_round, valid, decoded)
 
 
 class AdapterFLoRA(AdapterReplies, fl.FedAvg):
@@ -97,12 +89,8 @@ class AdapterFLoRA(AdapterReplies, fl.FedAvg):
         self.max_rank = int(max_rank)
         self.truncation_error = 0.0
 
-    def aggregate_replies(self, server_round: int, valid: list[Message]):
-        ok = [m for m in valid if not m.has_error()]
-        payloads = [from_record(m.content[self.arrayrecord_key]) for m in ok]
-        weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in ok]
-        stacked = flora_stack(payloads, weights)
-        merged, self.truncation_error = flora_merge(self._reference or {}, stacked, self.max_rank)
+    def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies):
+        stacked = flora_stack(decoded.payloads, decoded.weights)
+        merged, self.truncation_error = flora_merge(self._reference, stacked, self.max_rank)
         self.round_stats["flora_truncation_error"] = self.truncation_error
-        metrics = self.train_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key)
-        return to_record(merged), metrics
+        return to_record(merged), self.train_metrics(valid)

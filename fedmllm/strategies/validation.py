@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from logging import WARNING
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -12,6 +12,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedmllm.records import from_record
 from fedmllm.strategies.aggregate import InvalidReply, check_reply
+
+
+class ValidReplies(NamedTuple):
+    """The valid replies of a round, decoded once: adapter payloads, their other array records
+    (SCAFFOLD's dc, FedSA-LoRA's B) and their weights (num-examples), in reply order."""
+
+    payloads: list[dict]
+    extras: list[dict]
+    weights: list[float]
 
 
 class AdapterReplies:
@@ -103,11 +112,15 @@ class AdapterReplies:
                 value = dict(items)
             setattr(self, attr, value)
 
-    def aggregate_extra(self, server_round: int, arrays: ArrayRecord, extras: list[dict], weights: list[float]
-                        ) -> ArrayRecord:
-        """Use the replies' other array records (popped before Flower's aggregation); the default
-        ignores them."""
-        return arrays
+    def min_valid_replies(self) -> int:
+        """Valid replies a round needs: min_train_nodes, less the nodes left out as empty."""
+        return max(1, self.min_train_nodes - len(getattr(self, "empty_nodes", ())))
+
+    def train_metrics(self, valid: list[Message]) -> MetricRecord | None:
+        """Flower's reply consistency check and metric aggregation, for strategies that aggregate
+        the arrays themselves."""
+        ok, _ = self._check_and_log_replies(valid, is_train=True)  # type: ignore[attr-defined]
+        return self.train_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key) if ok else None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -115,8 +128,7 @@ class AdapterReplies:
         server_round += self.round_offset
         valid: list[Message] = []
         per_client: dict[int, int] = {}
-        extras: list[dict] = []
-        weights: list[float] = []
+        decoded = ValidReplies([], [], [])
         self._decoded: dict[int, dict] = {}
         for msg in replies:
             if msg.has_error():
@@ -144,21 +156,18 @@ class AdapterReplies:
             per_client[int(metrics.get("partition-id", msg.metadata.src_node_id))] = sum(
                 a.nbytes for a in arrays.values()
             ) + sum(a.nbytes for e in extra.values() for a in e.values())
-            self._decoded[id(msg)] = arrays  # decoded once: the fused average consumes these
-            extras.append(extra)
-            weights.append(float(metrics[self.weighted_by_key]))
+            self._decoded[id(msg)] = arrays  # for FusedAverage, which Flower's strategies call with messages only
+            decoded.payloads.append(arrays)
+            decoded.extras.append(extra)
+            decoded.weights.append(float(metrics[self.weighted_by_key]))
             valid.append(msg)
-        ok = [m for m in valid if not m.has_error()]
-        if len(ok) < max(1, self.min_train_nodes - len(self.empty_nodes)):
-            log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
-                server_round, len(ok), self.min_train_nodes)
-            self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client)
-            return None, None
         self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client)
-        arrays, metrics = self.aggregate_replies(server_round, valid)
+        if len(decoded.payloads) < self.min_valid_replies():
+            log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
+                server_round, len(decoded.payloads), self.min_train_nodes)
+            return None, None
+        arrays, metrics = self.aggregate_replies(server_round, valid, decoded)
         self._decoded = {}
-        if arrays is not None:
-            arrays = self.aggregate_extra(server_round, arrays, extras, weights)
         if metrics is not None and "train-loss" in metrics:
             self.round_stats["train_loss"] = float(metrics["train-loss"])
         if arrays is not None and self.post_aggregate is not None:
@@ -174,13 +183,14 @@ class AdapterReplies:
                 if not np.isfinite(v).all():
                     raise InvalidReply(f"{name}/{k}: non-finite values")
 
-    def aggregate_replies(self, server_round: int, valid: list[Message]
+    def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregation proper: Flower's, unless a LoRA-aware strategy replaces it."""
+        """The aggregation proper: Flower's, unless SCAFFOLD or a LoRA-aware strategy replaces it
+        (`decoded`: the valid replies' arrays, other records and weights)."""
         return super().aggregate_train(server_round, valid)  # type: ignore[misc]
 
     def _post_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        from fedmllm.records import from_record, to_record
+        from fedmllm.records import to_record
 
         new, stats = self.post_aggregate(server_round, from_record(arrays))
         if new is None:
@@ -240,7 +250,7 @@ class FusedAverage(FedAvg):
         if bad and "bytes_up_per_client" in stats:
             stats["bytes_up"] = sum(stats["bytes_up_per_client"].values())
         valid = [m for i, m in enumerate(valid) if i not in bad]
-        if len(valid) < max(1, self.min_train_nodes - len(getattr(self, "empty_nodes", ()))):
+        if len(valid) < AdapterReplies.min_valid_replies(self):
             log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
                 server_round, len(valid), self.min_train_nodes)
             return None, None
