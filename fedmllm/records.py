@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
+from collections.abc import Mapping
 from functools import lru_cache
 from io import BytesIO
 
@@ -12,9 +15,17 @@ from flwr.app import Array, ArrayRecord
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Adapter payload -> ArrayRecord (fp32 numpy, key order kept)."""
-    return ArrayRecord({k: encode(v) for k, v in arrays.items()})
+    return _record((k, encode(v)) for k, v in arrays.items())
+
+
+def _record(items) -> ArrayRecord:
+    # Item by item: ArrayRecord(dict) builds every Array a second time (from_array_dict).
+    record = ArrayRecord()
+    for k, array in items:
+        record[k] = array
+    return record
 
 
 @lru_cache(maxsize=4096)
@@ -33,6 +44,57 @@ def encode(value) -> Array:
     shape = tuple(int(d) for d in arr.shape)
     return Array(dtype="float32", shape=shape, stype="numpy.ndarray",
                  data=b"".join((_npy_header(shape), memoryview(arr).cast("B") if arr.size else b"")))
+
+
+class RecordBuffer:
+    """An ArrayRecord filled in place: the result of an aggregation is written straight into the
+    bytes its Arrays will hold, instead of into numpy arrays copied into new bytes afterwards.
+
+        buf = RecordBuffer({"a": (8, 4096), ...})
+        average_into(buf.arrays)   # writable float32 views, one per key
+        record = buf.seal()        # the ArrayRecord; the views turn read-only
+
+    Flower's Array holds immutable `bytes`. On CPython each buffer is a bytes object created
+    uninitialised with the C API (`PyBytes_FromStringAndSize(NULL, n)`), given its .npy header and
+    filled through the views before anything else can see it -- how C code builds bytes objects.
+    Elsewhere the views are plain numpy arrays and `seal` copies them once (what `to_record` does).
+    """
+
+    _zero_copy = platform.python_implementation() == "CPython"
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+        self._data: dict[str, bytes] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        for k, shape in shapes.items():
+            shape = tuple(int(d) for d in shape)
+            if self._zero_copy:
+                header = _npy_header(shape)
+                data = _new_bytes(None, len(header) + 4 * math.prod(shape))
+                raw = (ctypes.c_char * len(data)).from_address(_bytes_address(data))
+                raw.owner = data  # the views keep the bytes alive
+                view = np.frombuffer(raw, dtype=np.uint8)
+                view[: len(header)] = np.frombuffer(header, np.uint8)
+                self._data[k] = data
+                self.arrays[k] = view[len(header):].view(np.float32).reshape(shape)
+            else:
+                self.arrays[k] = np.empty(shape, np.float32)
+
+    def seal(self) -> ArrayRecord:
+        """The ArrayRecord holding the values written into `arrays` (call once, after writing)."""
+        if not self._zero_copy:
+            return to_record(self.arrays)
+        items = []
+        for k, view in self.arrays.items():
+            view.flags.writeable = False
+            items.append((k, Array(dtype="float32", shape=view.shape, stype="numpy.ndarray", data=self._data[k])))
+        return _record(items)
+
+
+if RecordBuffer._zero_copy:
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype, _new_bytes.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+    _bytes_address = ctypes.pythonapi.PyBytes_AsString
+    _bytes_address.restype, _bytes_address.argtypes = ctypes.c_void_p, (ctypes.py_object,)
 
 
 @lru_cache(maxsize=64)

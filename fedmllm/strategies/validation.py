@@ -230,7 +230,7 @@ class FusedAverage(FedAvg):
     fused_average = True
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        from fedmllm.records import to_record
+        from fedmllm.records import RecordBuffer
         from fedmllm.strategies.aggregate import weighted_average_fused
 
         valid, _ = self._check_and_log_replies(replies, is_train=True)
@@ -239,7 +239,8 @@ class FusedAverage(FedAvg):
         decoded = getattr(self, "_decoded", {})
         payloads = [decoded.pop(id(m), None) or from_record(m.content[self.arrayrecord_key]) for m in valid]
         weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
-        average, bad = weighted_average_fused(payloads, weights)
+        buffer = RecordBuffer({k: v.shape for k, v in payloads[0].items()})
+        _, bad = weighted_average_fused(payloads, weights, out=buffer.arrays)
         stats = getattr(self, "round_stats", {})
         for i in bad:
             node = valid[i].metadata.src_node_id
@@ -255,4 +256,4 @@ class FusedAverage(FedAvg):
                 server_round, len(valid), self.min_train_nodes)
             return None, None
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return to_record(average), metrics
+        return buffer.seal(), metrics
