@@ -1,4 +1,5 @@
-"""Collation: samples -> model inputs, with the loss on answer tokens only."""
+"""Collation: samples -> model inputs through the model family (its chat template, its processor
+expanding image placeholders), with the loss on answer tokens only."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from PIL import Image
 
-from fedmllm.data.prompts import chat_prompt, user_prompt
+from fedmllm.data.prompts import SYSTEM, user_prompt
 from fedmllm.data.schema import Sample, Task
 
 IGNORE = -100  # label value the loss ignores
@@ -30,18 +31,16 @@ class Collator:
     def _prompts(self, samples: list[Sample], drop_image: bool) -> tuple[list[str], list[Image.Image]]:
         texts, images = [], []
         for s in samples:
-            texts.append(chat_prompt(self.tokenizer, user_prompt(self.task, s, self.family.image_token, drop_image)))
-            if s["image"] is not None and not drop_image:
+            has_image = s["image"] is not None and not drop_image
+            user = user_prompt(self.task, s, "", drop_image)  # the family places the image
+            texts.append(self.family.prompt(self.processor, SYSTEM, user, has_image))
+            if has_image:
                 with Image.open(s["image"]) as im:
                     images.append(im.convert("RGB"))
         return texts, images
 
-    def _encode(self, texts: list[str], images: list[Image.Image]) -> dict[str, Any]:
-        return dict(
-            self.processor(
-                text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
-            )
-        )
+    def _encode(self, texts: list[str], images: list[Image.Image], answers: list[str] | None = None) -> dict[str, Any]:
+        return self.family.encode(self.processor, texts, images, answers)
 
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of an answer as it follows the prompt (answer text + end of turn)."""
@@ -54,7 +53,7 @@ class Collator:
         """
         texts, images = self._prompts(samples, drop_image)
         answers = [self.task.answers[s["label"]] for s in samples]
-        batch = self._encode([t + a + self.eos for t, a in zip(texts, answers)], images)
+        batch = self._encode(texts, images, [a + self.eos for a in answers])
         labels = batch["input_ids"].clone().fill_(IGNORE)
         longest = 0
         for row, answer in enumerate(answers):
@@ -75,4 +74,4 @@ class Collator:
     def option_batch(self, samples: list[Sample], option: str, drop_image: bool = False) -> dict[str, Any]:
         """Prompt + one given answer text, e.g. '(A) not-hateful' (for scoring multi-token answers)."""
         texts, images = self._prompts(samples, drop_image)
-        return self._encode([t + option for t in texts], images)
+        return self._encode(texts, images, [option] * len(texts))

@@ -36,7 +36,7 @@ def user_prompt(task: Task, sample: Sample, image_token: str, drop_image: bool =
     """The user turn for `sample` as the model sees it (without its image when `drop_image`)."""
     has_image = sample["image"] is not None and not drop_image
     shown = modality({**sample, "image": sample["image"] if has_image else None})
-    parts = [image_token] if has_image else []
+    parts = [image_token] if has_image and image_token else []  # "": the chat template places it
     if task.template == "mc":
         parts.append(PREAMBLE.format(based_on=based_on(shown, aug=task.aug)))
         if sample["text"]:

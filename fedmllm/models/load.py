@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from fedmllm.models import llava  # noqa: F401  (registers the family)
+import fedmllm.models.families  # noqa: F401  (registers every family)
 from fedmllm.models.build import ensure_built
-from fedmllm.models.registry import Family, get_family
+from fedmllm.models.registry import Family, family_for_model_type, get_family
 
 
 def resolve_path(model_cfg: dict[str, Any]) -> str:
@@ -16,6 +18,17 @@ def resolve_path(model_cfg: dict[str, Any]) -> str:
     if model_cfg.get("builder"):
         return str(ensure_built(model_cfg))
     raise ValueError(f"model preset {model_cfg.get('name')!r} sets neither `path` nor `builder`")
+
+
+def family_of(model_cfg: dict[str, Any], path: str) -> Family:
+    """The family of a local checkpoint is its config.json's `model_type` (so `model.path=DIR`
+    loads any registered family); a hub id uses the preset's `model.family`."""
+    config = Path(path) / "config.json"
+    if config.is_file():
+        return family_for_model_type(json.loads(config.read_text()).get("model_type", "?"))
+    if Path(path).exists():
+        raise FileNotFoundError(f"model.path={path} has no config.json; point it at a saved checkpoint directory")
+    return get_family(model_cfg["family"])
 
 
 def compute_dtype(model_cfg: dict[str, Any]):
@@ -56,8 +69,8 @@ def load_model(model_cfg: dict[str, Any]):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars in every worker
-    family = get_family(model_cfg["family"])
     path = resolve_path(model_cfg)
+    family = family_of(model_cfg, path)
     quant = quantization_config(model_cfg, family)
     dtype = compute_dtype(model_cfg) if quant is not None else _plain_dtype(model_cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.get("attn_implementation", "sdpa")}
