@@ -154,6 +154,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             f"partitioner.alpha={p.get('alpha')!r} must be a number > 0 (e.g. 0.5 for strong skew)",
         )
     _validate_scenarios(cfg, need)
+    from fedmllm.models.adapter import peft_problem
+
+    problem = peft_problem(cfg["peft"], algo)
+    need(problem is None, str(problem))
     need(cfg["peft"].get("r", 1) >= 1, f"peft.r={cfg['peft'].get('r')!r} must be >= 1")
     ev = cfg.get("eval") or {}
     need(ev.get("mode") in ("score", "generate"), f"eval.mode={ev.get('mode')!r}: choose score or generate")
