@@ -3,8 +3,9 @@
     python bench/load.py [--repeats 3] [preset ...]     (default: smol-llava tiny-llava)
 
 In a deployment every round starts a fresh client process, so this load is on each round's
-critical path. Each measurement is a new Python process that imports torch/transformers first
-(not timed) and then times `load_model` (weights + processor, the same call clients make):
+critical path. Each measurement is a new Python process that imports torch, bitsandbytes and the
+model's modeling module first (not timed: the same in every mode) and then times `load_model`
+(weights + processor, the same call clients make); `process s` is the whole process, imports included:
 - `quantize`: full-precision safetensors -> NF4 at load time (`model.quantized_cache=false`),
 - `cached`: the packed NF4 model saved by the first 4-bit load (`$FEDMLLM_CACHE/quantized/...`),
 - `fp32`: the unquantized model, for reference.
@@ -27,13 +28,15 @@ MODES = ("quantize", "cached", "fp32")
 
 
 def child(preset: str, mode: str) -> None:
-    import torch  # noqa: F401  (imports are not what we measure)
-    import transformers  # noqa: F401
+    import bitsandbytes  # noqa: F401  (imports are not what we measure: ~3 s of torch.compile set-up)
+    import torch  # noqa: F401
 
     from fedmllm.config import compose
     from fedmllm.models.load import load_model
+    from fedmllm.models.registry import get_family
 
     cfg = compose([f"model={preset}"])["model"]
+    get_family(cfg["family"]).model_cls()  # imports the HF modeling module
     cfg = dict(cfg, quantization="none" if mode == "fp32" else "4bit", quantized_cache=mode == "cached")
     t = time.perf_counter()
     model, _, _ = load_model(cfg)
