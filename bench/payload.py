@@ -1,51 +1,40 @@
-"""Adapter bytes per round vs full-model bytes, per preset, computed on the meta device.
+"""Adapter bytes per round vs the full model, for every preset x PEFT variant, on the meta device.
 
-    python bench/payload.py [preset ...]     (default: every offline preset)
+    python bench/payload.py [--presets P ...] [--variants V ...]   (default: every conf/model and conf/peft file)
 
-No weights are loaded: the model is instantiated from its config on the meta device, the
-configured PEFT method applied, and parameters counted. Offline presets are built first if
-their config is not cached yet (smol-llava: about a minute, once).
+The same code as `fedmllm inspect` (fedmllm.models.inspection.footprint): no weights are loaded;
+hub presets use their bundled config, offline presets their build (built once if missing; smol-llava
+about a minute). Aggregator fedavg: each client sends the adapter up and receives it down.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-
-def count(preset: str) -> dict:
-    import torch
-    from transformers import AutoConfig
-
-    from fedmllm.config import compose
-    from fedmllm.models.adapter import apply_peft
-    from fedmllm.models.load import resolve_path
-    from fedmllm.models.registry import get_family
-
-    cfg = compose([f"model={preset}"])
-    family = get_family(cfg["model"]["family"])
-    config = AutoConfig.from_pretrained(resolve_path(cfg["model"]))
-    with torch.device("meta"):
-        model = family.model_cls()(config)
-    total = sum(p.numel() for p in model.parameters())
-    peft_model = apply_peft(model, family, cfg["peft"])
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    lm = sum(p.numel() for n, p in model.named_parameters() if family.group_of(n.replace("base_model.model.", "")) == "llm")
-    return {"preset": preset, "total_params": total, "llm_params": lm, "adapter_params": trainable,
-            "adapter_bytes": trainable * 4, "full_bytes": total * 4}
+CONF = Path(__file__).parents[1] / "fedmllm" / "conf"
 
 
 def main() -> None:
+    from fedmllm.config import compose
+    from fedmllm.models.inspection import footprint
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("presets", nargs="*", default=["tiny-llava", "smol-llava"])
+    p.add_argument("--presets", nargs="*", default=sorted(f.stem for f in (CONF / "model").glob("*.yaml")))
+    p.add_argument("--variants", nargs="*", default=sorted(f.stem for f in (CONF / "peft").glob("*.yaml")))
     args = p.parse_args()
-    print(f"{'preset':<12} {'params':>12} {'adapter':>10} {'adapter MB/round':>17} {'full fp32 MB':>13} {'ratio':>8}")
+    print(f"| preset | peft | params | trainable | trainable % | MB up per client per round | "
+          f"MB up+down | full model fp32 MB | adapter / full |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
-        r = count(preset)
-        print(f"{r['preset']:<12} {r['total_params']:>12,} {r['adapter_params']:>10,} "
-              f"{r['adapter_bytes'] / 1e6:>17.2f} {r['full_bytes'] / 1e6:>13.2f} "
-              f"{r['adapter_bytes'] / r['full_bytes']:>8.4f}")
-    print("adapter MB/round: bytes each client sends per round (= bytes it receives); "
-          "ratio: adapter bytes / full-model fp32 bytes")
+        for variant in args.variants:
+            f = footprint(compose([f"model={preset}", f"peft={variant}", "aggregator=fedavg"]))
+            print(f"| {preset} | {variant} | {f['total_params']:,} | {f['trainable_params']:,} | "
+                  f"{100 * f['trainable_params'] / f['total_params']:.3f} | {f['bytes_up'] / 1e6:.3f} | "
+                  f"{(f['bytes_up'] + f['bytes_down']) / 1e6:.3f} | {f['full_bytes'] / 1e6:,.1f} | "
+                  f"{f['bytes_up'] / f['full_bytes']:.5f} |", flush=True)
+    print("\nBytes are fp32 tensors (the payload contract); projector policy as in each peft file "
+          "(full: the projector travels whole). adapter / full: bytes up / full-model fp32 bytes.")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`fedmllm` console script: run | partition | report."""
+"""`fedmllm` console script: run | partition | inspect | report."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ commands:
   partition [overrides] out=DIR
                             write every client's samples under DIR/<dataset>/<scenario>/partition-...
                             (e.g. fedmllm partition partitioner=fedmllm scenario=missing num_clients=10 out=data)
+  inspect [overrides]       parameters per module group, trainable adapter, MB per client per round
+                            (meta device: no weights read or downloaded; e.g. fedmllm inspect
+                            model=llava-1.5-7b peft=dora; aggregator=... shows its protocol's bytes)
   report RUN_DIR            print a run's metrics table and (re)draw its plot
   report MULTIRUN_DIR       a sweep's results table (report.md, report.csv) and plot (report.png);
                             --metric NAME picks the plotted metric (default accuracy)
@@ -118,6 +121,20 @@ def _partition(argv: list[str]) -> None:
           f"{cfg['num_clients']} data-dir={target}\")", flush=True)
 
 
+def _inspect(argv: list[str]) -> None:
+    from fedmllm.config import ConfigError, compose
+    from fedmllm.models.build import MissingAssetError
+    from fedmllm.models.inspection import footprint, format_footprint
+
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        _fail(f"fedmllm inspect takes Hydra overrides only (e.g. model=smol-llava peft=dora), got {bad}")
+    try:
+        print(format_footprint(footprint(compose(argv))), flush=True)
+    except (ConfigError, MissingAssetError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+
+
 def _report(argv: list[str]) -> None:
     from pathlib import Path
 
@@ -157,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         _run(rest)
     elif cmd == "partition":
         _partition(rest)
+    elif cmd == "inspect":
+        _inspect(rest)
     elif cmd == "report":
         _report(rest)
     else:

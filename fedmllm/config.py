@@ -77,6 +77,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         m.get("quantization") in ("4bit", "8bit", "none"),
         f"model.quantization={m.get('quantization')!r} is not one of 4bit, 8bit, none",
     )
+    from fedmllm.models.load import COMPUTE_DTYPES
+
+    need(m.get("compute_dtype", "auto") in COMPUTE_DTYPES,
+         f"model.compute_dtype={m.get('compute_dtype')!r}: choose one of {list(COMPUTE_DTYPES)} (auto: fp32 on CPU, bf16 on GPU)")
     need(
         m.get("attn_implementation") in ("sdpa", "eager", "flash_attention_2"),
         f"model.attn_implementation={m.get('attn_implementation')!r}: choose sdpa, eager or flash_attention_2",
@@ -154,6 +158,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             f"partitioner.alpha={p.get('alpha')!r} must be a number > 0 (e.g. 0.5 for strong skew)",
         )
     _validate_scenarios(cfg, need)
+    from fedmllm.models.adapter import peft_problem
+
+    problem = peft_problem(cfg["peft"], algo)
+    need(problem is None, str(problem))
     need(cfg["peft"].get("r", 1) >= 1, f"peft.r={cfg['peft'].get('r')!r} must be >= 1")
     ev = cfg.get("eval") or {}
     need(ev.get("mode") in ("score", "generate"), f"eval.mode={ev.get('mode')!r}: choose score or generate")

@@ -7,7 +7,59 @@ from typing import Any
 
 import numpy as np
 
-from fedmllm.models.registry import Family
+from fedmllm.models.registry import MODULE_GROUPS, Family
+
+# peft=<variant>: the PEFT method behind each config file in conf/peft/.
+METHODS = ("lora", "dora", "rslora", "ia3")
+PROJECTOR_POLICIES = ("frozen", "lora", "full")
+# Aggregators that work on LoRA's A and B factors, and the methods each accepts. DoRA's magnitude
+# vector travels with the factors (role "other", averaged), which FFA-LoRA and FedSA-LoRA allow;
+# FLoRA sums B_k A_k across clients, which DoRA's column normalisation ||W + s BA|| does not allow.
+LORA_AGGREGATORS = {"ffa_lora": ("lora", "dora", "rslora"), "fedsa_lora": ("lora", "dora", "rslora"),
+                    "flora": ("lora", "rslora")}
+
+
+def method_of(peft_cfg: dict[str, Any]) -> str:
+    """The PEFT method of a `peft` config section (`name`, default lora)."""
+    return str(peft_cfg.get("name", "lora"))
+
+
+def peft_problem(peft_cfg: dict[str, Any], algorithm: str = "standard") -> str | None:
+    """What is wrong with a `peft` section under the aggregator's client `algorithm`, or None."""
+    method = method_of(peft_cfg)
+    if method not in METHODS:
+        return f"peft={method!r}: choose one of {list(METHODS)}"
+    projector = peft_cfg.get("projector", "full")
+    if projector not in PROJECTOR_POLICIES:
+        return (f"peft.projector={projector!r}: choose frozen, lora (adapter on its linear layers) or "
+                "full (trained and federated whole)")
+    targets = list(peft_cfg.get("targets") or [])
+    bad = [t for t in targets if t not in MODULE_GROUPS]
+    if not targets or bad:
+        return f"peft.targets={targets!r}: list module groups from {['llm', 'vision_encoder']} (e.g. peft.targets=[llm])"
+    if "projector" in targets:
+        return "peft.targets lists projector; set the connector with peft.projector=lora|full|frozen instead"
+    if method != "ia3":
+        for key in ("r", "alpha"):
+            v = peft_cfg.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                return f"peft.{key}={v!r} must be a number > 0 for peft={method}"
+        d = peft_cfg.get("dropout", 0.0)
+        if not isinstance(d, (int, float)) or not 0 <= d < 1:
+            return f"peft.dropout={d!r} must be a number in [0, 1)"
+    else:
+        ff = list(peft_cfg.get("feedforward") or [])
+        extra = sorted(set(ff) - set(peft_cfg.get("leaves") or []))
+        if extra:
+            return (f"peft.feedforward={ff!r} names layers not in peft.leaves={peft_cfg.get('leaves')!r}; "
+                    "IA3 scales the inputs of feed-forward layers among its targets, so add them to peft.leaves")
+    allowed = LORA_AGGREGATORS.get(algorithm)
+    if allowed is not None and method not in allowed:
+        why = ("stacks LoRA factors B_k A_k across clients, which DoRA's magnitude normalisation breaks"
+               if method == "dora" else f"works on LoRA's A and B factors, which peft={method} does not have")
+        return (f"aggregator={algorithm} {why}; use peft={' or peft='.join(allowed)} with it, "
+                f"or a standard aggregator (e.g. aggregator=fedavg) with peft={method}")
+    return None
 
 
 def lora_target_regex(family: Family, targets: list[str], leaves: list[str] | None = None) -> str:
@@ -18,28 +70,60 @@ def lora_target_regex(family: Family, targets: list[str], leaves: list[str] | No
     return rf"^({pre})\..*\.({'|'.join(map(re.escape, leaves))})$"
 
 
-def apply_peft(model, family: Family, peft_cfg: dict[str, Any]):
-    """Wrap the model with LoRA on the configured groups; the projector is trained fully when
-    `peft.projector=full` (it then travels as `modules_to_save`). Everything else is frozen."""
-    from peft import LoraConfig, get_peft_model
+def projector_linears(model, family: Family) -> list[str]:
+    """Full names of the projector's linear layers (`peft.projector=lora` puts the adapter there)."""
+    import torch
 
-    projector = peft_cfg.get("projector", "full")
-    if projector not in ("full", "frozen"):
-        raise ValueError(f"peft.projector={projector!r}: choose full or frozen")
-    modules_to_save = None
-    if projector == "full":
-        # PEFT matches modules_to_save by name suffix: the projector's last path component.
-        modules_to_save = [p.rsplit(".", 1)[-1] for p in family.module_groups["projector"]]
-    config = LoraConfig(
+    prefixes = family.module_groups["projector"]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and any(n == p or n.startswith(p + ".") for p in prefixes)]
+    if not names:
+        raise ValueError(f"peft.projector=lora: family {family.name!r} has no linear layer under {list(prefixes)}; "
+                         "use peft.projector=full or frozen")
+    return names
+
+
+def peft_config(model, family: Family, peft_cfg: dict[str, Any]):
+    """The PEFT library config of a `peft` section (method, targets by module group, projector policy)."""
+    from peft import IA3Config, LoraConfig
+
+    problem = peft_problem(peft_cfg)
+    if problem:
+        raise ValueError(problem)
+    method, projector = method_of(peft_cfg), peft_cfg.get("projector", "full")
+    targets = lora_target_regex(family, list(peft_cfg.get("targets", ["llm"])), peft_cfg.get("leaves"))
+    if projector == "lora":
+        exact = "|".join(re.escape(n) for n in projector_linears(model, family))
+        targets = rf"(?:{targets})|(?:^({exact})$)"
+    # PEFT matches modules_to_save by name suffix: the projector's last path component.
+    modules_to_save = ([p.rsplit(".", 1)[-1] for p in family.module_groups["projector"]]
+                       if projector == "full" else None)
+    if method == "ia3":
+        ff = list(peft_cfg.get("feedforward") or [])
+        # IA3 scales a feed-forward layer's input (down_proj), an attention layer's output (k, v).
+        feedforward = (lora_target_regex(family, list(peft_cfg.get("targets", ["llm"])), ff) if ff else None)
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward or [],
+                         modules_to_save=modules_to_save)
+    return LoraConfig(
         r=int(peft_cfg.get("r", 16)),
         lora_alpha=float(peft_cfg.get("alpha", 32)),
         lora_dropout=float(peft_cfg.get("dropout", 0.0)),
-        target_modules=lora_target_regex(family, list(peft_cfg.get("targets", ["llm"])), peft_cfg.get("leaves")),
+        target_modules=targets,
         modules_to_save=modules_to_save,
         bias="none",
         init_lora_weights=True,
+        use_dora=method == "dora",
+        use_rslora=method == "rslora",  # scale alpha/sqrt(r) instead of alpha/r
     )
-    return get_peft_model(model, config)
+
+
+def apply_peft(model, family: Family, peft_cfg: dict[str, Any]):
+    """Wrap the model with the configured PEFT method (`peft.name`: lora, dora, rslora, ia3) on
+    the `peft.targets` module groups; the projector is frozen, adapted (`peft.projector=lora`) or
+    trained fully (`full`: it then travels as `modules_to_save`). Everything else is frozen."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(model, family, peft_cfg))
 
 
 def adapter_state(model) -> dict[str, np.ndarray]:
@@ -73,7 +157,9 @@ def load_adapter_state(model, arrays: dict[str, np.ndarray], partial: bool = Fal
 def payload_key(param_name: str) -> str:
     """The payload key of a parameter name: PEFT's state-dict naming, without the adapter name."""
     name = param_name.replace(".modules_to_save.default.", ".")
-    return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", name)
+    name = re.sub(r"\.(lora_[AB])\.default\.", r".\1.", name)
+    name = re.sub(r"\.lora_magnitude_vector\.default\.weight$", ".lora_magnitude_vector", name)  # DoRA
+    return re.sub(r"\.ia3_l\.default$", ".ia3_l", name)  # IA3
 
 
 def adapter_params(model) -> dict[str, Any]:

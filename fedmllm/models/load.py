@@ -8,6 +8,7 @@ from typing import Any
 
 import fedmllm.models.families  # noqa: F401  (registers every family)
 from fedmllm.models.build import ensure_built
+from fedmllm.models.quantize import from_pretrained_quantized, uses_cache
 from fedmllm.models.registry import Family, family_for_model_type, get_family
 
 
@@ -31,18 +32,46 @@ def family_of(model_cfg: dict[str, Any], path: str) -> Family:
     return get_family(model_cfg["family"])
 
 
+COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
 def compute_dtype(model_cfg: dict[str, Any]):
     """NF4 compute dtype: fp32 on CPU (bf16 compute there measured several times slower), bf16 on GPU."""
     import torch
 
     name = model_cfg.get("compute_dtype", "auto")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.compute_dtype={name!r}: choose one of {list(COMPUTE_DTYPES)} "
+                         "(auto: fp32 on CPU, bf16 on GPU)")
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def attn_implementation(model_cfg: dict[str, Any]) -> str:
+    """`model.attn_implementation`, checked: flash_attention_2 needs the flash-attn package and CUDA."""
+    import importlib.util
+
+    impl = model_cfg.get("attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"model.attn_implementation={impl!r}: choose sdpa, eager or flash_attention_2")
+    if impl == "flash_attention_2":
+        import torch
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
+                             "not installed; install the gpu extra (pip install -e '.[gpu]', CUDA machines only) "
+                             "or set model.attn_implementation=sdpa")
+        if not torch.cuda.is_available():
+            raise ValueError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only and none is "
+                             "visible; set model.attn_implementation=sdpa")
+    return impl
+
+
 def quantization_config(model_cfg: dict[str, Any], family: Family):
-    """BitsAndBytesConfig for `model.quantization`, or None; only the language model is quantized."""
+    """BitsAndBytesConfig for `model.quantization`, or None; only the language model is quantized:
+    the vision tower, projector and lm_head stay in `dtype` (their full module paths, from the
+    family's module groups, form the skip list)."""
     quant = model_cfg.get("quantization", "none")
     if quant in (None, "none"):
         return None
@@ -73,11 +102,14 @@ def load_model(model_cfg: dict[str, Any]):
     family = family_of(model_cfg, path)
     quant = quantization_config(model_cfg, family)
     dtype = compute_dtype(model_cfg) if quant is not None else _plain_dtype(model_cfg)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.get("attn_implementation", "sdpa")}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation(model_cfg)}
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = family.model_cls().from_pretrained(path, **kwargs)
+    if uses_cache(model_cfg):  # 4-bit: quantize once, later processes load the packed weights
+        model, _ = from_pretrained_quantized(family.model_cls(), path, model_cfg, kwargs)
+    else:
+        model = family.model_cls().from_pretrained(path, **kwargs)
     if model_cfg.get("stage1_weights"):  # the server's stage-1 vision tower + projector
         from fedmllm.models.stage1 import load_stage1
 

@@ -66,11 +66,11 @@ def shared_payload(algorithm: str, arrays: dict) -> dict:
 
 def client_rank(cfg: dict[str, Any], partition_id: int, node_rank: int | None = None) -> int:
     """A client's own LoRA rank: node_config `lora-rank`, else `aggregator.client.ranks` (cycled
-    over partition ids), else `peft.r`."""
+    over partition ids), else `peft.r` (0 for peft=ia3, which has no rank)."""
     if node_rank is not None:
         return int(node_rank)
     ranks = client_spec(cfg).ranks
-    return ranks[partition_id % len(ranks)] if ranks else int(cfg["peft"]["r"])
+    return ranks[partition_id % len(ranks)] if ranks else int(cfg["peft"].get("r", 0))
 
 
 def peft_for(cfg: dict[str, Any], rank: int | None = None) -> dict[str, Any]:
@@ -78,10 +78,16 @@ def peft_for(cfg: dict[str, Any], rank: int | None = None) -> dict[str, Any]:
 
     flora: the server's model holds the global update at rank `max_rank`; a client's model holds
     it plus its own rank-`rank` factors (rank max_rank + rank). lora_alpha follows the rank so the
-    scale alpha/r stays `peft.alpha / peft.r` for every rank.
+    scale (alpha/r, rsLoRA: alpha/sqrt(r)) stays that of `peft.alpha` and `peft.r` for every rank.
+    IA3 has no rank: its section is returned as is.
     """
     peft = dict(cfg["peft"])
-    scale = float(peft.get("alpha", 32)) / float(peft["r"])
+    if peft.get("name", "lora") == "ia3":
+        if rank is not None:
+            raise ValueError(f"client LoRA rank {rank}: peft=ia3 has no rank; drop node_config lora-rank")
+        return peft
+    root = 0.5 if peft.get("name") == "rslora" else 1.0  # the power of r in the scale's denominator
+    scale = float(peft.get("alpha", 32)) / float(peft["r"]) ** root
     spec = client_spec(cfg)
     r = int(peft["r"])
     if spec.algorithm == "flora":
@@ -91,7 +97,7 @@ def peft_for(cfg: dict[str, Any], rank: int | None = None) -> dict[str, Any]:
             f"client LoRA rank {rank} != peft.r={r}: heterogeneous ranks need aggregator=flora "
             "(other aggregators average tensors of one shape)"
         )
-    peft["r"], peft["alpha"] = r, scale * r
+    peft["r"], peft["alpha"] = r, scale * r**root
     return peft
 
 

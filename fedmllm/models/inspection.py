@@ -1,0 +1,129 @@
+"""Parameters per module group, trainable adapter and bytes per round of a preset, on the meta device.
+
+`fedmllm inspect model=<preset> peft=<variant>` and bench/payload.py read this. No weights are
+read or downloaded: the model is instantiated from its config on the meta device and the PEFT
+method applied there. The config comes from the preset's bundled `hf_config` file
+(fedmllm/models/hub_configs/, hub presets), else the offline preset's build (built once on first
+use, as any run would), else a local `model.path` directory's config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HUB_CONFIGS = Path(__file__).parent / "hub_configs"
+MB = 1e6
+
+
+def hf_config(model_cfg: dict[str, Any]):
+    """The Hugging Face config of a preset, without weights (see the module docstring for the order)."""
+    from fedmllm.models import load  # noqa: F401  (registers the families)
+    from fedmllm.models.registry import get_family
+
+    cls = get_family(model_cfg["family"]).model_cls().config_class
+    if model_cfg.get("hf_config"):
+        path = HUB_CONFIGS / str(model_cfg["hf_config"])
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.hf_config={model_cfg['hf_config']!r}: {path} is missing; save the checkpoint's "
+                f"config.json there (preset {model_cfg.get('name')!r})")
+        return cls.from_dict(json.loads(path.read_text()))
+    if model_cfg.get("builder"):
+        from fedmllm.models.build import ensure_built
+
+        return cls.from_pretrained(ensure_built(model_cfg))
+    local = Path(str(model_cfg.get("path") or "")) / "config.json"
+    if model_cfg.get("path") and local.is_file():
+        return cls.from_pretrained(local.parent)
+    raise ValueError(
+        f"preset {model_cfg.get('name')!r} has no config available offline: add `hf_config: <preset>.json` "
+        f"to its yaml with the checkpoint's config.json in {HUB_CONFIGS}, or set model.path=DIR to a local copy")
+
+
+def meta_model(model_cfg: dict[str, Any]):
+    """(model on the meta device, family): shapes and names only, no memory, no weights."""
+    import torch
+
+    from fedmllm.models.registry import get_family
+
+    family = get_family(model_cfg["family"])
+    config = hf_config(model_cfg)
+    with torch.device("meta"):
+        return family.model_cls()(config), family
+
+
+def _adapter_sizes(model_cfg: dict[str, Any], peft_cfg: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """(payload key -> numel, module group -> trainable params) of the preset under `peft_cfg`."""
+    from fedmllm.models.adapter import adapter_params, apply_peft
+
+    model, family = meta_model(model_cfg)
+    peft_model = apply_peft(model, family, peft_cfg)
+    sizes = {k: p.numel() for k, p in adapter_params(peft_model).items()}
+    by_group: dict[str, int] = {}
+    for k, n in sizes.items():
+        group = family.group_of(k.removeprefix("base_model.model.")) or "other"
+        by_group[group] = by_group.get(group, 0) + n
+    return sizes, by_group
+
+
+def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What one client holds, trains and exchanges per round, for a composed config.
+
+    Bytes are fp32 tensors (the payload contract). Up/down follow the aggregator's protocol
+    (fedmllm.strategies.protocol): FFA-LoRA never sends A; FedSA-LoRA sends A down but A and B up
+    (B only for the server's evaluation); SCAFFOLD adds a control variate of the adapter's size
+    each way; FLoRA sends the client's own rank-r factors up and the rank-max_rank global down.
+    """
+    from fedmllm.models.adapter import method_of
+    from fedmllm.strategies.protocol import client_rank, client_spec, peft_for, travels
+
+    model_cfg = cfg["model"]
+    model, family = meta_model(model_cfg)
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():  # tied weights are counted once
+        g = family.group_of(name) or "other"
+        groups[g] = groups.get(g, 0) + p.numel()
+    total = sum(groups.values())
+    del model
+    algo = client_spec(cfg).algorithm
+    sizes, trainable_groups = _adapter_sizes(model_cfg, peft_for(cfg))
+    shared = sum(n for k, n in sizes.items() if travels(algo, k))
+    up = down = shared
+    if algo == "scaffold":
+        up = down = 2 * shared
+    elif algo == "fedsa_lora":
+        up = sum(sizes.values())
+    elif algo == "flora":
+        r = client_rank(cfg, 0)
+        own, _ = _adapter_sizes(model_cfg, dict(cfg["peft"], r=r))  # the fresh factors alone
+        up = sum(own.values())
+    return {
+        "preset": model_cfg.get("name"),
+        "peft": method_of(cfg["peft"]),
+        "aggregator": cfg["aggregator"].get("name", algo),
+        "groups": groups,
+        "total_params": total,
+        "trainable_params": sum(sizes.values()),
+        "trainable_by_group": trainable_groups,
+        "tensors": len(sizes),
+        "bytes_up": 4 * up,
+        "bytes_down": 4 * down,
+        "full_bytes": 4 * total,
+    }
+
+
+def format_footprint(f: dict[str, Any]) -> str:
+    """The table `fedmllm inspect` prints."""
+    lines = [f"model {f['preset']}  peft {f['peft']}  aggregator {f['aggregator']}  (meta device, no weights)",
+             f"{'module group':<16} {'params':>15} {'trainable':>13}"]
+    for g, n in f["groups"].items():
+        lines.append(f"{g:<16} {n:>15,} {f['trainable_by_group'].get(g, 0):>13,}")
+    lines.append(f"{'total':<16} {f['total_params']:>15,} {f['trainable_params']:>13,}  "
+                 f"({100 * f['trainable_params'] / f['total_params']:.3f}% trainable, {f['tensors']} tensors)")
+    per_round = f["bytes_up"] + f["bytes_down"]
+    lines.append(f"per client per round: up {f['bytes_up'] / MB:.3f} MB + down {f['bytes_down'] / MB:.3f} MB "
+                 f"= {per_round / MB:.3f} MB (fp32); the full model in fp32 is {f['full_bytes'] / MB:,.1f} MB "
+                 f"(adapter / full = {f['bytes_up'] / f['full_bytes']:.5f})")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Pre-quantized model cache: a preset is quantized to 4 bits once, saved, and later loads read it as is.
+
+In a deployment every round starts a fresh client process; quantizing the full-precision weights
+each time costs a full read of them plus NF4 packing (docs/benchmarks.md, "Load time"). The first
+4-bit load of a preset writes the quantized model to `$FEDMLLM_CACHE/quantized/<name>-<digest>`,
+keyed by the preset's weights and every quantization setting, written atomically; later loads of
+the same key call `from_pretrained` on that directory, which holds packed NF4 weights and the
+BitsAndBytesConfig (transformers then restores the quant states instead of quantizing).
+`model.quantized_cache=false` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+QUANT_CACHE_VERSION = 1  # bump when what is saved changes, so old entries are not reused
+
+
+def weights_key(model_cfg: dict[str, Any]) -> str:
+    """What identifies a preset's full-precision weights: its build key (offline presets) or path."""
+    if model_cfg.get("path"):
+        return str(model_cfg["path"])
+    from fedmllm.models.build import preset_dir
+
+    return preset_dir(model_cfg).name  # name + hash of the build settings + BUILD_VERSION
+
+
+def quantized_dir(model_cfg: dict[str, Any], quant_config) -> Path:
+    """Cache directory of a preset quantized with `quant_config` (a BitsAndBytesConfig)."""
+    import bitsandbytes
+    import transformers
+
+    from fedmllm.models.build import cache_root
+
+    key = json.dumps(
+        {
+            "v": QUANT_CACHE_VERSION,
+            "weights": weights_key(model_cfg),
+            "quant": quant_config.to_dict(),  # 4/8 bit, nf4, double quant, compute dtype, skip list
+            # the serialized format belongs to these two libraries
+            "libs": [transformers.__version__, bitsandbytes.__version__],
+        },
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return cache_root() / "quantized" / f"{model_cfg.get('name') or 'model'}-{digest}"
+
+
+def uses_cache(model_cfg: dict[str, Any]) -> bool:
+    """Whether this load goes through the pre-quantized cache (4-bit, cache not turned off)."""
+    return model_cfg.get("quantization") == "4bit" and bool(model_cfg.get("quantized_cache", True))
+
+
+def from_pretrained_quantized(model_cls, source: str, model_cfg: dict[str, Any], kwargs: dict[str, Any]):
+    """`model_cls.from_pretrained(source, **kwargs)` through the pre-quantized cache.
+
+    Returns (model, where it came from: "cache" or "quantized now").
+    """
+    from fedmllm.models.build import write_atomically
+
+    out = quantized_dir(model_cfg, kwargs["quantization_config"])
+    if (out / "config.json").is_file():
+        # the saved config carries the BitsAndBytesConfig; passing one again would only be merged
+        plain = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+        return model_cls.from_pretrained(out, **plain), "cache"
+    model = model_cls.from_pretrained(source, **kwargs)
+    write_atomically(out, model.save_pretrained)
+    return model, "quantized now"
