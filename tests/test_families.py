@@ -202,3 +202,27 @@ def test_hub_preset_builds_on_the_meta_device_with_its_published_size(preset):
     fam = get_family(cfg["family"])
     stray = {name.split(".")[1] for name, _ in model.named_parameters() if fam.group_of(name) is None}
     assert stray <= {"image_newline"}, stray  # the module groups fit the real layout
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adaptive_reg_finds_every_decoder_layer_and_no_vision_layer(family):
+    # FedMLLM's layer-wise regularization picks payload keys by decoder layer index: with LoRA on
+    # the language model and the vision encoder, every decoder layer must be found, no vision one.
+    from fedmllm.models.adapter import adapter_state, apply_peft, llm_layer_index
+
+    model, _, fam, cfg = _load(family)
+    peft = apply_peft(model, fam, {**cfg["peft"], "targets": ["llm", "vision_encoder"], "projector": "frozen"})
+    keys = list(adapter_state(peft))
+    layers = {llm_layer_index(k) for k in keys} - {None}
+    text_config = peft.base_model.model.config.get_text_config()
+    assert layers == set(range(text_config.num_hidden_layers))
+    vision = [k for k in keys if fam.group_of(k.removeprefix("base_model.model.").split(".lora_")[0]) == "vision_encoder"]
+    assert vision and all(llm_layer_index(k) is None for k in vision)
+
+
+def test_a_target_group_without_matching_layers_is_an_error_naming_the_setting():
+    from fedmllm.models.adapter import apply_peft
+
+    model, _, fam, cfg = _load("qwen2_vl")
+    with pytest.raises(ValueError, match=r"no layer of qwen2_vl's vision_encoder is named \['q_proj'\].*peft.vision_leaves"):
+        apply_peft(model, fam, {**cfg["peft"], "targets": ["llm", "vision_encoder"], "vision_leaves": ["q_proj"]})

@@ -62,12 +62,29 @@ def peft_problem(peft_cfg: dict[str, Any], algorithm: str = "standard") -> str |
     return None
 
 
-def lora_target_regex(family: Family, targets: list[str], leaves: list[str] | None = None) -> str:
-    """Regex over full module names: `leaves` (default: the family's LoRA targets) inside `targets` groups."""
-    leaves = list(leaves or family.lora_targets)
-    prefixes = [p for g in targets for p in family.module_groups[g] if p != "lm_head"]
-    pre = "|".join(re.escape(p) for p in prefixes)
-    return rf"^({pre})\..*\.({'|'.join(map(re.escape, leaves))})$"
+def lora_target_regex(family: Family, targets: list[str], leaves: list[str] | None = None,
+                      vision_leaves: list[str] | None = None) -> str:
+    """Regex over full module names: inside the `llm` group `leaves` (default: the family's LoRA
+    targets), inside `vision_encoder` `vision_leaves` (default: the family's vision targets)."""
+    by_group = {"llm": list(leaves or family.lora_targets),
+                "vision_encoder": list(vision_leaves or family.vision_lora_targets)}
+    parts = []
+    for g in targets:
+        pre = "|".join(re.escape(p) for p in family.module_groups[g] if p != "lm_head")
+        parts.append(rf"^({pre})\..*\.({'|'.join(map(re.escape, by_group[g]))})$")
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def check_targets(model, family: Family, peft_cfg: dict[str, Any]) -> None:
+    """Raise ValueError naming a `peft.targets` group in which no layer got an adapter."""
+    adapted = [n for n, _ in model.named_modules() if n.endswith(("lora_A", "ia3_l"))]
+    for g in peft_cfg.get("targets", ["llm"]):
+        prefixes = tuple("base_model.model." + p + "." for p in family.module_groups[g])
+        if not any(n.startswith(prefixes) for n in adapted):
+            key = "leaves" if g == "llm" else "vision_leaves"
+            want = peft_cfg.get(key) or (family.lora_targets if g == "llm" else family.vision_lora_targets)
+            raise ValueError(f"peft.targets includes {g}, but no layer of {family.name}'s {g} is named "
+                             f"{list(want)}; set peft.{key} to its linear layers' names")
 
 
 def projector_linears(model, family: Family) -> list[str]:
@@ -91,7 +108,8 @@ def peft_config(model, family: Family, peft_cfg: dict[str, Any]):
     if problem:
         raise ValueError(problem)
     method, projector = method_of(peft_cfg), peft_cfg.get("projector", "full")
-    targets = lora_target_regex(family, list(peft_cfg.get("targets", ["llm"])), peft_cfg.get("leaves"))
+    targets = lora_target_regex(family, list(peft_cfg.get("targets", ["llm"])), peft_cfg.get("leaves"),
+                                peft_cfg.get("vision_leaves"))
     if projector == "lora":
         exact = "|".join(re.escape(n) for n in projector_linears(model, family))
         targets = rf"(?:{targets})|(?:^({exact})$)"
@@ -101,7 +119,7 @@ def peft_config(model, family: Family, peft_cfg: dict[str, Any]):
     if method == "ia3":
         ff = list(peft_cfg.get("feedforward") or [])
         # IA3 scales a feed-forward layer's input (down_proj), an attention layer's output (k, v).
-        feedforward = (lora_target_regex(family, list(peft_cfg.get("targets", ["llm"])), ff) if ff else None)
+        feedforward = (lora_target_regex(family, ["llm"], ff) if ff else None)
         return IA3Config(target_modules=targets, feedforward_modules=feedforward or [],
                          modules_to_save=modules_to_save)
     return LoraConfig(
@@ -123,7 +141,9 @@ def apply_peft(model, family: Family, peft_cfg: dict[str, Any]):
     trained fully (`full`: it then travels as `modules_to_save`). Everything else is frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(model, family, peft_cfg))
+    model = get_peft_model(model, peft_config(model, family, peft_cfg))
+    check_targets(model, family, peft_cfg)
+    return model
 
 
 def adapter_state(model) -> dict[str, np.ndarray]:
@@ -175,9 +195,14 @@ def adapter_params(model) -> dict[str, Any]:
     return out
 
 
+LLM_LAYER = r"(?:language_model|text_model)\.(?:model\.)?layers\.(\d+)\."
+
+
 def llm_layer_index(key: str) -> int | None:
-    """Index of the language-model decoder layer a payload key belongs to (None: not in one)."""
-    m = re.search(r"language_model\.(?:model\.)?layers\.(\d+)\.", key)
+    """Index of the language-model decoder layer a payload key belongs to (None: not in one).
+    The decoder is `language_model` in every family but idefics3 (`text_model`); vision encoders'
+    `layers.N` never match (tests hold every registered family's `llm` group to these names)."""
+    m = re.search(LLM_LAYER, key)
     return int(m.group(1)) if m else None
 
 

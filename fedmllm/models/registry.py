@@ -33,6 +33,9 @@ class Family:
     image_seq_len: Callable[..., int]
     build_tiny: Callable[[dict, Any], None]  # (preset, out_dir): random tiny checkpoint, saved
     image_token: str = "<image>"  # the expanded image token (counted in input_ids)
+    # leaf names of the vision encoder's attention layers (`peft.targets=[llm,vision_encoder]`);
+    # CLIP and SigLIP towers use these, Qwen's ViT fuses q,k,v into `qkv`
+    vision_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def group_of(self, module_name: str) -> str | None:

@@ -58,5 +58,6 @@ QWEN2_5_VL = register_family(
         image_seq_len=qwen2_vl.image_seq_len,
         build_tiny=build_tiny,
         image_token="<|image_pad|>",
+        vision_lora_targets=("qkv", "proj"),  # the ViT's fused attention input and its output
     )
 )

@@ -114,5 +114,6 @@ QWEN2_VL = register_family(
         image_seq_len=image_seq_len,
         build_tiny=build_tiny,
         image_token="<|image_pad|>",
+        vision_lora_targets=("qkv", "proj"),  # the ViT's fused attention input and its output
     )
 )
