@@ -114,3 +114,26 @@ def test_run_with_pretrain_and_align_logs_both(tmp_path):
     for r in rows[1:]:
         assert r["align_seconds"] > 0 and np.isfinite(r["align_loss"])
     assert json.loads((out / "stage1.json").read_text())["objective"] == "embed"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "idefics3", "llava_onevision", "paligemma"])
+def test_stage1_embed_trains_every_family_and_the_model_carries_it(fresh_cache, family):
+    """The families whose processors flatten (Qwen) or tile (Idefics3, OneVision) the pixels take
+    the per-step path; the loss falls and a model built with the run's config carries the result."""
+    from safetensors.torch import load_file
+
+    from fedmllm.config import compose
+    from fedmllm.models.load import load_model
+    from fedmllm.models.stage1 import WEIGHTS, model_config, stage1_dir
+
+    from fedmllm.server.stages import ensure_pretrained
+
+    cfg = compose(tiny_overrides(f"model=tiny-{family}", "model.quantization=none",
+                                 "server_stage.pretrain.steps=30", "server_stage.pretrain.lr=1e-2"))
+    first = ensure_pretrained(cfg, log=lambda _: None)
+    assert first["loss_last"] < 0.9 * first["loss_first"], first
+    saved = load_file(str(stage1_dir(cfg) / WEIGHTS))
+    staged, _, fam = load_model(model_config(cfg))
+    assert saved and {fam.group_of(k) for k in saved} == {"vision_encoder", "projector"}
+    key = next(k for k in saved if fam.group_of(k) == "projector")
+    assert np.allclose(staged.state_dict()[key].float().numpy(), saved[key].float().numpy())

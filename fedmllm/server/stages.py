@@ -72,24 +72,48 @@ def format_summary(summary: dict[str, Any]) -> str:
             + (f"; held-out nearest-word accuracy {words}" if words else ""))
 
 
-def image_features(model, pixel_values):
-    """Projected image tokens [B, T, D] (what replaces the <image> tokens in the LM input)."""
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
+
+
+def image_inputs(processor, family, images) -> dict:
+    """The family's own image tensors for a batch of PIL images (pixel_values, and what the
+    family adds: Qwen's image_grid_thw, Idefics3's pixel_attention_mask, OneVision's image_sizes),
+    through the same prompt + processor path as training."""
+    prompt = family.prompt(processor, "", "Describe the image.", True)
+    enc = family.encode(processor, [prompt] * len(images), list(images))
+    return {k: v for k, v in enc.items() if k not in TEXT_KEYS}
+
+
+def image_features(model, inputs) -> "torch.Tensor":
+    """Projected image tokens [B, T, D] (what replaces the image tokens in the LM input);
+    `inputs`: image_inputs(...), or a [B, C, H, W] pixel batch."""
     import torch
 
-    feats = model.model.get_image_features(pixel_values=pixel_values)
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"pixel_values": inputs}
+    feats = model.model.get_image_features(**inputs)
     feats = getattr(feats, "pooler_output", feats)
-    if isinstance(feats, (list, tuple)):
-        feats = torch.stack(list(feats))
-    return feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
+    if isinstance(feats, (list, tuple)):  # one tensor per image (Qwen, OneVision); same size here
+        feats = torch.stack([f.reshape(-1, f.shape[-1]) for f in feats])
+    batch = len(inputs["image_grid_thw"]) if "image_grid_thw" in inputs else inputs["pixel_values"].shape[0]
+    return feats.reshape(batch, -1, feats.shape[-1])
 
 
 def _augment(x, rng: random.Random):
     """A random 90-degree rotation and horizontal flip of the whole batch (easy-vqa's shapes and
-    colours do not change under them): 8 views of every public image."""
+    colours do not change under them): 8 views of every public image. `x`: a [B, C, H, W] pixel
+    batch, or a list of PIL images (families whose processors tile or flatten the pixels)."""
     import torch
 
-    x = torch.rot90(x, rng.randrange(4), (2, 3))
-    return torch.flip(x, (3,)) if rng.random() < 0.5 else x
+    turns, flip = rng.randrange(4), rng.random() < 0.5
+    if isinstance(x, torch.Tensor):
+        x = torch.rot90(x, turns, (2, 3))
+        return torch.flip(x, (3,)) if flip else x
+    from PIL import Image
+
+    ops = [Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270]
+    x = [im.transpose(ops[turns - 1]) if turns else im for im in x]
+    return [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in x] if flip else x
 
 
 def _schedule(opt, steps: int, warmup: int):
@@ -125,15 +149,15 @@ def pretrain(model, processor, family, pairs, stage: dict[str, Any], seed: int) 
     opt = torch.optim.AdamW(params, lr=float(stage["lr"]), weight_decay=0.0)
     sched = _schedule(opt, steps, int(stage.get("warmup", max(1, steps // 20))))
 
-    def pixels(items):
-        images = []
+    def images(items):
+        out = []
         for path, _ in items:
             with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                out.append(im.convert("RGB"))
+        return out
 
     if objective == "embed":
-        step_loss, evaluate = _embed_objective(model, processor, train, val, pixels, stage)
+        step_loss, evaluate = _embed_objective(model, processor, family, train, val, images, stage)
     elif objective == "caption":
         step_loss, evaluate = _caption_objective(model, processor, family, train, val)
     else:
@@ -175,9 +199,13 @@ def _word_embedding(model, tokenizer, word: str):
     return model.get_input_embeddings().weight[ids].detach().float().mean(0)
 
 
-def _embed_objective(model, processor, train, val, pixels, stage):
+def _embed_objective(model, processor, family, train, val, images, stage):
     """Token group i of every image -> the LM's input embedding of caption word i: a scaled MSE
-    plus a cosine cross-entropy against the other words seen in that slot."""
+    plus a cosine cross-entropy against the other words seen in that slot.
+
+    Where the processor gives a plain [B, C, H, W] pixel batch (LLaVA, PaliGemma), the public
+    images are processed once and augmented as tensors; otherwise (Qwen's flattened patches,
+    Idefics3's and OneVision's tiles) each step augments and processes its images."""
     import torch
     import torch.nn.functional as F
 
@@ -187,7 +215,17 @@ def _embed_objective(model, processor, train, val, pixels, stage):
     table = [torch.stack([_word_embedding(model, tok, w) for w in v]) for v in vocab]
     scale = model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean()
     temp = float(stage.get("temperature", 20.0))
-    train_pix, val_pix = pixels(train), pixels(val)
+    train_img, val_img = images(train), images(val)
+    val_in = image_inputs(processor, family, val_img)
+    pixel_batches = set(val_in) == {"pixel_values"} and val_in["pixel_values"].dim() == 4
+    train_pix = image_inputs(processor, family, train_img)["pixel_values"] if pixel_batches else None
+
+    def batch_inputs(idx, rng):
+        if pixel_batches:
+            x = train_pix[idx]
+            return _augment(x, rng) if rng is not None else x
+        batch = [train_img[i] for i in idx]
+        return image_inputs(processor, family, _augment(batch, rng) if rng is not None else batch)
     target = [torch.tensor([vocab[i].index(words[i]) for _, words in train]) for i in range(n_slots)]
     val_target = [torch.tensor([vocab[i].index(words[i]) for _, words in val]) for i in range(n_slots)]
 
@@ -195,10 +233,7 @@ def _embed_objective(model, processor, train, val, pixels, stage):
         return torch.tensor_split(feats, n_slots, dim=1)
 
     def step_loss(idx, rng):
-        x = train_pix[idx]
-        if rng is not None:
-            x = _augment(x, rng)
-        feats = image_features(model, x).float()
+        feats = image_features(model, batch_inputs(idx, rng)).float()
         loss = feats.new_zeros(())
         for i, group in enumerate(slots(feats)):
             y = target[i][idx]
@@ -209,7 +244,7 @@ def _embed_objective(model, processor, train, val, pixels, stage):
 
     def evaluate():
         with torch.no_grad():
-            feats = image_features(model, val_pix).float()
+            feats = image_features(model, val_in).float()
             acc = []
             for i, group in enumerate(slots(feats)):
                 pred = (F.normalize(group, dim=-1) @ F.normalize(table[i], dim=-1).T).argmax(-1)
