@@ -75,7 +75,11 @@ write_connection() {  # the connection `flwr run . fedmllm-deploy` reads
   mv "$conf.tmp" "$conf"
 }
 
-alive() { [ -f "$PIDS/$1.pid" ] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
+alive() {  # a zombie (killed, not yet reaped) counts as gone
+  [ -f "$PIDS/$1.pid" ] || return 1
+  local stat; stat="$(ps -o stat= -p "$(cat "$PIDS/$1.pid")" 2>/dev/null)" || return 1
+  [[ "$stat" != Z* ]]
+}
 
 launch() {  # launch NAME CMD...: own process group (setsid), PID in $PIDS/NAME.pid, log in $LOGS/NAME.log
   local name=$1; shift
@@ -126,6 +130,16 @@ register() {  # register KEY.pub: allow the SuperNode holding its private key to
   flwr supernode register "$pub" "$CONN" || echo "note: $pub was not registered now (registered before?)"
 }
 
+node_value() {  # key=value as --node-config needs it: strings in double quotes (data-dir="/d")
+  local k=${1%%=*} v=${1#*=}
+  [[ "$1" == *=* ]] || die "node config '$1' is not key=value (e.g. data-dir=/data/partition lora-rank=8)"
+  if [[ "$v" =~ ^-?[0-9]+(\.[0-9]+)?$ || "$v" =~ ^(true|false)$ || "$v" =~ ^\".*\"$ ]]; then
+    echo "$k=$v"
+  else
+    echo "$k=\"$v\""
+  fi
+}
+
 start_supernode() {  # start_supernode I N [key=value ...]
   local i=$1 n=$2; shift 2
   [[ "$i" =~ ^[0-9]+$ && "$n" =~ ^[0-9]+$ ]] || die "supernode needs PARTITION_ID NUM_PARTITIONS (integers), got '$i' '$n'"
@@ -135,10 +149,12 @@ start_supernode() {  # start_supernode I N [key=value ...]
     [ -f "$key" ] || die "node authentication: $key is missing; create it with: python scripts/certs.py node-keys $TLS_DIR $n"
     auth=(--auth-supernode-private-key "$key")
   fi
+  local conf="partition-id=$i num-partitions=$n" kv
+  for kv in "$@"; do conf+=" $(node_value "$kv")"; done
   # shellcheck disable=SC2046
   launch "supernode-$i" flower-supernode $(tls_link_args) --superlink "$SUPERLINK" "${auth[@]}" \
     --host 127.0.0.1 --port "$((NODE_PORT + i))" \
-    --node-config "partition-id=$i num-partitions=$n $*"
+    --node-config "$conf"
   echo "supernode $i of $n -> $SUPERLINK (PID $(cat "$PIDS/supernode-$i.pid"), log $LOGS/supernode-$i.log)"
 }
 

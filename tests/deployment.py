@@ -82,6 +82,64 @@ class Deployment:
         self.started.add(proc.pid)
         return proc
 
+    def raw_supernode(self, name: str, node_config: str, port_offset: int) -> None:
+        """`flower-supernode` with exactly `node_config` (the script always sets partition-id);
+        its PID goes beside the script's, so `deploy.sh stop` stops it too."""
+        log = open(self.home / "logs" / f"supernode-{name}.log", "w")
+        proc = subprocess.Popen(
+            ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+             "--port", str(self.port + port_offset), "--node-config", node_config],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        (self.home / "pids" / f"supernode-{name}.pid").write_text(str(proc.pid))
+        self.started.add(proc.pid)
+
+    def refused_supernode(self, tls_args: list[str], timeout: float = 90) -> str:
+        """Start a SuperNode with `tls_args` that the SuperLink must refuse; return its output once
+        it has given up (it must exit non-zero)."""
+        log = self.home / "logs" / f"refused-{len(list(self.home.glob('logs/refused-*')))}.log"
+        with open(log, "w") as f:  # a file, not a pipe: a child of the SuperNode may hold a pipe open
+            proc = subprocess.Popen(
+                ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+                 "--port", str(self.port + 30), "--max-retries", "2", *tls_args,
+                 "--node-config", "partition-id=0 num-partitions=2"],
+                env=self.env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started.add(proc.pid)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the SuperNode was not refused within {timeout} s:\n"
+                                 f"{log.read_text(errors='replace')[-2000:]}") from None
+        output = log.read_text(errors="replace")
+        assert proc.returncode != 0, output[-2000:]
+        return output
+
+    def online_nodes(self) -> int:
+        """SuperNodes the SuperLink lists as online (`flwr supernode list`)."""
+        import json
+
+        proc = subprocess.run(["flwr", "supernode", "list", "fedmllm-deploy", "--format", "json"], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, timeout=60)
+        try:
+            nodes = json.loads(proc.stdout[proc.stdout.index("{"):])["nodes"]
+        except (ValueError, KeyError):
+            return 0
+        return sum(n["status"] == "online" for n in nodes)
+
+    def wait_online(self, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while (k := self.online_nodes()) < n:
+            assert time.time() < deadline, f"{k} of {n} SuperNodes online after {timeout} s"
+            time.sleep(1)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process group the script started (a crash: no goodbye to the SuperLink)."""
+        pid = self.pid(name)
+        os.killpg(pid, signal.SIGKILL)
+        self.wait_for(lambda: not any(line.split()[0] == str(pid) and "<defunct>" not in line
+                                      for line in process_groups().get(pid, [])), f"{name} to die", timeout=30)
+
     def pid(self, name: str) -> int:
         return int((self.home / "pids" / f"{name}.pid").read_text())
 
@@ -93,9 +151,9 @@ class Deployment:
             self.started.add(int(f.read_text()))
 
     def left_running(self) -> list[str]:
-        """Processes still alive in any process group this deployment started."""
+        """Processes still alive (zombies aside) in any process group this deployment started."""
         groups = process_groups()
-        return [line for pgid in self.started for line in groups.get(pgid, [])]
+        return [line for pgid in self.started for line in groups.get(pgid, []) if "<defunct>" not in line]
 
     def close(self) -> None:
         """Stop everything: the script's own `stop`, then SIGKILL to any group still alive."""
@@ -109,6 +167,18 @@ class Deployment:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    @staticmethod
+    def wait_for(predicate, what: str, timeout: float = 600, proc: subprocess.Popen | None = None,
+                 log: Path | None = None) -> None:
+        """Poll `predicate` until true; fail naming `what` (and the tail of `log`) on timeout or
+        when `proc` exits first."""
+        deadline = time.time() + timeout
+        while not predicate():
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            assert proc is None or proc.poll() is None, f"run exited ({proc.returncode}) before {what}:\n{tail}"
+            assert time.time() < deadline, f"timed out waiting for {what}:\n{tail}"
+            time.sleep(0.5)
 
     def wait_stopped(self, timeout: float = 20) -> list[str]:
         deadline = time.time() + timeout
