@@ -228,20 +228,29 @@ class NodeIdentity:
 
 
 def node_identity(node_config: Mapping[str, Any]) -> NodeIdentity:
-    """Read `partition-id`, `num-partitions` and optional `data-dir`; errors name the setting."""
+    """Read `partition-id`, `num-partitions` and optional `data-dir`, `lora-rank` from a SuperNode's
+    `--node-config`; errors name the setting and the fix (a ClientApp fails that message with it)."""
+    fix = 'restart the SuperNode with --node-config "partition-id=I num-partitions=N" (0 <= I < N)'
+
+    def integer(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
+            raise ConfigError(f"node_config {key}={value!r} is not an integer; {fix}")
+        return int(value)
+
     for key in ("partition-id", "num-partitions"):
         if key not in node_config:
-            raise ConfigError(
-                f"node_config lacks {key!r}; start the SuperNode with "
-                f"--node-config \"partition-id=0 num-partitions=2\""
-            )
-    pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    if not 0 <= pid < n:
-        raise ConfigError(f"node_config partition-id={pid} must be in [0, num-partitions={n})")
+            raise ConfigError(f"node_config lacks {key!r}; {fix}")
+    pid = integer("partition-id", node_config["partition-id"])
+    n = integer("num-partitions", node_config["num-partitions"])
+    if n < 1 or not 0 <= pid < n:
+        raise ConfigError(f"node_config partition-id={pid} must be in [0, num-partitions={n}); {fix}")
     data_dir = node_config.get("data-dir")
     if data_dir is not None and not Path(str(data_dir)).is_dir():
-        raise ConfigError(f"node_config data-dir={data_dir!r} does not exist")
+        raise ConfigError(
+            f"node_config data-dir={data_dir!r} does not exist on this SuperNode; pass the 'partition dir:' "
+            "that `fedmllm partition ... out=DIR` printed, or leave data-dir out to build the partition on the fly"
+        )
     rank = node_config.get("lora-rank")
-    if rank is not None and int(rank) < 1:
+    if rank is not None and integer("lora-rank", rank) < 1:
         raise ConfigError(f"node_config lora-rank={rank!r} must be an integer >= 1")
     return NodeIdentity(pid, n, str(data_dir) if data_dir else None, int(rank) if rank is not None else None)

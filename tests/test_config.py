@@ -72,3 +72,7 @@ def test_node_identity(tmp_path):
         node_identity({"partition-id": 2, "num-partitions": 2})
     with pytest.raises(ConfigError, match="data-dir='/nonexistent' does not exist"):
         node_identity({"partition-id": 0, "num-partitions": 2, "data-dir": "/nonexistent"})
+    with pytest.raises(ConfigError, match="partition-id='a' is not an integer; restart the SuperNode with --node-config"):
+        node_identity({"partition-id": "a", "num-partitions": 2})
+    with pytest.raises(ConfigError, match="lora-rank=0 must be"):
+        node_identity({"partition-id": 0, "num-partitions": 2, "lora-rank": 0})

@@ -27,8 +27,8 @@ def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...]
     """One train message: compose the config, run the client's round, reply (and keep its state)."""
     from fedmllm.client import train_round
 
+    ident = node_identity(context.node_config)  # first: a misconfigured SuperNode fails in a second
     cfg = from_run_config(context.run_config, base_overrides)
-    ident = node_identity(context.node_config)
     arrays = from_record(msg.content["arrays"])
     extra = {k: from_record(v) for k, v in msg.content.array_records.items() if k != "arrays"}
     config = msg.content["config"]

@@ -1,0 +1,167 @@
+"""Cost of a round in deployment: a fresh ClientApp process per message (Flower 1.42's design).
+
+    python bench/deploy.py [hydra overrides]
+    python bench/deploy.py --loads-only [hydra overrides]   # the model-load breakdown only (a minute)
+    (no overrides: smol-llava at the demo's local steps, train.local_steps=6 x train.batch_size=8)
+
+A fresh process does what `flwr-clientapp` does for a train message: start Python, import Flower
+and the ClientApp, then call the app (compose the config, load the 4-bit model, read the partition,
+load the global adapter, train `local_steps` steps, build the reply). Phases are timed inside the
+process; the fixed cost is everything but the training steps. Side by side:
+- fresh: what a SuperNode does every round today, the partition built on the fly from the dataset
+  (flwr-datasets + Dirichlet: imports datasets/pyarrow and partitions the whole pool);
+- fresh + data-dir: the partition read from `fedmllm partition` output (node_config data-dir);
+- warm: a second message in the first process, model cached (simulation's case, the floor);
+Before that, another fresh process loads the model 4-bit, 4-bit again and unquantized: the second
+4-bit load minus the unquantized one is the NF4 quantization at load time, the most a pre-quantized
+4-bit cache (branch peftq) can save; the first minus the second is one-off lazy imports and cold reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEMO = ["model=smol-llava", "train.local_steps=6", "train.batch_size=8", "num_clients=4"]
+PHASES = ["start", "imports_flwr_app", "imports_ml", "model", "call_other", "train"]
+LABELS = {"start": "interpreter start", "imports_flwr_app": "import flwr + ClientApp",
+          "imports_ml": "import torch/transformers/peft/bnb", "model": "model load (4-bit + LoRA)",
+          "call_other": "config + data + adapter + reply", "train": "training steps"}
+
+
+def child(spawned: float, overrides: list[str], data_dir: str, messages: int) -> dict:
+    """One ClientApp process taking `messages` train messages (node_config data-dir=`data_dir` when
+    given): phase seconds of each; only the first pays start, imports and model load."""
+    t = {"main": time.time()}
+    import flwr.app  # noqa: F401  flwr-clientapp's own imports before it loads the app
+    from flwr.supernode.runtime import run_clientapp  # noqa: F401
+
+    from fedmllm.client.app import app
+
+    t["flwr"] = time.time()
+    import bitsandbytes  # noqa: F401  imported anyway by the model load below; timed apart
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    t["ml"] = time.time()
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmllm.config import compose
+    from fedmllm.models import get_model
+    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.records import to_record
+    from fedmllm.strategies.protocol import peft_for
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as flwr-clientapp sets them
+    cfg = compose(overrides)
+    lm = get_model(model_config(cfg), peft_for(cfg))  # the app's own get_model hits this process's cache
+    t["model"] = time.time()
+    arrays = to_record(adapter_state(lm.model))
+    out = []
+    node_config = {"partition-id": 0, "num-partitions": cfg["num_clients"], **({"data-dir": data_dir} if data_dir else {})}
+    for rnd in range(1, messages + 1):
+        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+                      dst_node_id=1, message_type="train")
+        ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                      run_config={"overrides": " ".join(overrides)})
+        t0 = time.time()
+        reply = app(msg, ctx)
+        call = time.time() - t0
+        train = float(reply.content["metrics"]["train-seconds"])
+        phases = dict(start=t["main"] - spawned, imports_flwr_app=t["flwr"] - t["main"], imports_ml=t["ml"] - t["flwr"],
+                      model=t["model"] - t["ml"]) if rnd == 1 else dict.fromkeys(PHASES[:4], 0.0)
+        out.append({**phases, "call_other": call - train, "train": train})
+    return {"rounds": out}
+
+
+def loads(overrides: list[str]) -> dict:
+    """Model load seconds in one process (libraries imported first): 4-bit, 4-bit again, unquantized.
+    The first load also pays one-off lazy imports and cold file reads; 4-bit again minus unquantized
+    is the NF4 quantization itself."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from fedmllm.config import compose
+    from fedmllm.models import clear_cache, get_model
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.strategies.protocol import peft_for
+
+    cfg = compose(overrides)
+    out = {}
+    for name, quant in (("4bit_first", "4bit"), ("4bit_again", "4bit"), ("none", "none")):
+        clear_cache()
+        t0 = time.time()
+        get_model(model_config({**cfg, "model": {**cfg["model"], "quantization": quant}}), peft_for(cfg))
+        out[name] = time.time() - t0
+    return out
+
+
+def spawn(args: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        cmd = [sys.executable, __file__, "--child", f.name, repr(time.time()), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(f.name).read_text())
+
+
+def row(name: str, p: dict) -> str:
+    total = sum(p[k] for k in PHASES)
+    fixed = total - p["train"]
+    cells = " | ".join(f"{p[k]:6.2f}" for k in PHASES)
+    return f"| {name} | {cells} | {total:6.2f} | {fixed:6.2f} | {fixed / total:5.1%} |"
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--child"]:
+        out_file, spawned, data_dir, messages, *overrides = argv[1:]
+        result = loads(overrides) if data_dir == "--loads" else child(float(spawned), overrides, data_dir, int(messages))
+        Path(out_file).write_text(json.dumps(result))
+        return
+    loads_only = argv[:1] == ["--loads-only"]
+    overrides = [*DEMO, *argv[loads_only:]]
+    print(f"overrides: {' '.join(overrides)}", flush=True)
+    load = spawn(["--loads", "0", *overrides])
+    print(f"model load in a fresh process: 4-bit {load['4bit_first']:.2f} s, 4-bit again {load['4bit_again']:.2f} s, "
+          f"unquantized {load['none']:.2f} s -> NF4 quantization at load {load['4bit_again'] - load['none']:.2f} s "
+          f"(the most a pre-quantized 4-bit cache saves); one-off first-load cost "
+          f"{load['4bit_first'] - load['4bit_again']:.2f} s", flush=True)
+    if loads_only:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        part = subprocess.run([sys.executable, "-m", "fedmllm.cli", "partition", *overrides, f"out={tmp}"],
+                              capture_output=True, text=True)
+        if part.returncode != 0:
+            sys.exit(f"fedmllm partition failed:\n{part.stderr[-2000:]}")
+        data_dir = part.stdout.split("partition dir: ")[1].split()[0]
+        fresh, warm = spawn(["", "2", *overrides])["rounds"]
+        fresh_dir = spawn([data_dir, "1", *overrides])["rounds"][0]
+    head = " | ".join(LABELS[k] for k in PHASES)
+    print(f"\nseconds per client per round (one ClientApp process per message)\n\n| variant | {head} | round | fixed | fixed share |")
+    print("|---" * (len(PHASES) + 4) + "|")
+    print(row("fresh process (deployment today)", fresh))
+    print(row("fresh process + data-dir (partition read from disk)", fresh_dir))
+    print(row("warm: 2nd message, same process (simulation's floor)", warm))
+    steps = int(next(o for o in overrides[::-1] if o.startswith("train.local_steps=")).split("=")[1])
+    step = fresh["train"] / steps
+    quant = load["4bit_again"] - load["none"]
+    for name, p, saved in (("today", fresh, 0.0), ("data-dir", fresh_dir, 0.0),
+                           ("data-dir + pre-quantized cache (estimate)", fresh_dir, quant)):
+        fixed = sum(p[k] for k in PHASES) - p["train"] - saved
+        print(f"{name}: fixed {fixed:.1f} s = {fixed / step:.1f} steps of {step:.2f} s; {fixed / (fixed + steps * step):.1%} "
+              f"of a {steps}-step round; <= 15% needs >= {fixed * 85 / 15 / step:.0f} local steps")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,134 @@
+"""Deployment: a real SuperLink and SuperNodes on 127.0.0.1 (scripts/deploy.sh), tiny-llava."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import tiny_overrides
+from deployment import ROOT, Deployment
+from fedmllm.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(out_dir, clients: int = 2, rounds: int = 2, *extra: str) -> str:
+    """tiny-llava, 1 local step; no server stage (it costs a minute and is not deployment)."""
+    base = [o for o in tiny_overrides() if not o.startswith(("num_clients=", "clients_per_round=", "num_rounds="))]
+    return " ".join([*base, f"num_clients={clients}", f"clients_per_round={clients}", f"num_rounds={rounds}",
+                     "train.local_steps=1", "dataset.eval_samples=8", "server_stage=none", f"out_dir={out_dir}",
+                     *extra])
+
+
+def rounds_logged(out_dir) -> list[dict]:
+    return read_metrics(out_dir) if (out_dir / "metrics.jsonl").is_file() else []
+
+
+def adapter_bytes_and_keys() -> tuple[int, set[str]]:
+    """What one client must send: the tiny model's trainable adapter (bytes as fp32, PEFT keys)."""
+    from fedmllm.config import compose
+    from fedmllm.models import clear_cache, get_model
+    from fedmllm.models.adapter import adapter_state_keys, trainable_bytes
+
+    cfg = compose(tiny_overrides("server_stage=none"))
+    model = get_model(cfg["model"], cfg["peft"]).model
+    out = trainable_bytes(model), set(adapter_state_keys(model))
+    clear_cache()
+    return out
+
+
+def test_tls_authenticated_supernodes_run_two_rounds_exchanging_adapters_only(tmp_path):
+    """The acceptance run, over TLS with SuperNode authentication: SuperLink + 2 registered SuperNodes
+    on 127.0.0.1, 2 rounds of tiny-llava; a SuperNode with an unregistered key, and one that does not
+    trust the SuperLink's CA, are refused; every process is stopped by PID."""
+    import subprocess
+
+    from safetensors import safe_open
+
+    tls = tmp_path / "tls"
+    certs = [sys.executable, str(ROOT / "scripts" / "certs.py")]
+    subprocess.run([*certs, "tls", str(tls)], check=True, capture_output=True)
+    subprocess.run([*certs, "node-keys", str(tls), "3"], check=True, capture_output=True)  # node-2: never registered
+    subprocess.run([*certs, "tls", str(tmp_path / "other-ca")], check=True, capture_output=True)
+    dep = Deployment(tmp_path / "flwr", tls_dir=tls, node_auth=True)
+    out = tmp_path / "run"
+    try:
+        dep.sh("start", "2")
+        intruder = dep.refused_supernode(["--root-certificates", str(tls / "ca.pem"),
+                                          "--auth-supernode-private-key", str(tls / "node-2.key")])
+        assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
+        assert "No SuperNode found with the given public key" in dep.log("superlink")
+        wrong_ca = dep.refused_supernode(["--root-certificates", str(tmp_path / "other-ca" / "ca.pem"),
+                                          "--auth-supernode-private-key", str(tls / "node-0.key")])
+        assert "could not establish a connection" in wrong_ca, wrong_ca[-2000:]
+        assert dep.online_nodes() == 2
+
+        proc = dep.sh("run", overrides(out), timeout=600)
+        assert "server finished" in proc.stdout + proc.stderr
+        rows = read_metrics(out)
+        assert [r["round"] for r in rows] == [0, 1, 2]  # the run completed all rounds
+        ckpt = out / rows[-1]["checkpoint"]
+        assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "fedmllm-state.npz").is_file()
+        # Each reply passed the strategy's key check against the global adapter, and its bytes are
+        # exactly the trainable adapter's: no base weight, embedding or vision tower travelled.
+        expected, keys = adapter_bytes_and_keys()
+        for r in rows[1:]:
+            assert r["bytes_up_per_client"] == {"0": expected, "1": expected}
+            assert r["bytes_down"] == 2 * expected
+        with safe_open(str(ckpt / "adapter_model.safetensors"), "np") as f:
+            assert set(f.keys()) == keys
+        assert all("lora_" in k or "multi_modal_projector" in k for k in keys)
+        pids = {name: dep.pid(name) for name in ("superlink", "supernode-0", "supernode-1")}
+        stopped = dep.sh("stop").stdout
+        for name, pid in pids.items():
+            assert f"stopped {name} (PID {pid})" in stopped
+        assert dep.wait_stopped() == []  # no SuperLink, SuperNode, ServerApp or ClientApp left
+    finally:
+        dep.close()
+
+def test_killed_supernode_misconfigured_supernodes_and_stopped_superlink_are_survived(tmp_path):
+    """3 good SuperNodes (min 2 per round) + 3 misconfigured ones, 3 rounds:
+    round 1: SuperNode 2 is killed (SIGKILL) holding its message and restarted -> aggregated from 0 and 1;
+    round 2: the restarted SuperNode 2 takes part again;
+    round 3: the SuperLink (and its ServerApp) is killed -> `resume` continues from round 2's checkpoint.
+    Every round, each misconfigured SuperNode's ClientApp fails its message with an error naming the
+    setting, and the round goes on without it."""
+    dep = Deployment(tmp_path / "flwr")
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    ov = overrides(out, 3, 3, "aggregator.min_train_nodes=2", "aggregator.min_available_nodes=2")
+    try:
+        dep.sh("start", "3")
+        dep.raw_supernode("no-id", "num-partitions=3", 20)
+        dep.raw_supernode("out-of-range", "partition-id=3 num-partitions=3", 21)
+        dep.raw_supernode("no-data", f"partition-id=0 num-partitions=3 data-dir=\"{tmp_path / 'nowhere'}\"", 22)
+        dep.wait_online(6)
+        run = dep.run_async(ov, log)
+        started = lambda: "Start `flwr-clientapp`" in dep.log("supernode-2")  # noqa: E731
+        dep.wait_for(started, "SuperNode 2 receiving its round-1 message", proc=run, log=log)
+        dep.kill("supernode-2")
+        dep.sh("supernode", "2", "3")  # restarted: it joins with a new node id
+        dep.wait_for(lambda: len(rounds_logged(out)) >= 3, "round 2", proc=run, log=log)
+        rows = rounds_logged(out)
+        assert set(rows[1]["bytes_up_per_client"]) == {"0", "1"}  # round 1 went on without the killed node
+        assert set(rows[2]["bytes_up_per_client"]) == {"0", "1", "2"}  # and it is back in round 2
+        text = log.read_text()
+        for reason in ("node_config lacks 'partition-id'", "node_config partition-id=3 must be in [0, num-partitions=3)",
+                       f"node_config data-dir='{tmp_path / 'nowhere'}' does not exist"):
+            assert text.count(reason) >= 2, (reason, text[-3000:])  # rounds 1 and 2, each from its node
+        assert "restart the SuperNode with --node-config" in text
+
+        dep.kill("superlink")  # mid-run: round 3 has started
+        assert run.wait(timeout=120) != 0
+        assert len(rounds_logged(out)) == 3
+        dep.sh("superlink")  # the same state database: the SuperNodes reconnect by themselves
+        dep.wait_online(3)
+        proc = dep.sh("run", overrides(out, 3, 3, "aggregator.min_train_nodes=2", "aggregator.min_available_nodes=2",
+                                       f"resume={out}"), timeout=600)
+        assert f"resuming {out} after round 2 of 3" in proc.stdout + proc.stderr
+        assert [r["round"] for r in rounds_logged(out)] == [0, 1, 2, 3]
+        assert (out / "checkpoints" / "round-3" / "fedmllm-state.npz").is_file()
+        dep.sh("stop")
+        assert dep.wait_stopped() == []
+    finally:
+        dep.close()
