@@ -49,9 +49,7 @@ for tool in flower-superlink flower-supernode flwr; do
 done
 if [ -n "$TLS_DIR" ]; then
   TLS_DIR="$(cd "$TLS_DIR" 2>/dev/null && pwd)" || die "FEDMLLM_TLS_DIR=${FEDMLLM_TLS_DIR} does not exist; create it with: python scripts/certs.py tls DIR"
-  for f in ca.pem server.pem server.key; do
-    [ -f "$TLS_DIR/$f" ] || die "FEDMLLM_TLS_DIR=$TLS_DIR lacks $f; create it with: python scripts/certs.py tls $TLS_DIR"
-  done
+  [ -f "$TLS_DIR/ca.pem" ] || die "FEDMLLM_TLS_DIR=$TLS_DIR lacks ca.pem; create it with: python scripts/certs.py tls $TLS_DIR"
 fi
 if [ "$NODE_AUTH" = 1 ] && [ -z "$TLS_DIR" ]; then
   die "FEDMLLM_NODE_AUTH=1 needs TLS (Flower refuses node authentication without it); set FEDMLLM_TLS_DIR"
@@ -110,6 +108,10 @@ wait_port() {  # wait_port NAME HOST PORT: until it accepts connections (its pro
 }
 
 start_superlink() {
+  local f
+  for f in server.pem server.key; do  # only the SuperLink's machine needs these (clients: ca.pem)
+    [ -z "$TLS_DIR" ] || [ -f "$TLS_DIR/$f" ] || die "FEDMLLM_TLS_DIR=$TLS_DIR lacks $f; create it with: python scripts/certs.py tls $TLS_DIR"
+  done
   local tls=(--insecure)
   [ -n "$TLS_DIR" ] && tls=(--ssl-ca-certfile "$TLS_DIR/ca.pem" --ssl-certfile "$TLS_DIR/server.pem"
                             --ssl-keyfile "$TLS_DIR/server.key")
