@@ -10,6 +10,7 @@ use, as any run would), else a local `model.path` directory's config.json.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def _adapter_sizes(model_cfg: dict[str, Any], peft_cfg: dict[str, Any]) -> tuple
     from fedmllm.models.adapter import adapter_params, apply_peft
 
     model, family = meta_model(model_cfg)
-    peft_model = apply_peft(model, family, peft_cfg)
+    with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing")
+        peft_model = apply_peft(model, family, peft_cfg)
     sizes = {k: p.numel() for k, p in adapter_params(peft_model).items()}
     by_group: dict[str, int] = {}
     for k, n in sizes.items():
