@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/aggregate.py
 	$(BIN)/python bench/partition.py
+	$(BIN)/python bench/load.py
 	$(BIN)/python bench/deploy.py
 
 clean:

@@ -8,13 +8,16 @@ A fresh process does what `flwr-clientapp` does for a train message: start Pytho
 and the ClientApp, then call the app (compose the config, load the 4-bit model, read the partition,
 load the global adapter, train `local_steps` steps, build the reply). Phases are timed inside the
 process; the fixed cost is everything but the training steps. Side by side:
-- fresh: what a SuperNode does every round today, the partition built on the fly from the dataset
-  (flwr-datasets + Dirichlet: imports datasets/pyarrow and partitions the whole pool);
+- fresh, quantize at load: the partition built on the fly from the dataset (flwr-datasets +
+  Dirichlet: imports datasets/pyarrow and partitions the whole pool), the full-precision weights
+  quantized to NF4 while loading (`model.quantized_cache=false`);
 - fresh + data-dir: the partition read from `fedmllm partition` output (node_config data-dir);
+- fresh + data-dir + pre-quantized cache: the packed NF4 model from $FEDMLLM_CACHE/quantized
+  (the default since fedmllm.models.quantize);
 - warm: a second message in the first process, model cached (simulation's case, the floor);
-Before that, another fresh process loads the model 4-bit, 4-bit again and unquantized: the second
-4-bit load minus the unquantized one is the NF4 quantization at load time, the most a pre-quantized
-4-bit cache (branch peftq) can save; the first minus the second is one-off lazy imports and cold reads.
+Before that, another fresh process loads the model 4-bit quantizing at load, 4-bit from the
+pre-quantized cache and unquantized (after one untimed load that fills the cache and pays one-off
+lazy imports and cold reads).
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
 
 
 def loads(overrides: list[str]) -> dict:
-    """Model load seconds in one process (libraries imported first): 4-bit, 4-bit again, unquantized.
-    The first load also pays one-off lazy imports and cold file reads; 4-bit again minus unquantized
-    is the NF4 quantization itself."""
+    """Model load seconds in one process (libraries imported first, one untimed cached 4-bit load
+    before: it fills the pre-quantized cache and pays one-off costs): 4-bit quantizing at load,
+    4-bit from the cache, unquantized."""
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import torch  # noqa: F401
@@ -98,10 +101,12 @@ def loads(overrides: list[str]) -> dict:
 
     cfg = compose(overrides)
     out = {}
-    for name, quant in (("4bit_first", "4bit"), ("4bit_again", "4bit"), ("none", "none")):
+    for name, quant, cached in (("warm-up", "4bit", True), ("4bit_quantize", "4bit", False),
+                                ("4bit_cached", "4bit", True), ("none", "none", False)):
         clear_cache()
         t0 = time.time()
-        get_model(model_config({**cfg, "model": {**cfg["model"], "quantization": quant}}), peft_for(cfg))
+        model = {**cfg["model"], "quantization": quant, "quantized_cache": cached}
+        get_model(model_config({**cfg, "model": model}), peft_for(cfg))
         out[name] = time.time() - t0
     return out
 
@@ -133,10 +138,9 @@ def main(argv: list[str]) -> None:
     overrides = [*DEMO, *argv[loads_only:]]
     print(f"overrides: {' '.join(overrides)}", flush=True)
     load = spawn(["--loads", "0", *overrides])
-    print(f"model load in a fresh process: 4-bit {load['4bit_first']:.2f} s, 4-bit again {load['4bit_again']:.2f} s, "
-          f"unquantized {load['none']:.2f} s -> NF4 quantization at load {load['4bit_again'] - load['none']:.2f} s "
-          f"(the most a pre-quantized 4-bit cache saves); one-off first-load cost "
-          f"{load['4bit_first'] - load['4bit_again']:.2f} s", flush=True)
+    print(f"model load in a fresh process: 4-bit quantizing at load {load['4bit_quantize']:.2f} s, "
+          f"4-bit from the pre-quantized cache {load['4bit_cached']:.2f} s "
+          f"({load['4bit_quantize'] / load['4bit_cached']:.1f}x), unquantized {load['none']:.2f} s", flush=True)
     if loads_only:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,20 +149,21 @@ def main(argv: list[str]) -> None:
         if part.returncode != 0:
             sys.exit(f"fedmllm partition failed:\n{part.stderr[-2000:]}")
         data_dir = part.stdout.split("partition dir: ")[1].split()[0]
-        fresh, warm = spawn(["", "2", *overrides])["rounds"]
-        fresh_dir = spawn([data_dir, "1", *overrides])["rounds"][0]
+        no_cache = [*overrides, "model.quantized_cache=false"]
+        fresh, warm = spawn(["", "2", *no_cache])["rounds"]
+        fresh_dir = spawn([data_dir, "1", *no_cache])["rounds"][0]
+        fresh_cached = spawn([data_dir, "1", *overrides])["rounds"][0]
     head = " | ".join(LABELS[k] for k in PHASES)
     print(f"\nseconds per client per round (one ClientApp process per message)\n\n| variant | {head} | round | fixed | fixed share |")
     print("|---" * (len(PHASES) + 4) + "|")
-    print(row("fresh process (deployment today)", fresh))
+    print(row("fresh process, quantize at load, partition built", fresh))
     print(row("fresh process + data-dir (partition read from disk)", fresh_dir))
+    print(row("fresh process + data-dir + pre-quantized cache (default)", fresh_cached))
     print(row("warm: 2nd message, same process (simulation's floor)", warm))
     steps = int(next(o for o in overrides[::-1] if o.startswith("train.local_steps=")).split("=")[1])
     step = fresh["train"] / steps
-    quant = load["4bit_again"] - load["none"]
-    for name, p, saved in (("today", fresh, 0.0), ("data-dir", fresh_dir, 0.0),
-                           ("data-dir + pre-quantized cache (estimate)", fresh_dir, quant)):
-        fixed = sum(p[k] for k in PHASES) - p["train"] - saved
+    for name, p in (("quantize at load", fresh), ("data-dir", fresh_dir), ("data-dir + pre-quantized cache", fresh_cached)):
+        fixed = sum(p[k] for k in PHASES) - p["train"]
         print(f"{name}: fixed {fixed:.1f} s = {fixed / step:.1f} steps of {step:.2f} s; {fixed / (fixed + steps * step):.1%} "
               f"of a {steps}-step round; <= 15% needs >= {fixed * 85 / 15 / step:.0f} local steps")
 
