@@ -1,7 +1,6 @@
 """Cost of a round in deployment: a fresh ClientApp process per message (Flower 1.42's design).
 
     python bench/deploy.py [hydra overrides]
-    python bench/deploy.py --loads-only [hydra overrides]   # the model-load breakdown only (a minute)
     (no overrides: smol-llava at the demo's local steps, train.local_steps=6 x train.batch_size=8)
 
 A fresh process does what `flwr-clientapp` does for a train message: start Python, import Flower
@@ -14,10 +13,8 @@ process; the fixed cost is everything but the training steps. Side by side:
 - fresh + data-dir: the partition read from `fedmllm partition` output (node_config data-dir);
 - fresh + data-dir + pre-quantized cache: the packed NF4 model from $FEDMLLM_CACHE/quantized
   (the default since fedmllm.models.quantize);
-- warm: a second message in the first process, model cached (simulation's case, the floor);
-Before that, another fresh process loads the model 4-bit quantizing at load, 4-bit from the
-pre-quantized cache and unquantized (after one untimed load that fills the cache and pays one-off
-lazy imports and cold reads).
+- warm: a second message in the first process, model cached (simulation's case, the floor).
+The model load alone, per mode and side by side, is bench/load.py's.
 """
 
 from __future__ import annotations
@@ -85,30 +82,12 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     return {"rounds": out}
 
 
-def loads(overrides: list[str]) -> dict:
-    """Model load seconds in one process (libraries imported first, one untimed cached 4-bit load
-    before: it fills the pre-quantized cache and pays one-off costs): 4-bit quantizing at load,
-    4-bit from the cache, unquantized."""
-    import bitsandbytes  # noqa: F401
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
+def fill_quantized_cache(overrides: list[str]) -> None:
+    """Load the 4-bit model once, untimed, so the pre-quantized cache exists before it is timed."""
     from fedmllm.config import compose
-    from fedmllm.models import clear_cache, get_model
-    from fedmllm.models.stage1 import model_config
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.models.load import load_model
 
-    cfg = compose(overrides)
-    out = {}
-    for name, quant, cached in (("warm-up", "4bit", True), ("4bit_quantize", "4bit", False),
-                                ("4bit_cached", "4bit", True), ("none", "none", False)):
-        clear_cache()
-        t0 = time.time()
-        model = {**cfg["model"], "quantization": quant, "quantized_cache": cached}
-        get_model(model_config({**cfg, "model": model}), peft_for(cfg))
-        out[name] = time.time() - t0
-    return out
+    load_model(compose(overrides)["model"])
 
 
 def spawn(args: list[str]) -> dict:
@@ -131,24 +110,17 @@ def row(name: str, p: dict) -> str:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
         out_file, spawned, data_dir, messages, *overrides = argv[1:]
-        result = loads(overrides) if data_dir == "--loads" else child(float(spawned), overrides, data_dir, int(messages))
-        Path(out_file).write_text(json.dumps(result))
+        Path(out_file).write_text(json.dumps(child(float(spawned), overrides, data_dir, int(messages))))
         return
-    loads_only = argv[:1] == ["--loads-only"]
-    overrides = [*DEMO, *argv[loads_only:]]
+    overrides = [*DEMO, *argv]
     print(f"overrides: {' '.join(overrides)}", flush=True)
-    load = spawn(["--loads", "0", *overrides])
-    print(f"model load in a fresh process: 4-bit quantizing at load {load['4bit_quantize']:.2f} s, "
-          f"4-bit from the pre-quantized cache {load['4bit_cached']:.2f} s "
-          f"({load['4bit_quantize'] / load['4bit_cached']:.1f}x), unquantized {load['none']:.2f} s", flush=True)
-    if loads_only:
-        return
     with tempfile.TemporaryDirectory() as tmp:
         part = subprocess.run([sys.executable, "-m", "fedmllm.cli", "partition", *overrides, f"out={tmp}"],
                               capture_output=True, text=True)
         if part.returncode != 0:
             sys.exit(f"fedmllm partition failed:\n{part.stderr[-2000:]}")
         data_dir = part.stdout.split("partition dir: ")[1].split()[0]
+        fill_quantized_cache(overrides)
         no_cache = [*overrides, "model.quantized_cache=false"]
         fresh, warm = spawn(["", "2", *no_cache])["rounds"]
         fresh_dir = spawn([data_dir, "1", *no_cache])["rounds"][0]

@@ -77,12 +77,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         m.get("quantization") in ("4bit", "8bit", "none"),
         f"model.quantization={m.get('quantization')!r} is not one of 4bit, 8bit, none",
     )
-    from fedmllm.models.load import COMPUTE_DTYPES
+    from fedmllm.models.load import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES
 
     need(m.get("compute_dtype", "auto") in COMPUTE_DTYPES,
          f"model.compute_dtype={m.get('compute_dtype')!r}: choose one of {list(COMPUTE_DTYPES)} (auto: fp32 on CPU, bf16 on GPU)")
     need(
-        m.get("attn_implementation") in ("sdpa", "eager", "flash_attention_2"),
+        m.get("attn_implementation") in ATTN_IMPLEMENTATIONS,
         f"model.attn_implementation={m.get('attn_implementation')!r}: choose sdpa, eager or flash_attention_2",
     )
     t = cfg["train"]

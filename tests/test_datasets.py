@@ -216,7 +216,7 @@ def test_hateful_memes_prompt_collate_score_with_and_without_images(tmp_path):
     from conftest import tiny_overrides
     from fedmllm.config import compose
     from fedmllm.data.collate import IGNORE, Collator
-    from fedmllm.data.prompts import chat_prompt, user_prompt
+    from fedmllm.data.prompts import SYSTEM, user_prompt
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models.load import load_model
     from fedmllm.server.evaluate import evaluate
@@ -240,7 +240,7 @@ def test_hateful_memes_prompt_collate_score_with_and_without_images(tmp_path):
     assert {"accuracy", "macro_f1", "accuracy_no_image"} <= set(metrics)
     # each score is the full answer's log-likelihood: check one by hand
     s = heldout[0]
-    prompt = chat_prompt(processor.tokenizer, user_prompt(task, s, family.image_token))
+    prompt = family.prompt(processor, SYSTEM, user_prompt(task, s, ""), True)
     from PIL import Image
 
     with Image.open(s["image"]) as im:

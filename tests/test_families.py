@@ -191,11 +191,11 @@ HUB_PARAMS = {"llava-1.5-7b": 7.06, "llava-onevision-0.5b": 0.89, "qwen2-vl-2b":
 @pytest.mark.parametrize("preset", sorted(HUB_PARAMS))
 def test_hub_preset_builds_on_the_meta_device_with_its_published_size(preset):
     from fedmllm.config import compose
-    from fedmllm.models.hub_configs import meta_model
+    from fedmllm.models.inspection import meta_model
 
     cfg = compose([f"model={preset}"])["model"]
     assert cfg["hf_config"] == f"{preset}.json" and "/" in cfg["path"]
-    model = meta_model(cfg)
+    model, _ = meta_model(cfg)
     assert type(model) is get_family(cfg["family"]).model_cls()
     n = sum(p.numel() for p in model.parameters()) / 1e9
     assert n == pytest.approx(HUB_PARAMS[preset], rel=0.03)

@@ -66,12 +66,3 @@ def _short_instruction(instruction: str, shown: str, aug: bool) -> str:
 # A short system turn: SmolLM2's template otherwise inserts its 20-token default system prompt,
 # a third of every sequence, and CPU time scales with tokens.
 SYSTEM = "Answer questions about images."
-
-
-def chat_prompt(tokenizer, user: str) -> str:
-    """Apply the model's chat template, ending where the assistant's answer starts."""
-    return tokenizer.apply_chat_template(
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )

@@ -20,8 +20,7 @@ MB = 1e6
 
 def hf_config(model_cfg: dict[str, Any]):
     """The Hugging Face config of a preset, without weights (see the module docstring for the order)."""
-    from fedmllm.models import load  # noqa: F401  (registers the families)
-    from fedmllm.models.registry import get_family
+    from fedmllm.models.registry import get_family  # importing fedmllm.models registers the families
 
     cls = get_family(model_cfg["family"]).model_cls().config_class
     if model_cfg.get("hf_config"):
@@ -55,11 +54,11 @@ def meta_model(model_cfg: dict[str, Any]):
         return family.model_cls()(config), family
 
 
-def _adapter_sizes(model_cfg: dict[str, Any], peft_cfg: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
-    """(payload key -> numel, module group -> trainable params) of the preset under `peft_cfg`."""
+def _adapter_sizes(model, family, peft_cfg: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """(payload key -> numel, module group -> trainable params) of a meta-device model under
+    `peft_cfg` (the model is wrapped in place)."""
     from fedmllm.models.adapter import adapter_params, apply_peft
 
-    model, family = meta_model(model_cfg)
     with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing")
         peft_model = apply_peft(model, family, peft_cfg)
@@ -89,9 +88,8 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
         g = family.group_of(name) or "other"
         groups[g] = groups.get(g, 0) + p.numel()
     total = sum(groups.values())
-    del model
     algo = client_spec(cfg).algorithm
-    sizes, trainable_groups = _adapter_sizes(model_cfg, peft_for(cfg))
+    sizes, trainable_groups = _adapter_sizes(model, family, peft_for(cfg))
     shared = sum(n for k, n in sizes.items() if travels(algo, k))
     up = down = shared
     if algo == "scaffold":
@@ -100,7 +98,7 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
         up = sum(sizes.values())
     elif algo == "flora":
         r = client_rank(cfg, 0)
-        own, _ = _adapter_sizes(model_cfg, dict(cfg["peft"], r=r))  # the fresh factors alone
+        own, _ = _adapter_sizes(*meta_model(model_cfg), dict(cfg["peft"], r=r))  # the fresh factors alone
         up = sum(own.values())
     return {
         "preset": model_cfg.get("name"),

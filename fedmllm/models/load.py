@@ -33,6 +33,7 @@ def family_of(model_cfg: dict[str, Any], path: str) -> Family:
 
 
 COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def compute_dtype(model_cfg: dict[str, Any]):
@@ -53,7 +54,7 @@ def attn_implementation(model_cfg: dict[str, Any]) -> str:
     import importlib.util
 
     impl = model_cfg.get("attn_implementation", "sdpa")
-    if impl not in ("sdpa", "eager", "flash_attention_2"):
+    if impl not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"model.attn_implementation={impl!r}: choose sdpa, eager or flash_attention_2")
     if impl == "flash_attention_2":
         import torch

@@ -84,13 +84,11 @@ def image_inputs(processor, family, images) -> dict:
     return {k: v for k, v in enc.items() if k not in TEXT_KEYS}
 
 
-def image_features(model, inputs) -> "torch.Tensor":
-    """Projected image tokens [B, T, D] (what replaces the image tokens in the LM input);
-    `inputs`: image_inputs(...), or a [B, C, H, W] pixel batch."""
+def image_features(model, inputs: dict) -> "torch.Tensor":
+    """Projected image tokens [B, T, D] (what replaces the image tokens in the LM input) of
+    image_inputs(...)."""
     import torch
 
-    if isinstance(inputs, torch.Tensor):
-        inputs = {"pixel_values": inputs}
     feats = model.model.get_image_features(**inputs)
     feats = getattr(feats, "pooler_output", feats)
     if isinstance(feats, (list, tuple)):  # one tensor per image (Qwen, OneVision); same size here
@@ -223,7 +221,7 @@ def _embed_objective(model, processor, family, train, val, images, stage):
     def batch_inputs(idx, rng):
         if pixel_batches:
             x = train_pix[idx]
-            return _augment(x, rng) if rng is not None else x
+            return {"pixel_values": _augment(x, rng) if rng is not None else x}
         batch = [train_img[i] for i in idx]
         return image_inputs(processor, family, _augment(batch, rng) if rng is not None else batch)
     target = [torch.tensor([vocab[i].index(words[i]) for _, words in train]) for i in range(n_slots)]

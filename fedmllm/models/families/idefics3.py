@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,6 @@ def image_seq_len(config, processor, height: int, width: int) -> int:
     if not ip.do_image_splitting:
         return per_image
     tile = ip.max_image_size["longest_edge"]
-    import math
-
     tiles = math.ceil(height / tile) * math.ceil(width / tile)
     return per_image * (tiles + 1 if tiles > 1 else 1)
 
