@@ -140,6 +140,10 @@ class Deployment:
         self.wait_for(lambda: not any(line.split()[0] == str(pid) and "<defunct>" not in line
                                       for line in process_groups().get(pid, [])), f"{name} to die", timeout=30)
 
+    def signal(self, name: str, sig: int) -> None:
+        """Send `sig` to the process group the script started as `name` (SIGSTOP / SIGCONT: pause a node)."""
+        os.killpg(self.pid(name), sig)
+
     def pid(self, name: str) -> int:
         return int((self.home / "pids" / f"{name}.pid").read_text())
 

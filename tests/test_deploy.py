@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import pytest
@@ -79,11 +80,13 @@ def test_tls_authenticated_supernodes_run_two_rounds_exchanging_adapters_only(tm
         with safe_open(str(ckpt / "adapter_model.safetensors"), "np") as f:
             assert set(f.keys()) == keys
         assert all("lora_" in k or "multi_modal_projector" in k for k in keys)
+        for name in ("supernode-0", "supernode-1"):  # one worker per SuperNode trained both rounds
+            assert dep.log(name).count(": serving the ClientApps of SuperNode process") == 1, dep.log(name)[-3000:]
         pids = {name: dep.pid(name) for name in ("superlink", "supernode-0", "supernode-1")}
         stopped = dep.sh("stop").stdout
         for name, pid in pids.items():
             assert f"stopped {name} (PID {pid})" in stopped
-        assert dep.wait_stopped() == []  # no SuperLink, SuperNode, ServerApp or ClientApp left
+        assert dep.wait_stopped() == []  # no SuperLink, SuperNode, ServerApp, ClientApp or worker left
     finally:
         dep.close()
 
@@ -109,16 +112,23 @@ def test_killed_supernode_misconfigured_supernodes_and_stopped_superlink_are_sur
         dep.kill("supernode-2")
         dep.sh("supernode", "2", "3")  # restarted: it joins with a new node id
         dep.wait_for(lambda: len(rounds_logged(out)) >= 3, "round 2", proc=run, log=log)
+        good = ("supernode-0", "supernode-1", "supernode-2")
+        for name in good:  # hold round 3 (it needs 2 of them) until the SuperLink is killed below
+            dep.signal(name, signal.SIGSTOP)
         rows = rounds_logged(out)
+        assert len(rows) == 3
         assert set(rows[1]["bytes_up_per_client"]) == {"0", "1"}  # round 1 went on without the killed node
         assert set(rows[2]["bytes_up_per_client"]) == {"0", "1", "2"}  # and it is back in round 2
-        text = log.read_text()
-        for reason in ("node_config lacks 'partition-id'", "node_config partition-id=3 must be in [0, num-partitions=3)",
-                       f"node_config data-dir='{tmp_path / 'nowhere'}' does not exist"):
-            assert text.count(reason) >= 2, (reason, text[-3000:])  # rounds 1 and 2, each from its node
-        assert "restart the SuperNode with --node-config" in text
+        reasons = ("node_config lacks 'partition-id'", "node_config partition-id=3 must be in [0, num-partitions=3)",
+                   f"node_config data-dir='{tmp_path / 'nowhere'}' does not exist")
+        # rounds 1 and 2, each from its node; `flwr run --stream` may print them after round 2's metrics are written
+        dep.wait_for(lambda: all(log.read_text(errors="replace").count(r) >= 2 for r in reasons),
+                     "each misconfigured node's error in rounds 1 and 2", timeout=120, proc=run, log=log)
+        assert "restart the SuperNode with --node-config" in log.read_text()
 
         dep.kill("superlink")  # mid-run: round 3 has started
+        for name in good:
+            dep.signal(name, signal.SIGCONT)
         assert run.wait(timeout=120) != 0
         assert len(rounds_logged(out)) == 3
         dep.sh("superlink")  # the same state database: the SuperNodes reconnect by themselves

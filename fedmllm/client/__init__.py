@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,33 @@ from fedmllm.config import NodeIdentity
 from fedmllm.models import get_model
 from fedmllm.models.stage1 import model_config
 from fedmllm.models.adapter import payload_bytes, trainable_bytes
+
+
+@dataclass
+class TrainRequest:
+    """What one train message hands the client, as plain Python (no flwr): what the ClientApp
+    passes to `train_request`, in its own process or in the node's worker (fedmllm.client.worker)."""
+
+    run_config: dict[str, Any]
+    node_config: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    config: dict[str, Any]  # the message's ConfigRecord: server-round, proximal-mu
+    extra: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    state: dict[str, np.ndarray] | None = None  # the ClientStore kept in Context.state
+    base_overrides: tuple[str, ...] = ()
+
+
+def train_request(req: TrainRequest):
+    """Compose the config, run the client's round: (adapter, metrics, extra records, state to keep)."""
+    from fedmllm.client.algorithms import ClientStore, client_state_path
+    from fedmllm.config import from_run_config, node_identity
+
+    ident = node_identity(req.node_config)
+    cfg = from_run_config(req.run_config, req.base_overrides)
+    store = ClientStore(req.state, client_state_path(cfg, ident.partition_id))
+    out, metrics, extra_out = train_round(cfg, ident, req.arrays, int(req.config["server-round"]),
+                                          float(req.config.get("proximal-mu", 0.0)), req.extra, store)
+    return out, metrics, extra_out, store.flat
 
 
 def local_data(cfg: dict[str, Any], ident: NodeIdentity):
