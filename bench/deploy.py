@@ -13,7 +13,10 @@ process; the fixed cost is everything but the training steps. Side by side:
 - fresh + data-dir: the partition read from `fedmllm partition` output (node_config data-dir);
 - fresh + data-dir + pre-quantized cache: the packed NF4 model from $FEDMLLM_CACHE/quantized
   (the default since fedmllm.models.quantize);
-- warm: a second message in the first process, model cached (simulation's case, the floor).
+- warm: a second message in the first process, model cached (simulation's case, the floor);
+- worker (the default in deployment, fedmllm.client.worker): fresh ClientApp processes that import
+  flwr + the ClientApp only and hand the message to the node's long-lived worker; the first message
+  starts the worker (its imports and model load are in that message's call), later ones find it warm.
 The model load alone, per mode and side by side, is bench/load.py's.
 """
 
@@ -82,21 +85,66 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     return {"rounds": out}
 
 
-def fill_quantized_cache(overrides: list[str]) -> None:
-    """Load the 4-bit model once, untimed, so the pre-quantized cache exists before it is timed."""
+def worker_child(spawned: float, overrides: list[str], data_dir: str, rnd: int, adapter: str) -> dict:
+    """One fresh ClientApp process with node_config worker=true: imports flwr + the ClientApp (not
+    torch), hands message `rnd` to the worker of this bench's process (starting it if none runs)."""
+    t = {"main": time.time()}
+    import flwr.app  # noqa: F401
+    from flwr.supernode.runtime import run_clientapp  # noqa: F401
+
+    from fedmllm.client.app import app
+
+    t["flwr"] = time.time()
+    import numpy as np
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmllm.records import to_record
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    with np.load(adapter) as z:
+        arrays = to_record({k: z[k] for k in z.files})
+    num_clients = next(o for o in overrides[::-1] if o.startswith("num_clients=")).split("=")[1]
+    node_config = {"partition-id": 0, "num-partitions": int(num_clients), "data-dir": data_dir, "worker": "true"}
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+                  dst_node_id=1, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                  run_config={"overrides": " ".join(overrides)})
+    t0 = time.time()
+    reply = app(msg, ctx)
+    call = time.time() - t0
+    train = float(reply.content["metrics"]["train-seconds"])
+    assert "torch" not in sys.modules, "the ClientApp process imported torch"
+    return {"rounds": [dict(start=t["main"] - spawned, imports_flwr_app=t["flwr"] - t["main"], imports_ml=0.0,
+                            model=0.0, call_other=call - train, train=train)]}
+
+
+def fill_quantized_cache(overrides: list[str], adapter: Path) -> None:
+    """Load the 4-bit model once, untimed, so the pre-quantized cache exists before it is timed;
+    save the initial adapter for the worker variant's ClientApp processes (which import no torch)."""
+    import numpy as np
+
     from fedmllm.config import compose
+    from fedmllm.models import get_model
+    from fedmllm.models.adapter import adapter_state
     from fedmllm.models.load import load_model
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.strategies.protocol import peft_for
 
-    load_model(compose(overrides)["model"])
+    cfg = compose(overrides)
+    load_model(cfg["model"])
+    np.savez(adapter, **adapter_state(get_model(model_config(cfg), peft_for(cfg)).model))
 
 
-def spawn(args: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+def spawn(args: list[str], kind: str = "--child") -> dict:
+    # output to a file, not a pipe: a worker the child starts inherits it and outlives the child
+    with tempfile.NamedTemporaryFile(suffix=".json") as f, tempfile.TemporaryFile("w+") as log:
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        cmd = [sys.executable, __file__, "--child", f.name, repr(time.time()), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        cmd = [sys.executable, __file__, kind, f.name, repr(time.time()), *args]
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         if proc.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            log.seek(0)
+            sys.exit(f"{' '.join(cmd)} failed:\n{log.read()[-3000:]}")
         return json.loads(Path(f.name).read_text())
 
 
@@ -112,6 +160,10 @@ def main(argv: list[str]) -> None:
         out_file, spawned, data_dir, messages, *overrides = argv[1:]
         Path(out_file).write_text(json.dumps(child(float(spawned), overrides, data_dir, int(messages))))
         return
+    if argv[:1] == ["--worker-child"]:
+        out_file, spawned, data_dir, rnd, adapter, *overrides = argv[1:]
+        Path(out_file).write_text(json.dumps(worker_child(float(spawned), overrides, data_dir, int(rnd), adapter)))
+        return
     overrides = [*DEMO, *argv]
     print(f"overrides: {' '.join(overrides)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,11 +172,20 @@ def main(argv: list[str]) -> None:
         if part.returncode != 0:
             sys.exit(f"fedmllm partition failed:\n{part.stderr[-2000:]}")
         data_dir = part.stdout.split("partition dir: ")[1].split()[0]
-        fill_quantized_cache(overrides)
+        adapter = Path(tmp) / "adapter.npz"
+        fill_quantized_cache(overrides, adapter)
         no_cache = [*overrides, "model.quantized_cache=false"]
         fresh, warm = spawn(["", "2", *no_cache])["rounds"]
         fresh_dir = spawn([data_dir, "1", *no_cache])["rounds"][0]
         fresh_cached = spawn([data_dir, "1", *overrides])["rounds"][0]
+        os.environ["FEDMLLM_WORKER_DIR"] = str(Path(tmp) / "workers")
+        try:
+            worker_first, worker_later = (spawn([data_dir, str(r), str(adapter), *overrides], "--worker-child")["rounds"][0]
+                                          for r in (1, 2))
+        finally:
+            from fedmllm.client import worker
+
+            worker.stop(os.getpid())
     head = " | ".join(LABELS[k] for k in PHASES)
     print(f"\nseconds per client per round (one ClientApp process per message)\n\n| variant | {head} | round | fixed | fixed share |")
     print("|---" * (len(PHASES) + 4) + "|")
@@ -132,9 +193,12 @@ def main(argv: list[str]) -> None:
     print(row("fresh process + data-dir (partition read from disk)", fresh_dir))
     print(row("fresh process + data-dir + pre-quantized cache (default)", fresh_cached))
     print(row("warm: 2nd message, same process (simulation's floor)", warm))
+    print(row("worker, 1st message: fresh ClientApp starts the node's worker", worker_first))
+    print(row("**worker, later messages: fresh ClientApp, warm worker (default)**", worker_later))
     steps = int(next(o for o in overrides[::-1] if o.startswith("train.local_steps=")).split("=")[1])
     step = fresh["train"] / steps
-    for name, p in (("quantize at load", fresh), ("data-dir", fresh_dir), ("data-dir + pre-quantized cache", fresh_cached)):
+    for name, p in (("quantize at load", fresh), ("data-dir", fresh_dir), ("data-dir + pre-quantized cache", fresh_cached),
+                    ("worker (later messages)", worker_later)):
         fixed = sum(p[k] for k in PHASES) - p["train"]
         print(f"{name}: fixed {fixed:.1f} s = {fixed / step:.1f} steps of {step:.2f} s; {fixed / (fixed + steps * step):.1%} "
               f"of a {steps}-step round; <= 15% needs >= {fixed * 85 / 15 / step:.0f} local steps")
