@@ -37,6 +37,19 @@ LABELS = {"start": "interpreter start", "imports_flwr_app": "import flwr + Clien
           "call_other": "config + data + adapter + reply", "train": "training steps"}
 
 
+def train_message(app, arrays, rnd: int, node_config: dict, overrides: list[str]) -> tuple[float, float]:
+    """Call the ClientApp with train message `rnd` as flwr-clientapp would: (call seconds, training seconds)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+                  dst_node_id=1, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                  run_config={"overrides": " ".join(overrides)})
+    t0 = time.time()
+    reply = app(msg, ctx)
+    return time.time() - t0, float(reply.content["metrics"]["train-seconds"])
+
+
 def child(spawned: float, overrides: list[str], data_dir: str, messages: int) -> dict:
     """One ClientApp process taking `messages` train messages (node_config data-dir=`data_dir` when
     given): phase seconds of each; only the first pays start, imports and model load."""
@@ -53,7 +66,6 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     import transformers  # noqa: F401
 
     t["ml"] = time.time()
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmllm.config import compose
@@ -71,14 +83,7 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     out = []
     node_config = {"partition-id": 0, "num-partitions": cfg["num_clients"], **({"data-dir": data_dir} if data_dir else {})}
     for rnd in range(1, messages + 1):
-        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
-                      dst_node_id=1, message_type="train")
-        ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                      run_config={"overrides": " ".join(overrides)})
-        t0 = time.time()
-        reply = app(msg, ctx)
-        call = time.time() - t0
-        train = float(reply.content["metrics"]["train-seconds"])
+        call, train = train_message(app, arrays, rnd, node_config, overrides)
         phases = dict(start=t["main"] - spawned, imports_flwr_app=t["flwr"] - t["main"], imports_ml=t["ml"] - t["flwr"],
                       model=t["model"] - t["ml"]) if rnd == 1 else dict.fromkeys(PHASES[:4], 0.0)
         out.append({**phases, "call_other": call - train, "train": train})
@@ -96,7 +101,6 @@ def worker_child(spawned: float, overrides: list[str], data_dir: str, rnd: int, 
 
     t["flwr"] = time.time()
     import numpy as np
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmllm.records import to_record
@@ -106,14 +110,7 @@ def worker_child(spawned: float, overrides: list[str], data_dir: str, rnd: int, 
         arrays = to_record({k: z[k] for k in z.files})
     num_clients = next(o for o in overrides[::-1] if o.startswith("num_clients=")).split("=")[1]
     node_config = {"partition-id": 0, "num-partitions": int(num_clients), "data-dir": data_dir, "worker": "true"}
-    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
-                  dst_node_id=1, message_type="train")
-    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                  run_config={"overrides": " ".join(overrides)})
-    t0 = time.time()
-    reply = app(msg, ctx)
-    call = time.time() - t0
-    train = float(reply.content["metrics"]["train-seconds"])
+    call, train = train_message(app, arrays, rnd, node_config, overrides)
     assert "torch" not in sys.modules, "the ClientApp process imported torch"
     return {"rounds": [dict(start=t["main"] - spawned, imports_flwr_app=t["flwr"] - t["main"], imports_ml=0.0,
                             model=0.0, call_other=call - train, train=train)]}
