@@ -14,19 +14,23 @@ from fedmllm.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def ray_processes() -> set[str]:
-    """`pid args` lines of Ray processes (raylet, GCS, workers) on this machine."""
+def ray_processes() -> dict[int, str]:
+    """{pid: args} of Ray processes (raylet, GCS, workers) on this machine (by PID: an actor's
+    title changes while it works, e.g. `ray::ClientAppActor` -> `ray::ClientAppActor.run`)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     keys = ("raylet", "gcs_server", "ray::", "default_worker.py")
-    return {line.strip() for line in out.splitlines() if any(k in line for k in keys)}
+    return {int(line.split()[0]): line.strip() for line in out.splitlines() if any(k in line for k in keys)}
 
 
-def assert_none_left(before: set[str], timeout: float = 20) -> None:
+def assert_none_left(before: dict[int, str], timeout: float = 20) -> None:
     """Ray processes that were not there before must be gone (Ray takes a moment to exit)."""
+    def new() -> list[str]:
+        return [args for pid, args in ray_processes().items() if pid not in before]
+
     deadline = time.time() + timeout
-    while ray_processes() - before and time.time() < deadline:
+    while new() and time.time() < deadline:
         time.sleep(0.5)
-    assert ray_processes() - before == set()
+    assert new() == []
 
 
 def run_cli(args, timeout=600):
