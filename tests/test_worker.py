@@ -19,10 +19,16 @@ from fedmllm.config import ConfigError
 
 
 @pytest.fixture
-def sockets(tmp_path, monkeypatch):
-    d = tmp_path / "w"
-    monkeypatch.setenv("FEDMLLM_WORKER_DIR", str(d))
-    return d
+def sockets(monkeypatch):
+    """A private socket directory with a short path (Unix socket paths are limited to 107 bytes,
+    and pytest's tmp_path can be longer)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="fw-", dir="/tmp")
+    monkeypatch.setenv("FEDMLLM_WORKER_DIR", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
