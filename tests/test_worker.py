@@ -129,7 +129,16 @@ def test_the_worker_exits_when_idle_and_a_dead_workers_socket_is_replaced(socket
     pid = worker.ping(supernode.pid)
     assert pid is not None
     assert wait_dead(pid, timeout=10), "the idle worker did not exit"
-    assert not path.exists()
+    assert not path.exists() and not path.with_suffix(".lock").exists()
+
+
+def test_a_terminated_worker_leaves_no_socket_behind(sockets, supernode):
+    path = worker.socket_path(supernode.pid)
+    worker.connect_or_start(supernode.pid).close()
+    pid = worker.ping(supernode.pid)
+    os.kill(pid, signal.SIGTERM)  # what deploy.sh stop sends the SuperNode's process group
+    assert wait_dead(pid, timeout=10)
+    assert os.listdir(sockets) == []
 
 
 def test_a_new_app_version_retires_the_old_worker(sockets, supernode):

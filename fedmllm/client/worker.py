@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -253,10 +254,17 @@ def serve(path: Path, supernode_pid: int, idle_s: float = IDLE_S) -> None:
     os.replace(tmp, path)  # visible only once it accepts
     inode = path.stat().st_ino
 
-    def cleanup() -> None:
+    def cleanup() -> None:  # the socket (if still ours) and the start lock go with the worker
         with contextlib.suppress(OSError):
             if path.stat().st_ino == inode:
                 path.unlink()
+        with contextlib.suppress(OSError):
+            path.with_suffix(".lock").unlink()
+
+    def terminate(signum, frame) -> None:  # SIGTERM (deploy.sh stop, docker stop): clean up, then exit
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
     def watch() -> None:
         while _alive(supernode_pid):
