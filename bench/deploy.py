@@ -117,19 +117,18 @@ def worker_child(spawned: float, overrides: list[str], data_dir: str, rnd: int, 
 
 
 def fill_quantized_cache(overrides: list[str], adapter: Path) -> None:
-    """Load the 4-bit model once, untimed, so the pre-quantized cache exists before it is timed;
-    save the initial adapter for the worker variant's ClientApp processes (which import no torch)."""
+    """Load the 4-bit model once, untimed, so the pre-quantized cache exists before it is timed
+    (the load writes it); save the initial adapter for the worker variant's ClientApp processes
+    (which import no torch)."""
     import numpy as np
 
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.load import load_model
     from fedmllm.models.stage1 import model_config
     from fedmllm.strategies.protocol import peft_for
 
     cfg = compose(overrides)
-    load_model(cfg["model"])
     np.savez(adapter, **adapter_state(get_model(model_config(cfg), peft_for(cfg)).model))
 
 

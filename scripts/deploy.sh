@@ -42,7 +42,8 @@ CONN=fedmllm-deploy
 PIDS="$FLWR_HOME/pids"
 LOGS="$FLWR_HOME/logs"
 
-die() { echo "error: $*" >&2; exit 2; }
+# shellcheck source=scripts/processes.sh
+. "$ROOT/scripts/processes.sh"
 
 for tool in flower-superlink flower-supernode flwr; do
   command -v "$tool" >/dev/null || die "$tool not found; activate the venv first: . .venv/bin/activate"
@@ -71,40 +72,6 @@ write_connection() {  # the connection `flwr run . fedmllm-deploy` reads
     if [ -n "$TLS_DIR" ]; then echo "root-certificates = \"$TLS_DIR/ca.pem\""; else echo "insecure = true"; fi
   } > "$conf.tmp"
   mv "$conf.tmp" "$conf"
-}
-
-alive() {  # a zombie (killed, not yet reaped) counts as gone
-  [ -f "$PIDS/$1.pid" ] || return 1
-  local stat; stat="$(ps -o stat= -p "$(cat "$PIDS/$1.pid")" 2>/dev/null)" || return 1
-  [[ "$stat" != Z* ]]
-}
-
-launch() {  # launch NAME CMD...: own process group (setsid), PID in $PIDS/NAME.pid, log in $LOGS/NAME.log
-  local name=$1; shift
-  alive "$name" && die "$name is already running (PID $(cat "$PIDS/$name.pid")); scripts/deploy.sh stop first"
-  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
-  echo $! > "$PIDS/$name.pid"
-}
-
-stop_one() {  # TERM the process group, KILL it after 10 s
-  local name=$1 pid
-  [ -f "$PIDS/$name.pid" ] || return 0
-  pid="$(cat "$PIDS/$name.pid")"
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$PIDS/$name.pid"
-  echo "stopped $name (PID $pid)"
-}
-
-wait_port() {  # wait_port NAME HOST PORT: until it accepts connections (its process must stay up)
-  local name=$1 host=$2 port=$3
-  for _ in $(seq 200); do
-    alive "$name" || { tail -n 20 "$LOGS/$name.log" >&2 || true; die "$name exited; its log: $LOGS/$name.log"; }
-    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null && return 0
-    sleep 0.3
-  done
-  die "$name did not open $host:$port within a minute; its log: $LOGS/$name.log"
 }
 
 start_superlink() {

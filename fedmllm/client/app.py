@@ -25,8 +25,7 @@ def make_client_app(base_overrides: tuple[str, ...] = ()) -> ClientApp:
 
 def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...] = ()) -> Message:
     """One train message: run the client's round, reply (and keep its state)."""
-    from fedmllm.client import TrainRequest
-    from fedmllm.client import worker
+    from fedmllm.client import TrainRequest, worker
 
     node_identity(context.node_config)  # first: a misconfigured SuperNode fails in a second
     saved = context.state.array_records.get(STATE_KEY)

@@ -133,17 +133,28 @@ def _connect(path: Path, timeout: float | None = None) -> socket.socket | None:
     return conn
 
 
+def _ask(path: Path, op: str, timeout: float | None = None, wait: bool = True) -> tuple[bool, Any]:
+    """Send the control request `op` ("ping", "stop") to the worker at `path`: (whether one
+    listens, its reply, or None when not waiting for it: a busy worker answers after its message)."""
+    conn = _connect(path, timeout)
+    if conn is None:
+        return False, None
+    with conn:
+        _send(conn, (op, None))
+        if not wait:
+            return True, None
+        with contextlib.suppress(EOFError, OSError):  # a stopping worker may close first
+            return True, _recv(conn)[1]
+    return True, None
+
+
 def _retire_others(path: Path) -> None:
     """Ask this SuperNode's workers of other app versions to stop (they hold a model each)."""
     prefix = path.name.split("-")[0] + "-"
     for other in path.parent.glob(prefix + "*.sock"):
-        if other == path:
-            continue
-        with contextlib.suppress(OSError, EOFError, pickle.UnpicklingError):
-            conn = _connect(other, timeout=2.0)
-            if conn is not None:
-                with conn:
-                    _send(conn, ("stop", None))
+        if other != path:
+            with contextlib.suppress(OSError):
+                _ask(other, "stop", timeout=2.0, wait=False)
 
 
 def start(supernode_pid: int, path: Path) -> subprocess.Popen:
@@ -199,24 +210,12 @@ def call(request: Any, supernode_pid: int | None = None) -> Any:
 
 def ping(supernode_pid: int) -> int | None:
     """The PID of this SuperNode's worker (this app version), or None when none runs."""
-    conn = _connect(socket_path(supernode_pid))
-    if conn is None:
-        return None
-    with conn:
-        _send(conn, ("ping", None))
-        return _recv(conn)[1]
+    return _ask(socket_path(supernode_pid), "ping")[1]
 
 
 def stop(supernode_pid: int) -> bool:
     """Ask this SuperNode's worker (this app version) to stop; False when none runs."""
-    conn = _connect(socket_path(supernode_pid))
-    if conn is None:
-        return False
-    with conn:
-        _send(conn, ("stop", None))
-        with contextlib.suppress(EOFError, OSError):
-            _recv(conn)
-    return True
+    return _ask(socket_path(supernode_pid), "stop")[0]
 
 
 # ---- the worker's side ---------------------------------------------------------------------

@@ -1,0 +1,39 @@
+# Process helpers shared by scripts/deploy.sh and scripts/flwr_sim.sh (sourced, not run).
+# Each process runs in its own process group with its PID in $PIDS/NAME.pid and its output in
+# $LOGS/NAME.log; callers set PIDS and LOGS.
+
+die() { echo "error: $*" >&2; exit 2; }
+
+alive() {  # a zombie (killed, not yet reaped) counts as gone
+  [ -f "$PIDS/$1.pid" ] || return 1
+  local stat; stat="$(ps -o stat= -p "$(cat "$PIDS/$1.pid")" 2>/dev/null)" || return 1
+  [[ "$stat" != Z* ]]
+}
+
+launch() {  # launch NAME CMD...: own process group (setsid), PID in $PIDS/NAME.pid, log in $LOGS/NAME.log
+  local name=$1; shift
+  alive "$name" && die "$name is already running (PID $(cat "$PIDS/$name.pid")); stop it first (scripts/deploy.sh stop, or kill -- -PID)"
+  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! > "$PIDS/$name.pid"
+}
+
+stop_one() {  # TERM the process group, KILL it after 10 s
+  local name=$1 pid
+  [ -f "$PIDS/$name.pid" ] || return 0
+  pid="$(cat "$PIDS/$name.pid")"
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$PIDS/$name.pid"
+  echo "stopped $name (PID $pid)"
+}
+
+wait_port() {  # wait_port NAME HOST PORT: until it accepts connections (its process must stay up)
+  local name=$1 host=$2 port=$3
+  for _ in $(seq 200); do
+    alive "$name" || { tail -n 20 "$LOGS/$name.log" >&2 || true; die "$name exited; its log: $LOGS/$name.log"; }
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null && return 0
+    sleep 0.3
+  done
+  die "$name did not open $host:$port within a minute; its log: $LOGS/$name.log"
+}
