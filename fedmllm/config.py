@@ -125,6 +125,14 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         for key in ("steps", "batch_size"):
             need(isinstance(pre.get(key), int) and pre[key] >= 1,
                  f"server_stage.pretrain.{key}={pre.get(key)!r} must be an integer >= 1")
+        lora = pre.get("lora") or {}
+        if lora.get("enabled"):
+            for key in ("steps", "batch_size"):
+                need(isinstance(lora.get(key), int) and lora[key] >= 1,
+                     f"server_stage.pretrain.lora.{key}={lora.get(key)!r} must be an integer >= 1 "
+                     "(or server_stage.pretrain.lora.enabled=false)")
+            need(isinstance(lora.get("lr"), (int, float)) and lora["lr"] > 0,
+                 f"server_stage.pretrain.lora.lr={lora.get('lr')!r} must be a number > 0")
     if align.get("enabled"):
         need(align.get("rounds") in ("all", "last"),
              f"server_stage.align.rounds={align.get('rounds')!r}: choose all or last")

@@ -22,6 +22,9 @@ def tiny_overrides(*extra: str) -> list[str]:
         "dataset.eval_samples=16",
         "server_stage.pretrain.steps=20",
         "server_stage.pretrain.batch_size=16",
+        "server_stage.pretrain.lora.steps=3",
+        "server_stage.pretrain.lora.batch_size=4",
+        "server_stage.pretrain.lora.eval_samples=8",
         *extra,
     ]
 

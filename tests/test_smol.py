@@ -45,8 +45,9 @@ def test_smol_llava_is_4bit_trains_and_scores(smol):
     after = adapter_state(lm.model)
     assert np.isfinite(result["train-loss"]) and result["num-examples"] == 8
     assert any(not np.allclose(before[k], after[k]) for k in before)
-    # LoRA r=16 on q,v of 30 layers + the projector: 921,600 + 480,384 params, fp32
-    assert payload_bytes(after) == trainable_bytes(lm.model) == 4 * (921_600 + 480_384)
+    # LoRA r=16 on the seven linear layers of 30 blocks (the preset's lora_leaves) + the projector:
+    # 30 x 16 x (1152 + 768 + 768 + 1152 + 3 x 2112) = 4,884,480 + 480,384 params, fp32
+    assert payload_bytes(after) == trainable_bytes(lm.model) == 4 * (4_884_480 + 480_384)
     scores = score_options(lm.model, col, heldout[:8], batch_size=8)
     assert scores.shape == (8, 2) and np.isfinite(scores).all()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,18 @@ def test_run_with_pretrain_and_align_logs_both(tmp_path):
     for r in rows[1:]:
         assert r["align_seconds"] > 0 and np.isfinite(r["align_loss"])
     assert json.loads((out / "stage1.json").read_text())["objective"] == "embed"
+    # the pre-trained adapter is the initial global adapter: round 0's checkpoint holds it
+    from safetensors.numpy import load_file
+
+    from fedmllm.models.stage1 import ADAPTER
+    from fedmllm.server.checkpoint import STATE_FILE
+
+    adapter = json.loads((out / "stage1_adapter.json").read_text())
+    assert "pretrain_adapter_seconds" in rows[0] and adapter["steps"] == 3
+    cached = load_file(str(Path(adapter["dir"]) / ADAPTER))
+    with np.load(out / "checkpoints" / "round-0" / STATE_FILE) as state:
+        initial = {k.removeprefix("global/"): state[k] for k in state.files if k.startswith("global/")}
+    assert initial.keys() == cached.keys() and all(np.array_equal(initial[k], cached[k]) for k in cached)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "idefics3", "llava_onevision", "paligemma"])
@@ -137,3 +150,123 @@ def test_stage1_embed_trains_every_family_and_the_model_carries_it(fresh_cache, 
     assert saved and {fam.group_of(k) for k in saved} == {"vision_encoder", "projector"}
     key = next(k for k in saved if fam.group_of(k) == "projector")
     assert np.allclose(staged.state_dict()[key].float().numpy(), saved[key].float().numpy())
+
+
+def test_public_captioned_samples_are_the_public_questions_with_their_caption_as_text():
+    from fedmllm.data import load_public, load_public_captioned, load_public_captions, load_task
+
+    cfg = {"name": "easyvqa", "balanced": True, "public_fraction": 0.5, "eval_samples": 0}
+    captioned = load_public_captioned(cfg, 42)
+    public = {s["id"]: s for s in load_public(cfg, 42)}
+    words = dict(load_public_captions(cfg, 42))
+    _, pool, _ = load_task(cfg, 42)
+    pool_ids = {s["id"] for s in pool}
+    assert len(captioned) > 1000
+    for s in captioned:
+        source = public[s["id"].removesuffix("-captioned")]
+        assert source["id"] not in pool_ids  # public only: no client holds it
+        assert s["image"] is None and s["label"] == source["label"]
+        assert s["text"] == f"The image shows a {' '.join(words[source['image']])}. {source['text']}"
+    assert {s["label"] for s in captioned} == {0, 1}
+
+
+def _adapter_cfg(*extra):
+    from fedmllm.config import compose
+
+    return compose(tiny_overrides("model.quantization=none", "server_stage.pretrain.lora.steps=60",
+                                  "server_stage.pretrain.lora.batch_size=8", "server_stage.pretrain.lora.lr=1e-2",
+                                  *extra))
+
+
+def _server_model(cfg):
+    import torch
+
+    from fedmllm.models import clear_cache, get_model
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.strategies.protocol import peft_for
+
+    clear_cache()
+    torch.manual_seed(cfg["seed"])
+    return get_model(model_config(cfg), peft_for(cfg))
+
+
+def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_model(fresh_cache):
+    from fedmllm.data.collate import Collator
+    from fedmllm.data.easyvqa import YESNO
+    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.stage1 import ADAPTER, adapter_dir
+    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.strategies.protocol import peft_for
+
+    cfg = _adapter_cfg()
+    ensure_pretrained(cfg, log=lambda _: None)
+    lm = _server_model(cfg)
+    before = adapter_state(lm.model)
+    lines: list[str] = []
+    collator = Collator(lm.processor, lm.family, YESNO)
+    first = ensure_adapter_pretrained(cfg, lm, collator, "standard", peft_for(cfg), log=lines.append)
+    assert first["cached"] is False and first["steps"] == 60 and first["public_samples"] > 1000
+    # tiny-llava's LM is random: the loss falls slowly (5.8 -> 5.4 in a trial), it learns token
+    # frequencies rather than the questions
+    assert first["loss_last"] < first["loss_first"] - 0.15, first
+    assert 0 <= first["val_text_accuracy"] <= 1 and any("stage 1 adapter: done" in x for x in lines)
+    trained = adapter_state(lm.model)
+    assert (adapter_dir(cfg, peft_for(cfg), "standard") / ADAPTER).is_file()
+    lora_b = [k for k in trained if "lora_B" in k]
+    assert lora_b and all(np.any(trained[k] != before[k]) for k in lora_b)  # B left zero: trained
+
+    lm2 = _server_model(cfg)  # a fresh model: the cached adapter replaces its initial one
+    again = ensure_adapter_pretrained(cfg, lm2, Collator(lm2.processor, lm2.family, YESNO), "standard",
+                                      peft_for(cfg), log=lines.append)
+    assert again["cached"] is True and again["seconds"] == 0.0 and again["loss_last"] == first["loss_last"]
+    loaded = adapter_state(lm2.model)
+    assert loaded.keys() == trained.keys() and all(np.array_equal(loaded[k], trained[k]) for k in trained)
+
+
+def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):
+    from fedmllm.data.collate import Collator
+    from fedmllm.data.easyvqa import YESNO
+    from fedmllm.models.adapter import adapter_state, init_lora_a
+    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.strategies.protocol import peft_for
+
+    cfg = _adapter_cfg("aggregator=ffa_lora", "server_stage.pretrain.lora.steps=3")
+    ensure_pretrained(cfg, log=lambda _: None)
+    lm = _server_model(cfg)
+    init_lora_a(lm.model, cfg["seed"])  # what run_server and every FFA client derive
+    before = adapter_state(lm.model)
+    collator = Collator(lm.processor, lm.family, YESNO)
+    assert ensure_adapter_pretrained(cfg, lm, collator, "ffa_lora", peft_for(cfg), log=lambda _: None)
+    after = adapter_state(lm.model)
+    a_keys = [k for k in after if "lora_A" in k]
+    b_keys = [k for k in after if "lora_B" in k]
+    assert a_keys and all(np.array_equal(after[k], before[k]) for k in a_keys)
+    assert any(np.any(after[k] != before[k]) for k in b_keys)
+
+    lines: list[str] = []
+    cfg = _adapter_cfg("aggregator=fedsa_lora")
+    assert ensure_adapter_pretrained(cfg, lm, collator, "fedsa_lora", peft_for(cfg), log=lines.append) is None
+    assert "skipped" in lines[0] and "fedsa_lora" in lines[0]
+
+
+def test_adapter_cache_key_follows_what_shapes_the_adapter():
+    from fedmllm.config import compose
+    from fedmllm.models.stage1 import adapter_dir, stage1_dir
+    from fedmllm.strategies.protocol import peft_for
+
+    def key(*extra, algorithm="standard"):
+        cfg = compose(tiny_overrides(*extra))
+        return adapter_dir(cfg, peft_for(cfg), algorithm)
+
+    base = key()
+    assert base == key() and base.parent.name == "pretrain-lora"
+    for extra in ("server_stage.pretrain.lora.steps=5", "peft.r=8", "dataset=easyvqa_caption",
+                  "server_stage.pretrain.steps=21", "model.quantization=none", "seed=1"):
+        assert key(extra) != base, extra
+    assert key(algorithm="ffa_lora") != base
+    # the round settings and the adapter stage's own switch do not touch the stage-1 result
+    assert key("train.local_steps=9", "num_rounds=7") == base
+    cfg = compose(tiny_overrides("server_stage.pretrain.lora.enabled=false"))
+    assert adapter_dir(cfg, peft_for(cfg), "standard") is None and stage1_dir(cfg) == stage1_dir(compose(tiny_overrides()))
+    with pytest.raises(Exception, match="server_stage.pretrain.lora.steps=0"):
+        compose(tiny_overrides("server_stage.pretrain.lora.steps=0"))

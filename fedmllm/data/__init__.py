@@ -10,7 +10,8 @@ from typing import Any
 from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
-__all__ = ["DataError", "Sample", "Task", "check_source", "load_public", "load_public_captions", "load_task"]
+__all__ = ["DataError", "Sample", "Task", "check_source", "load_public", "load_public_captioned", "load_public_captions",
+           "load_task"]
 
 
 NEW_SOURCES = ("hateful_memes", "crisismmd", "llava_json")
@@ -161,6 +162,19 @@ def load_public_captions(dataset_cfg: dict[str, Any], seed: int = 42) -> list[tu
     paths = easyvqa._image_paths("train")
     out = [(paths[i], (color, shape)) for i, (shape, color) in easyvqa.image_attributes("train").items()]
     return sorted((p, words) for p, words in out if p in images)
+
+
+def load_public_captioned(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
+    """The public pool's task samples with the image replaced by its caption as text, for the
+    server's adapter pre-training (`server_stage.pretrain.lora`): "The image shows a red circle.
+    <question>", no image. Samples whose image has no caption are left out."""
+    words = dict(load_public_captions(dataset_cfg, seed))
+    return [
+        Sample(id=s["id"] + "-captioned", image=None, text=f"The image shows a {' '.join(words[s['image']])}. {s['text']}",
+               label=s["label"])
+        for s in load_public(dataset_cfg, seed)
+        if s["image"] in words
+    ]
 
 
 def _public_images(samples: list[Sample], fraction: float, seed: int) -> set[str]:

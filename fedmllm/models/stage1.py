@@ -15,6 +15,8 @@ from typing import Any
 STAGE1_VERSION = 1  # bump when the stage-1 trainer changes what it produces
 WEIGHTS = "stage1.safetensors"
 SUMMARY = "summary.json"
+ADAPTER_VERSION = 1  # bump when the adapter pre-training changes what it produces
+ADAPTER = "adapter.safetensors"
 
 
 def stage1_dir(cfg: dict[str, Any]) -> Path | None:
@@ -31,7 +33,7 @@ def stage1_dir(cfg: dict[str, Any]) -> Path | None:
         {
             "v": STAGE1_VERSION,
             "base": base,
-            "stage": {k: v for k, v in stage.items() if k != "enabled"},
+            "stage": {k: v for k, v in stage.items() if k not in ("enabled", "lora")},
             "public": {"name": ds["name"], "public_fraction": ds.get("public_fraction"), "seed": cfg["seed"]},
         },
         sort_keys=True,
@@ -39,6 +41,38 @@ def stage1_dir(cfg: dict[str, Any]) -> Path | None:
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return cache_root() / "stage1" / f"{model['name']}-{digest}"
+
+
+def adapter_dir(cfg: dict[str, Any], peft: dict[str, Any], algorithm: str) -> Path | None:
+    """Cache directory of the pre-trained initial adapter (`server_stage.pretrain.lora`), or None.
+
+    Keyed by everything that shapes it: the stage-1 result it trains on, its own settings, the
+    PEFT settings and aggregator algorithm (FFA-LoRA freezes A), the model preset (quantization
+    included), the task (dataset, template, prompt) and the seed."""
+    from fedmllm.models.build import cache_root
+
+    base = stage1_dir(cfg)
+    lora = ((cfg.get("server_stage") or {}).get("pretrain") or {}).get("lora") or {}
+    if base is None or not lora.get("enabled", False):
+        return None
+    key = json.dumps(
+        {
+            "v": ADAPTER_VERSION,
+            "stage1": base.name,
+            "lora": {k: v for k, v in lora.items() if k != "enabled"},
+            "peft": peft,
+            "algorithm": algorithm,
+            "model": {k: v for k, v in cfg["model"].items() if k != "stage1_weights"},
+            "dataset": {k: v for k, v in cfg["dataset"].items() if k != "eval_samples"},
+            "prompt": cfg.get("prompt"),
+            "train": {k: cfg["train"].get(k) for k in ("projector_lr", "weight_decay", "max_grad_norm")},
+            "seed": cfg["seed"],
+        },
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return cache_root() / "pretrain-lora" / f"{cfg['model']['name']}-{digest}"
 
 
 def model_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.server.checkpoint import latest_state, save_checkpoint, save_strategy_state
     from fedmllm.strategies.protocol import client_spec, peft_for, shared_payload
     from fedmllm.server.evaluate import evaluate
-    from fedmllm.server.stages import Aligner, ensure_pretrained, format_summary
+    from fedmllm.server.stages import (Aligner, ensure_adapter_pretrained, ensure_pretrained, format_adapter_summary,
+                                       format_summary)
     from fedmllm.tracking import MetricsLog, format_round, plot_run
 
     run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
@@ -80,6 +81,11 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     collator = Collator(lm.processor, lm.family, task)
     if spec.algorithm == "ffa_lora":
         init_lora_a(lm.model, cfg["seed"])  # the frozen A every client derives from the same seed
+    adapter = None if cfg.get("resume") else ensure_adapter_pretrained(cfg, lm, collator, spec.algorithm, peft_for(cfg))
+    if adapter is not None:
+        (run_dir / "stage1_adapter.json").write_text(json.dumps(adapter, indent=1))
+        if adapter["cached"]:
+            print(f"stage 1 adapter: cached ({adapter['dir']}); {format_adapter_summary(adapter)}", flush=True)
     full = adapter_state(lm.model)
     initial = shared_payload(spec.algorithm, full)
     strategy = build_strategy(cfg)
@@ -115,6 +121,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         )
         if server_round == 0 and stage1 is not None:
             row.update(pretrain_seconds=stage1["seconds"], pretrain_cached=stage1["cached"])
+            if adapter is not None:
+                row.update(pretrain_adapter_seconds=adapter["seconds"], pretrain_adapter_cached=adapter["cached"])
         if "flora_truncation_error" in stats:
             row["flora_truncation_error"] = stats["flora_truncation_error"]
         if "align_seconds" in stats:

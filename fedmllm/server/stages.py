@@ -6,6 +6,11 @@
   embedding of one caption word (no language-model forward pass); `caption` trains LLaVA-style
   captioning through the frozen language model. The result is cached per base model, stage
   settings and public pool (fedmllm.models.stage1) and loaded by server and clients alike.
+- Adapter pre-training, `server_stage.pretrain.lora`: after stage 1, the server trains the run's
+  adapter on the public pool's task samples with each image replaced by its caption as text ("The
+  image shows a red circle. <question>"). The language model learns the task from words; stage 1
+  made the image tokens stand in for those words, so the adapter then answers from images. It
+  becomes the initial global adapter (cached per stage-1 result, PEFT, aggregator and task).
 - Global alignment, `server_stage.align`: after aggregation, the server fine-tunes the global
   adapter on the public task samples for a few steps.
 """
@@ -22,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from fedmllm.models.stage1 import SUMMARY, WEIGHTS, stage1_dir
+from fedmllm.models.stage1 import ADAPTER, SUMMARY, WEIGHTS, adapter_dir, stage1_dir
+
+# Aggregators whose clients start from the server's whole adapter (FFA-LoRA: its B; A is derived
+# from the seed everywhere and stays frozen). FedSA-LoRA's clients keep their own B from zero, so
+# a pre-trained B would never reach them: the stage is skipped there, with a line saying so.
+ADAPTER_PRETRAIN_ALGORITHMS = ("standard", "scaffold", "ffa_lora", "flora")
 
 
 def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
@@ -278,6 +288,110 @@ def _caption_objective(model, processor, family, train, val):
         return {"val_caption_loss": float(np.mean(losses))}
 
     return step_loss, evaluate
+
+
+def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, algorithm: str, peft: dict[str, Any],
+                              log=print) -> dict[str, Any] | None:
+    """Load the pre-trained initial adapter into `lm.model` (training and caching it first unless
+    cached); returns its summary (`seconds` 0 and `cached` true when it was there), or None when
+    `server_stage.pretrain.lora` is off or the aggregator cannot use it."""
+    out = adapter_dir(cfg, peft, algorithm)
+    if out is None:
+        return None
+    if algorithm not in ADAPTER_PRETRAIN_ALGORITHMS:
+        log(f"stage 1 adapter: skipped, aggregator={cfg['aggregator']['name']} keeps each client's B "
+            "local from zero, so a pre-trained adapter would not reach the clients")
+        return None
+    from safetensors.numpy import load_file, save_file
+
+    from fedmllm.models.adapter import adapter_state, load_adapter_state
+
+    if (out / ADAPTER).is_file():
+        load_adapter_state(lm.model, load_file(str(out / ADAPTER)))
+        summary = json.loads((out / SUMMARY).read_text())
+        return {**summary, "cached": True, "build_seconds": summary["seconds"], "seconds": 0.0, "dir": str(out)}
+    from fedmllm.data import load_public_captioned
+
+    lora = cfg["server_stage"]["pretrain"]["lora"]
+    samples = load_public_captioned(cfg["dataset"], cfg["seed"])
+    if len(samples) < 20:
+        raise ValueError(f"server_stage.pretrain.lora needs captioned public samples; dataset.public_fraction="
+                         f"{cfg['dataset'].get('public_fraction')} gives {len(samples)}: raise it (e.g. 0.5)")
+    rng = random.Random(cfg["seed"])
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    n_val = min(int(lora.get("eval_samples", 100)), len(samples) // 5)
+    val = [samples[i] for i in order[:n_val]]
+    train = [samples[i] for i in order[n_val:]]
+    steps = int(lora["steps"])
+    log(f"stage 1 adapter: training the initial adapter on {len(train)} public questions with the "
+        f"captions as text ({steps} steps of {lora['batch_size']}; once, then cached in {out})")
+    t0 = time.time()
+    text_acc = _text_accuracy(lm.model, collator, val)
+    train_cfg = {**cfg["train"], **{k: lora[k] for k in ("batch_size", "lr") if k in lora}, "local_steps": steps}
+    frozen = []
+    if algorithm == "ffa_lora":  # the clients' A is derived from the seed and frozen: train B only
+        from fedmllm.models.adapter import adapter_params
+        from fedmllm.strategies.aggregate import lora_role
+
+        frozen = [p for k, p in adapter_params(lm.model).items() if lora_role(k) == "A" and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="stage 1 adapter", unit="step", file=sys.stderr, mininterval=2.0)
+    losses: list[float] = []
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+
+    try:
+        from fedmllm.training import train_steps
+
+        train_steps(lm.model, collator, train, train_cfg, cfg["seed"], on_step=on_step)
+    finally:
+        bar.close()
+        for p in frozen:
+            p.requires_grad_(True)
+    k = max(1, min(10, steps // 10))
+    summary = {
+        "steps": steps,
+        "batch_size": int(train_cfg["batch_size"]),
+        "public_samples": len(train),
+        "loss_first": float(np.mean(losses[:k])),
+        "loss_last": float(np.mean(losses[-k:])),
+        "losses": [round(x, 4) for x in losses],
+        "val_text_accuracy_before": text_acc,
+        "val_text_accuracy": _text_accuracy(lm.model, collator, val),
+        "seconds": round(time.time() - t0, 1),
+    }
+    arrays = adapter_state(lm.model)
+
+    def fill(tmp: Path) -> None:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / ADAPTER))
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
+
+    from fedmllm.models.build import write_atomically
+
+    write_atomically(out, fill)
+    log(f"stage 1 adapter: done in {summary['seconds']:.0f} s; {format_adapter_summary(summary)}")
+    return {**summary, "cached": False, "build_seconds": summary["seconds"], "dir": str(out)}
+
+
+def format_adapter_summary(summary: dict[str, Any]) -> str:
+    return (f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}; held-out public questions "
+            f"with captions as text: accuracy {summary['val_text_accuracy_before']:.2f} -> "
+            f"{summary['val_text_accuracy']:.2f}")
+
+
+def _text_accuracy(model, collator, samples) -> float:
+    from fedmllm.evaluation.scoring import score_options
+
+    labels = np.array([s["label"] for s in samples])
+    return float((score_options(model, collator, samples, batch_size=50).argmax(1) == labels).mean())
 
 
 class Aligner:
