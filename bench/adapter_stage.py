@@ -30,6 +30,8 @@ def main() -> None:
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
     from fedmllm.strategies.protocol import client_spec, peft_for
 
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        raise SystemExit(__doc__)
     cfg = compose(sys.argv[1:])
     ensure_pretrained(cfg)
     torch.manual_seed(cfg["seed"])  # as run_server: the same initial LoRA A
