@@ -24,11 +24,11 @@ def main() -> None:
     from fedmllm.config import compose
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
-    from fedmllm.evaluation.scoring import score_options
     from fedmllm.models import get_model
     from fedmllm.models.stage1 import model_config
+    from fedmllm.server.evaluate import evaluate
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
-    from fedmllm.strategies.protocol import client_spec, peft_for
+    from fedmllm.strategies.protocol import peft_for
 
     if {"-h", "--help"} & set(sys.argv[1:]):
         raise SystemExit(__doc__)
@@ -38,17 +38,15 @@ def main() -> None:
     lm = get_model(model_config(cfg), peft_for(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     collator = Collator(lm.processor, lm.family, task)
-    summary = ensure_adapter_pretrained(cfg, lm, collator, client_spec(cfg).algorithm, peft_for(cfg))
+    summary = ensure_adapter_pretrained(cfg, lm, collator)
     if summary is None:
         raise SystemExit("server_stage.pretrain.lora is off for this config")
     losses = summary["losses"]
     print("loss per 10 steps:", [round(float(np.mean(losses[i:i + 10])), 3) for i in range(0, len(losses), 10)])
-    labels = np.array([s["label"] for s in heldout])
-    bs = cfg["train"]["eval_batch_size"]
-    acc = float((score_options(lm.model, collator, heldout, bs).argmax(1) == labels).mean())
-    no_image = float((score_options(lm.model, collator, heldout, bs, drop_image=True).argmax(1) == labels).mean())
+    metrics = evaluate(lm.model, collator, heldout, None, cfg["train"]["eval_batch_size"])
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
-    print(f"held-out accuracy {acc:.3f} | no image {no_image:.3f} | stage {summary['build_seconds']:.0f} s")
+    print(f"held-out accuracy {metrics['accuracy']:.3f} | no image {metrics['accuracy_no_image']:.3f} | "
+          f"stage {summary['build_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

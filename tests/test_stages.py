@@ -196,7 +196,6 @@ def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_
     from fedmllm.models.adapter import adapter_state
     from fedmllm.models.stage1 import ADAPTER, adapter_dir
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
 
     cfg = _adapter_cfg()
     ensure_pretrained(cfg, log=lambda _: None)
@@ -204,20 +203,19 @@ def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_
     before = adapter_state(lm.model)
     lines: list[str] = []
     collator = Collator(lm.processor, lm.family, YESNO)
-    first = ensure_adapter_pretrained(cfg, lm, collator, "standard", peft_for(cfg), log=lines.append)
+    first = ensure_adapter_pretrained(cfg, lm, collator, log=lines.append)
     assert first["cached"] is False and first["steps"] == 60 and first["public_samples"] > 1000
     # tiny-llava's LM is random: the loss falls slowly (5.8 -> 5.4 in a trial), it learns token
     # frequencies rather than the questions
     assert first["loss_last"] < first["loss_first"] - 0.15, first
     assert 0 <= first["val_text_accuracy"] <= 1 and any("stage 1 adapter: done" in x for x in lines)
     trained = adapter_state(lm.model)
-    assert (adapter_dir(cfg, peft_for(cfg), "standard") / ADAPTER).is_file()
+    assert (adapter_dir(cfg) / ADAPTER).is_file()
     lora_b = [k for k in trained if "lora_B" in k]
     assert lora_b and all(np.any(trained[k] != before[k]) for k in lora_b)  # B left zero: trained
 
     lm2 = _server_model(cfg)  # a fresh model: the cached adapter replaces its initial one
-    again = ensure_adapter_pretrained(cfg, lm2, Collator(lm2.processor, lm2.family, YESNO), "standard",
-                                      peft_for(cfg), log=lines.append)
+    again = ensure_adapter_pretrained(cfg, lm2, Collator(lm2.processor, lm2.family, YESNO), log=lines.append)
     assert again["cached"] is True and again["seconds"] == 0.0 and again["loss_last"] == first["loss_last"]
     loaded = adapter_state(lm2.model)
     assert loaded.keys() == trained.keys() and all(np.array_equal(loaded[k], trained[k]) for k in trained)
@@ -228,7 +226,6 @@ def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):
     from fedmllm.data.easyvqa import YESNO
     from fedmllm.models.adapter import adapter_state, init_lora_a
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
 
     cfg = _adapter_cfg("aggregator=ffa_lora", "server_stage.pretrain.lora.steps=3")
     ensure_pretrained(cfg, log=lambda _: None)
@@ -236,7 +233,7 @@ def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):
     init_lora_a(lm.model, cfg["seed"])  # what run_server and every FFA client derive
     before = adapter_state(lm.model)
     collator = Collator(lm.processor, lm.family, YESNO)
-    assert ensure_adapter_pretrained(cfg, lm, collator, "ffa_lora", peft_for(cfg), log=lambda _: None)
+    assert ensure_adapter_pretrained(cfg, lm, collator, log=lambda _: None)
     after = adapter_state(lm.model)
     a_keys = [k for k in after if "lora_A" in k]
     b_keys = [k for k in after if "lora_B" in k]
@@ -245,28 +242,26 @@ def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):
 
     lines: list[str] = []
     cfg = _adapter_cfg("aggregator=fedsa_lora")
-    assert ensure_adapter_pretrained(cfg, lm, collator, "fedsa_lora", peft_for(cfg), log=lines.append) is None
+    assert ensure_adapter_pretrained(cfg, lm, collator, log=lines.append) is None
     assert "skipped" in lines[0] and "fedsa_lora" in lines[0]
 
 
 def test_adapter_cache_key_follows_what_shapes_the_adapter():
     from fedmllm.config import compose
     from fedmllm.models.stage1 import adapter_dir, stage1_dir
-    from fedmllm.strategies.protocol import peft_for
 
-    def key(*extra, algorithm="standard"):
-        cfg = compose(tiny_overrides(*extra))
-        return adapter_dir(cfg, peft_for(cfg), algorithm)
+    def key(*extra):
+        return adapter_dir(compose(tiny_overrides(*extra)))
 
     base = key()
     assert base == key() and base.parent.name == "pretrain-lora"
     for extra in ("server_stage.pretrain.lora.steps=5", "peft.r=8", "dataset=easyvqa_caption",
                   "server_stage.pretrain.steps=21", "model.quantization=none", "seed=1"):
         assert key(extra) != base, extra
-    assert key(algorithm="ffa_lora") != base
+    assert key("aggregator=ffa_lora") != base
     # the round settings and the adapter stage's own switch do not touch the stage-1 result
     assert key("train.local_steps=9", "num_rounds=7") == base
     cfg = compose(tiny_overrides("server_stage.pretrain.lora.enabled=false"))
-    assert adapter_dir(cfg, peft_for(cfg), "standard") is None and stage1_dir(cfg) == stage1_dir(compose(tiny_overrides()))
+    assert adapter_dir(cfg) is None and stage1_dir(cfg) == stage1_dir(compose(tiny_overrides()))
     with pytest.raises(Exception, match="server_stage.pretrain.lora.steps=0"):
         compose(tiny_overrides("server_stage.pretrain.lora.steps=0"))

@@ -150,6 +150,25 @@ def load_public_captions(dataset_cfg: dict[str, Any], seed: int = 42) -> list[tu
 
     easy-vqa captions are `(colour, shape)`, read off the dataset's own open questions.
     """
+    images = {s["image"] for s in load_public(dataset_cfg, seed)}
+    return sorted((p, words) for p, words in _caption_words(dataset_cfg).items() if p in images)
+
+
+def load_public_captioned(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
+    """The public pool's task samples with the image replaced by its caption as text, for the
+    server's adapter pre-training (`server_stage.pretrain.lora`): "The image shows a red circle.
+    <question>", no image. Samples whose image has no caption are left out."""
+    words = _caption_words(dataset_cfg)
+    return [
+        Sample(id=s["id"] + "-captioned", image=None, text=f"The image shows a {' '.join(words[s['image']])}. {s['text']}",
+               label=s["label"])
+        for s in load_public(dataset_cfg, seed)
+        if s["image"] in words
+    ]
+
+
+def _caption_words(dataset_cfg: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Caption words of every training image that has them: {image path: (colour, shape)}."""
     from fedmllm.data import easyvqa
 
     name = dataset_cfg["name"]
@@ -158,23 +177,8 @@ def load_public_captions(dataset_cfg: dict[str, Any], seed: int = 42) -> list[tu
             f"dataset.name={name!r} has no image captions for server_stage.pretrain; "
             "use server_stage=none or an easy-vqa dataset"
         )
-    images = {s["image"] for s in load_public(dataset_cfg, seed)}
     paths = easyvqa._image_paths("train")
-    out = [(paths[i], (color, shape)) for i, (shape, color) in easyvqa.image_attributes("train").items()]
-    return sorted((p, words) for p, words in out if p in images)
-
-
-def load_public_captioned(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
-    """The public pool's task samples with the image replaced by its caption as text, for the
-    server's adapter pre-training (`server_stage.pretrain.lora`): "The image shows a red circle.
-    <question>", no image. Samples whose image has no caption are left out."""
-    words = dict(load_public_captions(dataset_cfg, seed))
-    return [
-        Sample(id=s["id"] + "-captioned", image=None, text=f"The image shows a {' '.join(words[s['image']])}. {s['text']}",
-               label=s["label"])
-        for s in load_public(dataset_cfg, seed)
-        if s["image"] in words
-    ]
+    return {paths[i]: (color, shape) for i, (shape, color) in easyvqa.image_attributes("train").items()}
 
 
 def _public_images(samples: list[Sample], fraction: float, seed: int) -> set[str]:

@@ -43,13 +43,14 @@ def stage1_dir(cfg: dict[str, Any]) -> Path | None:
     return cache_root() / "stage1" / f"{model['name']}-{digest}"
 
 
-def adapter_dir(cfg: dict[str, Any], peft: dict[str, Any], algorithm: str) -> Path | None:
+def adapter_dir(cfg: dict[str, Any]) -> Path | None:
     """Cache directory of the pre-trained initial adapter (`server_stage.pretrain.lora`), or None.
 
     Keyed by everything that shapes it: the stage-1 result it trains on, its own settings, the
     PEFT settings and aggregator algorithm (FFA-LoRA freezes A), the model preset (quantization
     included), the task (dataset, template, prompt) and the seed."""
     from fedmllm.models.build import cache_root
+    from fedmllm.strategies.protocol import client_spec, peft_for
 
     base = stage1_dir(cfg)
     lora = ((cfg.get("server_stage") or {}).get("pretrain") or {}).get("lora") or {}
@@ -60,9 +61,9 @@ def adapter_dir(cfg: dict[str, Any], peft: dict[str, Any], algorithm: str) -> Pa
             "v": ADAPTER_VERSION,
             "stage1": base.name,
             "lora": {k: v for k, v in lora.items() if k != "enabled"},
-            "peft": peft,
-            "algorithm": algorithm,
-            "model": {k: v for k, v in cfg["model"].items() if k != "stage1_weights"},
+            "peft": peft_for(cfg),
+            "algorithm": client_spec(cfg).algorithm,
+            "model": cfg["model"],
             "dataset": {k: v for k, v in cfg["dataset"].items() if k != "eval_samples"},
             "prompt": cfg.get("prompt"),
             "train": {k: cfg["train"].get(k) for k in ("projector_lr", "weight_decay", "max_grad_norm")},

@@ -81,7 +81,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     collator = Collator(lm.processor, lm.family, task)
     if spec.algorithm == "ffa_lora":
         init_lora_a(lm.model, cfg["seed"])  # the frozen A every client derives from the same seed
-    adapter = None if cfg.get("resume") else ensure_adapter_pretrained(cfg, lm, collator, spec.algorithm, peft_for(cfg))
+    adapter = None if cfg.get("resume") else ensure_adapter_pretrained(cfg, lm, collator)
     if adapter is not None:
         (run_dir / "stage1_adapter.json").write_text(json.dumps(adapter, indent=1))
         if adapter["cached"]:

@@ -42,8 +42,7 @@ def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
     if out is None:
         return None
     if (out / WEIGHTS).is_file():
-        summary = json.loads((out / SUMMARY).read_text())
-        return {**summary, "cached": True, "build_seconds": summary["seconds"], "seconds": 0.0, "dir": str(out)}
+        return _result(json.loads((out / SUMMARY).read_text()), out, cached=True)
     from fedmllm.data import load_public_captions
     from fedmllm.models.load import load_model
 
@@ -73,7 +72,14 @@ def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
 
     write_atomically(out, fill)
     log(f"stage 1: done in {summary['seconds']:.0f} s; {format_summary(summary)}")
-    return {**summary, "cached": False, "build_seconds": summary["seconds"], "dir": str(out)}
+    return _result(summary, out, cached=False)
+
+
+def _result(summary: dict[str, Any], out: Path, cached: bool) -> dict[str, Any]:
+    """A server stage's summary as a run records it: `build_seconds` what building it took,
+    `seconds` what this run spent on it (0 when it came from the cache)."""
+    return {**summary, "cached": cached, "build_seconds": summary["seconds"],
+            "seconds": 0.0 if cached else summary["seconds"], "dir": str(out)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -290,12 +296,15 @@ def _caption_objective(model, processor, family, train, val):
     return step_loss, evaluate
 
 
-def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, algorithm: str, peft: dict[str, Any],
-                              log=print) -> dict[str, Any] | None:
-    """Load the pre-trained initial adapter into `lm.model` (training and caching it first unless
-    cached); returns its summary (`seconds` 0 and `cached` true when it was there), or None when
-    `server_stage.pretrain.lora` is off or the aggregator cannot use it."""
-    out = adapter_dir(cfg, peft, algorithm)
+def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> dict[str, Any] | None:
+    """Load the pre-trained initial adapter into `lm.model` (the server's model, built with
+    `peft_for(cfg)`), training and caching it first unless cached; returns its summary (`seconds`
+    0 and `cached` true when it was there), or None when `server_stage.pretrain.lora` is off or
+    the aggregator cannot use it."""
+    from fedmllm.strategies.protocol import client_spec
+
+    algorithm = client_spec(cfg).algorithm
+    out = adapter_dir(cfg)
     if out is None:
         return None
     if algorithm not in ADAPTER_PRETRAIN_ALGORITHMS:
@@ -308,8 +317,7 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, algorithm: str,
 
     if (out / ADAPTER).is_file():
         load_adapter_state(lm.model, load_file(str(out / ADAPTER)))
-        summary = json.loads((out / SUMMARY).read_text())
-        return {**summary, "cached": True, "build_seconds": summary["seconds"], "seconds": 0.0, "dir": str(out)}
+        return _result(json.loads((out / SUMMARY).read_text()), out, cached=True)
     from fedmllm.data import load_public_captioned
 
     lora = cfg["server_stage"]["pretrain"]["lora"]
@@ -328,7 +336,7 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, algorithm: str,
         f"captions as text ({steps} steps of {lora['batch_size']}; once, then cached in {out})")
     t0 = time.time()
     text_acc = _text_accuracy(lm.model, collator, val)
-    train_cfg = {**cfg["train"], **{k: lora[k] for k in ("batch_size", "lr") if k in lora}, "local_steps": steps}
+    train_cfg = {**cfg["train"], "batch_size": lora["batch_size"], "lr": lora["lr"], "local_steps": steps}
     frozen = []
     if algorithm == "ffa_lora":  # the clients' A is derived from the seed and frozen: train B only
         from fedmllm.models.adapter import adapter_params
@@ -378,7 +386,7 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, algorithm: str,
 
     write_atomically(out, fill)
     log(f"stage 1 adapter: done in {summary['seconds']:.0f} s; {format_adapter_summary(summary)}")
-    return {**summary, "cached": False, "build_seconds": summary["seconds"], "dir": str(out)}
+    return _result(summary, out, cached=False)
 
 
 def format_adapter_summary(summary: dict[str, Any]) -> str:
