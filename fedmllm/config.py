@@ -133,6 +133,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                      "(or server_stage.pretrain.lora.enabled=false)")
             need(isinstance(lora.get("lr"), (int, float)) and lora["lr"] > 0,
                  f"server_stage.pretrain.lora.lr={lora.get('lr')!r} must be a number > 0")
+            every, target = lora.get("eval_every", 0), lora.get("stop_accuracy")
+            need(isinstance(every, int) and every >= 0,
+                 f"server_stage.pretrain.lora.eval_every={every!r} must be an integer >= 0 (0: no checks)")
+            need(target is None or (isinstance(target, (int, float)) and 0 < target <= 1),
+                 f"server_stage.pretrain.lora.stop_accuracy={target!r} must be in (0, 1], or null to run every step")
     if align.get("enabled"):
         need(align.get("rounds") in ("all", "last"),
              f"server_stage.align.rounds={align.get('rounds')!r}: choose all or last")

@@ -64,11 +64,14 @@ def train_steps(
     samples: list[Sample],
     train_cfg: dict[str, Any],
     seed: int,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], bool | None] | None = None,
     penalty: Callable[[], Any] | None = None,
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train `train_cfg.local_steps` steps; returns mean train loss and examples seen.
+
+    `on_step(step, loss)` runs after each step; returning True stops training there (the
+    server's adapter pre-training stops once its held-out accuracy is reached).
 
     `penalty()` is added to each step's loss (FedProx, adaptive regularization);
     `after_backward()` runs between backward and the optimizer step (SCAFFOLD's correction).
@@ -84,6 +87,7 @@ def train_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
     for step, batch in enumerate(batches(samples, bs, steps, seed)):
+        model.train()  # on_step may have evaluated
         inputs = collator.train_batch(batch)
         loss = answer_loss(model, inputs)
         if penalty is not None:
@@ -98,7 +102,7 @@ def train_steps(
             torch.nn.utils.clip_grad_norm_(params, float(train_cfg["max_grad_norm"]))
         opt.step()
         losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
+        if on_step is not None and on_step(step, losses[-1]):
+            break
     model.eval()
-    return {"train-loss": float(np.mean(losses)), "num-examples": steps * bs}
+    return {"train-loss": float(np.mean(losses)), "num-examples": len(losses) * bs}

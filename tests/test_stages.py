@@ -175,7 +175,7 @@ def _adapter_cfg(*extra):
 
     return compose(tiny_overrides("model.quantization=none", "server_stage.pretrain.lora.steps=60",
                                   "server_stage.pretrain.lora.batch_size=8", "server_stage.pretrain.lora.lr=1e-2",
-                                  *extra))
+                                  "server_stage.pretrain.lora.stop_accuracy=null", *extra))
 
 
 def _server_model(cfg):
@@ -219,6 +219,34 @@ def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_
     assert again["cached"] is True and again["seconds"] == 0.0 and again["loss_last"] == first["loss_last"]
     loaded = adapter_state(lm2.model)
     assert loaded.keys() == trained.keys() and all(np.array_equal(loaded[k], trained[k]) for k in trained)
+
+
+def test_adapter_pretrain_stops_once_held_out_accuracy_is_reached(fresh_cache):
+    from fedmllm.data.collate import Collator
+    from fedmllm.data.easyvqa import YESNO
+    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+
+    def build(*extra):
+        cfg = _adapter_cfg("server_stage.pretrain.lora.steps=6", "server_stage.pretrain.lora.eval_every=2", *extra)
+        ensure_pretrained(cfg, log=lambda _: None)
+        lm = _server_model(cfg)
+        lines: list[str] = []
+        summary = ensure_adapter_pretrained(cfg, lm, Collator(lm.processor, lm.family, YESNO), log=lines.append)
+        return summary, lines
+
+    # no target: every step runs, the held-out questions are scored at steps 2 and 4 (and after 6)
+    full, _ = build()
+    assert full["steps"] == full["max_steps"] == 6 and len(full["losses"]) == 6
+    assert [s for s, _ in full["val_text_accuracy_curve"]] == [2, 4]
+    # a target the first check reaches (any right answer of 8): training stops there
+    early, lines = build("server_stage.pretrain.lora.stop_accuracy=0.01")
+    curve = early["val_text_accuracy_curve"]
+    assert curve[0][1] >= 0.01 and early["steps"] == 2 and len(early["losses"]) == 2 and len(curve) == 1
+    assert early["val_text_accuracy"] == curve[-1][1] and early["max_steps"] == 6
+    assert any("stopped at step 2 of 6" in x for x in lines), lines
+    assert early["dir"] != full["dir"]  # the target is part of the cache key
+    with pytest.raises(Exception, match="stop_accuracy=1.5"):
+        _adapter_cfg("server_stage.pretrain.lora.stop_accuracy=1.5")
 
 
 def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):

@@ -332,8 +332,10 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     val = [samples[i] for i in order[:n_val]]
     train = [samples[i] for i in order[n_val:]]
     steps = int(lora["steps"])
+    stop = (f", stopping once {lora['stop_accuracy']:.2f} of {n_val} held-out ones are right"
+            if lora.get("stop_accuracy") is not None and lora.get("eval_every") else "")
     log(f"stage 1 adapter: training the initial adapter on {len(train)} public questions with the "
-        f"captions as text ({steps} steps of {lora['batch_size']}; once, then cached in {out})")
+        f"captions as text (at most {steps} steps of {lora['batch_size']}{stop}; once, then cached in {out})")
     t0 = time.time()
     text_acc = _text_accuracy(lm.model, collator, val)
     train_cfg = {**cfg["train"], "batch_size": lora["batch_size"], "lr": lora["lr"], "local_steps": steps}
@@ -349,12 +351,19 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
 
     bar = tqdm(total=steps, desc="stage 1 adapter", unit="step", file=sys.stderr, mininterval=2.0)
     losses: list[float] = []
+    curve: list[list[float]] = []  # [step, held-out text accuracy] every eval_every steps
+    every, target = int(lora.get("eval_every") or 0), lora.get("stop_accuracy")
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: float) -> bool:
         losses.append(loss)
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            curve.append([step + 1, _text_accuracy(lm.model, collator, val)])
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", text_acc=f"{curve[-1][1]:.2f}")
+            return target is not None and curve[-1][1] >= float(target)
+        return False
 
     try:
         from fedmllm.training import train_steps
@@ -364,16 +373,20 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         bar.close()
         for p in frozen:
             p.requires_grad_(True)
-    k = max(1, min(10, steps // 10))
+    k = max(1, min(10, len(losses) // 10))
+    final = curve[-1][1] if curve and curve[-1][0] == len(losses) else _text_accuracy(lm.model, collator, val)
     summary = {
-        "steps": steps,
+        "steps": len(losses),
+        "max_steps": steps,
+        "stop_accuracy": target,
         "batch_size": int(train_cfg["batch_size"]),
         "public_samples": len(train),
         "loss_first": float(np.mean(losses[:k])),
         "loss_last": float(np.mean(losses[-k:])),
         "losses": [round(x, 4) for x in losses],
         "val_text_accuracy_before": text_acc,
-        "val_text_accuracy": _text_accuracy(lm.model, collator, val),
+        "val_text_accuracy": final,
+        "val_text_accuracy_curve": curve,
         "seconds": round(time.time() - t0, 1),
     }
     arrays = adapter_state(lm.model)
@@ -390,7 +403,9 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
 
 
 def format_adapter_summary(summary: dict[str, Any]) -> str:
-    return (f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}; held-out public questions "
+    stopped = (f"stopped at step {summary['steps']} of {summary['max_steps']}; "
+               if summary.get("max_steps", summary["steps"]) > summary["steps"] else f"{summary['steps']} steps; ")
+    return (stopped + f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}; held-out public questions "
             f"with captions as text: accuracy {summary['val_text_accuracy_before']:.2f} -> "
             f"{summary['val_text_accuracy']:.2f}")
 
