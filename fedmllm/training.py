@@ -64,13 +64,14 @@ def train_steps(
     samples: list[Sample],
     train_cfg: dict[str, Any],
     seed: int,
-    on_step: Callable[[int, float], bool | None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    stop: Callable[[], bool] | None = None,
     penalty: Callable[[], Any] | None = None,
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train `train_cfg.local_steps` steps; returns mean train loss and examples seen.
 
-    `on_step(step, loss)` runs after each step; returning True stops training there (the
+    `on_step(step, loss)` runs after each step, then `stop()`: True ends training there (the
     server's adapter pre-training stops once its held-out accuracy is reached).
 
     `penalty()` is added to each step's loss (FedProx, adaptive regularization);
@@ -102,7 +103,9 @@ def train_steps(
             torch.nn.utils.clip_grad_norm_(params, float(train_cfg["max_grad_norm"]))
         opt.step()
         losses.append(loss.item())
-        if on_step is not None and on_step(step, losses[-1]):
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if stop is not None and stop():
             break
     model.eval()
     return {"train-loss": float(np.mean(losses)), "num-examples": len(losses) * bs}

@@ -96,3 +96,25 @@ def test_proximal_term_keeps_the_adapter_near_the_global_one(tiny_lm):
         drift[mu] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start)
     load_adapter_state(lm.model, start)
     assert drift[100.0] < drift[0.0]
+
+
+def test_train_steps_runs_every_local_step_unless_stop_says_so(tiny_lm):
+    """A client's progress callback (tqdm's update returns True when it redraws) never ends local
+    training; only `stop()` does (the server's adapter pre-training uses it)."""
+    from fedmllm.training import train_steps
+
+    lm, cfg = tiny_lm
+    start = adapter_state(lm.model)
+    task, train, _ = load_task(cfg["dataset"], cfg["seed"])
+    col = Collator(lm.processor, lm.family, task)
+    train_cfg = dict(cfg["train"], local_steps=3, batch_size=2)
+    seen: list[int] = []
+    try:
+        full = train_steps(lm.model, col, train[:16], train_cfg, seed=0, on_step=lambda s, _: seen.append(s) or True)
+        assert seen == [0, 1, 2] and full["num-examples"] == 6
+        seen.clear()
+        early = train_steps(lm.model, col, train[:16], train_cfg, seed=0, on_step=lambda s, _: seen.append(s),
+                            stop=lambda: len(seen) == 2)
+        assert seen == [0, 1] and early["num-examples"] == 4
+    finally:
+        load_adapter_state(lm.model, start)

@@ -354,7 +354,7 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     curve: list[list[float]] = []  # [step, held-out text accuracy] every eval_every steps
     every, target = int(lora.get("eval_every") or 0), lora.get("stop_accuracy")
 
-    def on_step(step: int, loss: float) -> bool:
+    def on_step(step: int, loss: float) -> None:
         losses.append(loss)
         bar.update(1)
         if step % 10 == 0:
@@ -362,13 +362,14 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         if every and (step + 1) % every == 0 and step + 1 < steps:
             curve.append([step + 1, _text_accuracy(lm.model, collator, val)])
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", text_acc=f"{curve[-1][1]:.2f}")
-            return target is not None and curve[-1][1] >= float(target)
-        return False
+
+    def reached() -> bool:  # checked after every step: the last check met the target
+        return target is not None and bool(curve) and curve[-1][0] == len(losses) and curve[-1][1] >= float(target)
 
     try:
         from fedmllm.training import train_steps
 
-        train_steps(lm.model, collator, train, train_cfg, cfg["seed"], on_step=on_step)
+        train_steps(lm.model, collator, train, train_cfg, cfg["seed"], on_step=on_step, stop=reached)
     finally:
         bar.close()
         for p in frozen:
