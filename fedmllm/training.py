@@ -88,7 +88,6 @@ def train_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
     for step, batch in enumerate(batches(samples, bs, steps, seed)):
-        model.train()  # on_step may have evaluated
         inputs = collator.train_batch(batch)
         loss = answer_loss(model, inputs)
         if penalty is not None:

@@ -332,10 +332,10 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     val = [samples[i] for i in order[:n_val]]
     train = [samples[i] for i in order[n_val:]]
     steps = int(lora["steps"])
-    stop = (f", stopping once {lora['stop_accuracy']:.2f} of {n_val} held-out ones are right"
-            if lora.get("stop_accuracy") is not None and lora.get("eval_every") else "")
+    every, target = int(lora.get("eval_every") or 0), lora.get("stop_accuracy")
+    until = f", stopping once {target:.2f} of {n_val} held-out ones are right" if every and target is not None else ""
     log(f"stage 1 adapter: training the initial adapter on {len(train)} public questions with the "
-        f"captions as text (at most {steps} steps of {lora['batch_size']}{stop}; once, then cached in {out})")
+        f"captions as text (at most {steps} steps of {lora['batch_size']}{until}; once, then cached in {out})")
     t0 = time.time()
     text_acc = _text_accuracy(lm.model, collator, val)
     train_cfg = {**cfg["train"], "batch_size": lora["batch_size"], "lr": lora["lr"], "local_steps": steps}
@@ -352,7 +352,10 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     bar = tqdm(total=steps, desc="stage 1 adapter", unit="step", file=sys.stderr, mininterval=2.0)
     losses: list[float] = []
     curve: list[list[float]] = []  # [step, held-out text accuracy] every eval_every steps
-    every, target = int(lora.get("eval_every") or 0), lora.get("stop_accuracy")
+
+    def checked_now() -> float | None:
+        """The held-out accuracy scored after the latest step, or None when it was not scored."""
+        return curve[-1][1] if curve and curve[-1][0] == len(losses) else None
 
     def on_step(step: int, loss: float) -> None:
         losses.append(loss)
@@ -361,10 +364,12 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
         if every and (step + 1) % every == 0 and step + 1 < steps:
             curve.append([step + 1, _text_accuracy(lm.model, collator, val)])
+            lm.model.train()  # scoring left the model in eval mode; training goes on
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", text_acc=f"{curve[-1][1]:.2f}")
 
-    def reached() -> bool:  # checked after every step: the last check met the target
-        return target is not None and bool(curve) and curve[-1][0] == len(losses) and curve[-1][1] >= float(target)
+    def reached() -> bool:
+        acc = checked_now()
+        return target is not None and acc is not None and acc >= float(target)
 
     try:
         from fedmllm.training import train_steps
@@ -375,7 +380,9 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         for p in frozen:
             p.requires_grad_(True)
     k = max(1, min(10, len(losses) // 10))
-    final = curve[-1][1] if curve and curve[-1][0] == len(losses) else _text_accuracy(lm.model, collator, val)
+    final = checked_now()
+    if final is None:
+        final = _text_accuracy(lm.model, collator, val)
     summary = {
         "steps": len(losses),
         "max_steps": steps,
