@@ -49,7 +49,9 @@ def answer_loss(model, inputs: dict[str, Any]):
     """Mean cross-entropy over the answer tokens, computing logits for the last `keep` positions only."""
     import torch.nn.functional as F
 
-    inputs = dict(inputs)
+    from fedmllm.models.device import to_model
+
+    inputs = to_model(inputs, model)
     labels, keep = inputs.pop("labels"), inputs.pop("keep")
     logits = model(**inputs, logits_to_keep=keep).logits  # [B, keep, V]
     # position t predicts token t+1: the last keep-1 labels come from the first keep-1 logits

@@ -97,7 +97,7 @@ class LocalRound:
                 raise KeyError("aggregator=scaffold: the server's message has no 'scaffold-c' record")
             c_i = self.store.get("scaffold_c") or {k: np.zeros_like(v) for k, v in c.items()}
             self.c_i = c_i
-            self._correction = {k: torch.from_numpy(np.asarray(c[k]) - c_i[k]).to(p.dtype)
+            self._correction = {k: torch.from_numpy(np.asarray(c[k]) - c_i[k]).to(p.device, p.dtype)
                                 for k, p in self.trainable.items()}
 
     def _prepare_flora(self, params) -> None:

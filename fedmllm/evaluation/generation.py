@@ -10,6 +10,7 @@ from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
 from fedmllm.evaluation.metrics import UNPARSED
 from fedmllm.evaluation.parsing import parse_answer
+from fedmllm.models.device import to_model
 
 
 def generate_answers(
@@ -39,7 +40,7 @@ def generate_answers(
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            batch = collator.prompt_batch(chunk, drop_image=drop_image)
+            batch = to_model(collator.prompt_batch(chunk, drop_image=drop_image), model)
             ids = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,

