@@ -84,34 +84,67 @@ def check_model(model) -> dict[str, Any]:
     return {"devices": sorted(devices), "linear4bit_layers": len(four), "quant_types": sorted(kinds)}
 
 
+def server_side(cfg, quiet: bool = False):
+    """What the server holds before round 1, as a run builds it: stage 1 and the adapter stage
+    (cached), the model (asserted 4-bit NF4 on one device), the collator, the held-out samples and
+    the initial adapter. Returns (lm, collator, heldout, arrays, stage-1 summary, adapter summary)."""
+    import torch
+
+    from fedmllm.data import load_task
+    from fedmllm.data.collate import Collator
+    from fedmllm.models import get_model
+    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.stage1 import model_config
+    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.strategies.protocol import peft_for
+
+    say = (lambda _: None) if quiet else log
+    stage1 = ensure_pretrained(cfg, log=say)
+    torch.manual_seed(cfg["seed"])  # as run_server: the same initial LoRA A
+    lm = get_model(model_config(cfg), peft_for(cfg))
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
+    collator = Collator(lm.processor, lm.family, task)
+    adapter = ensure_adapter_pretrained(cfg, lm, collator, log=say)
+    return lm, collator, heldout, adapter_state(lm.model), stage1, adapter
+
+
+def one_round(cfg, arrays, server_round: int, proximal_mu: float = 0.0, extra=None) -> list[tuple[dict, dict]]:
+    """Every client's `train_round` from `arrays`: their (adapter, metrics) replies, asserted
+    adapter-only (the global adapter's keys) with a finite train loss."""
+    from fedmllm.client import train_round
+    from fedmllm.config import NodeIdentity
+
+    n = cfg["num_clients"]
+    replies = []
+    for i in range(n):
+        out, metrics, _ = train_round(cfg, NodeIdentity(i, n), arrays, server_round, proximal_mu, extra)
+        assert set(out) == set(arrays), "a reply's tensors differ from the global adapter's"
+        assert math.isfinite(metrics["train-loss"]), metrics
+        replies.append((out, metrics))
+    return replies
+
+
+def train_losses(replies) -> list[float]:
+    return [round(m["train-loss"], 4) for _, m in replies]
+
+
 def check(quick: bool) -> dict[str, Any]:
     """Part 1: the 4-bit path of a run, on tiny-llava."""
     import torch
 
-    from fedmllm.client import train_round
-    from fedmllm.config import NodeIdentity, compose
-    from fedmllm.data import load_task
-    from fedmllm.data.collate import Collator
+    from fedmllm.config import compose
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models import clear_cache, get_model
-    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.adapter import load_adapter_state
     from fedmllm.models.stage1 import model_config
     from fedmllm.server.evaluate import evaluate
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
     from fedmllm.strategies.aggregate import weighted_average
     from fedmllm.strategies.protocol import peft_for
 
     cfg = compose(TINY)
     t0 = time.perf_counter()
-    stage1 = ensure_pretrained(cfg, log=log)
-    torch.manual_seed(cfg["seed"])
-    lm = get_model(model_config(cfg), peft_for(cfg))
+    lm, collator, heldout, arrays, stage1, adapter = server_side(cfg)
     placed = check_model(lm.model)
-    task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
-    collator = Collator(lm.processor, lm.family, task)
-    adapter = ensure_adapter_pretrained(cfg, lm, collator, log=log)
-    arrays = adapter_state(lm.model)
-    trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
     # the payload: LoRA factors and the fully trained projector, never a language-model base weight
     base = [k for k in arrays if "lora_" not in k
             and lm.family.group_of(k.removeprefix("base_model.model.")) != "projector"]
@@ -121,34 +154,27 @@ def check(quick: bool) -> dict[str, Any]:
     # the same model loaded again, from the pre-quantized cache this time
     clear_cache()
     torch.manual_seed(cfg["seed"])
-    again = get_model(model_config(cfg), peft_for(cfg))
-    from fedmllm.models.adapter import load_adapter_state
-
-    load_adapter_state(again.model, arrays)
-    after = score_options(again.model, collator, heldout[:8], batch_size=8)
+    lm = get_model(model_config(cfg), peft_for(cfg))
+    load_adapter_state(lm.model, arrays)
+    after = score_options(lm.model, collator, heldout[:8], batch_size=8)
     assert np.allclose(before, after, atol=1e-3), (before, after)
-    lm = again
 
     rounds = [evaluate(lm.model, collator, heldout, arrays, 16)]
-    n = cfg["num_clients"]
-    train_losses = []
+    losses = []
     for r in range(1, cfg["num_rounds"] + 1):
-        replies = [train_round(cfg, NodeIdentity(i, n), arrays, r) for i in range(n)]
-        for out, metrics, _ in replies:
-            assert set(out) == set(arrays), "a reply's tensors differ from the global adapter's"
-            assert math.isfinite(metrics["train-loss"]), metrics
-        train_losses.append([round(m["train-loss"], 4) for _, m, _ in replies])
-        arrays = weighted_average([o for o, _, _ in replies], [m["num-examples"] for _, m, _ in replies])
+        replies = one_round(cfg, arrays, r)
+        losses.append(train_losses(replies))
+        arrays = weighted_average([o for o, _ in replies], [m["num-examples"] for _, m in replies])
         rounds.append(evaluate(lm.model, collator, heldout, arrays, 16))
-    bytes_up = sum(v.nbytes for v in arrays.values())
-    base_bytes = sum(p.numel() * p.element_size() for n_, p in lm.model.named_parameters() if n_ not in trainable)
+    frozen = sum(p.numel() * p.element_size() for p in lm.model.parameters() if not p.requires_grad)
     return {
         **placed,
         "stage1_loss": [round(stage1["loss_first"], 4), round(stage1["loss_last"], 4)],
         "adapter_stage_steps": adapter["steps"] if adapter else None,
         "cache_reload_max_abs_diff": float(np.abs(before - after).max()),
-        "adapter_tensors": len(arrays), "adapter_bytes": bytes_up, "frozen_base_bytes": base_bytes,
-        "train_loss_per_round": train_losses,
+        "adapter_tensors": len(arrays), "adapter_bytes": sum(v.nbytes for v in arrays.values()),
+        "frozen_base_bytes": frozen,
+        "train_loss_per_round": losses,
         "accuracy_per_round": [round(m["accuracy"], 3) for m in rounds],
         "accuracy_no_image_per_round": [round(m["accuracy_no_image"], 3) for m in rounds],
         "seconds": round(time.perf_counter() - t0, 1),
@@ -158,57 +184,30 @@ def check(quick: bool) -> dict[str, Any]:
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "llava_onevision")
 
 
-def one_round(cfg, arrays, server_round: int, proximal_mu: float = 0.0, extra=None) -> list[float]:
-    """Two clients' `train_round` from `arrays`: their train losses (asserted finite, replies adapter-only)."""
-    from fedmllm.client import train_round
-    from fedmllm.config import NodeIdentity
-
-    losses = []
-    for i in range(2):
-        out, metrics, _ = train_round(cfg, NodeIdentity(i, 2), arrays, server_round, proximal_mu, extra)
-        assert set(out) == set(arrays) and math.isfinite(metrics["train-loss"]), metrics
-        losses.append(round(metrics["train-loss"], 4))
-    return losses
-
-
 def families(quick: bool) -> dict[str, Any]:
     """Part 3: every family's tiny preset through the stages, a round and both evaluation modes."""
-    import torch
-
     from fedmllm.config import compose
-    from fedmllm.data import load_task
-    from fedmllm.data.collate import Collator
-    from fedmllm.models import clear_cache, get_model
-    from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.models import clear_cache
     from fedmllm.server.evaluate import evaluate
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
 
     out: dict[str, Any] = {}
     for family in FAMILIES:
         t0 = time.perf_counter()
         clear_cache()
         cfg = compose(TINY + [f"model=tiny-{family}", "dataset.eval_samples=8"])
-        stage1 = ensure_pretrained(cfg, log=lambda _: None)
-        torch.manual_seed(cfg["seed"])
-        lm = get_model(model_config(cfg), peft_for(cfg))
+        lm, collator, heldout, arrays, stage1, _ = server_side(cfg, quiet=True)
         placed = check_model(lm.model)
-        task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
-        collator = Collator(lm.processor, lm.family, task)
-        ensure_adapter_pretrained(cfg, lm, collator, log=lambda _: None)
-        arrays = adapter_state(lm.model)
         row: dict[str, Any] = {"devices": placed["devices"], "linear4bit_layers": placed["linear4bit_layers"],
                                "stage1_loss": [round(stage1["loss_first"], 3), round(stage1["loss_last"], 3)],
-                               "round_losses": one_round(cfg, arrays, 1)}
+                               "round_losses": train_losses(one_round(cfg, arrays, 1))}
         for mode in ("score", "generate"):
             metrics = evaluate(lm.model, collator, heldout, arrays, 8, mode=mode, max_new_tokens=2)
             row[f"{mode}_accuracy"] = round(metrics["accuracy"], 3)
         if family == "llava":
-            row["fedprox_losses"] = one_round(cfg, arrays, 2, proximal_mu=0.01)
+            row["fedprox_losses"] = train_losses(one_round(cfg, arrays, 2, proximal_mu=0.01))
             scaffold = compose(TINY + [f"model=tiny-{family}", "aggregator=scaffold"])
             zeros = {k: np.zeros_like(v) for k, v in arrays.items()}
-            row["scaffold_losses"] = one_round(scaffold, arrays, 1, extra={"scaffold-c": zeros})
+            row["scaffold_losses"] = train_losses(one_round(scaffold, arrays, 1, extra={"scaffold-c": zeros}))
         row["seconds"] = round(time.perf_counter() - t0, 1)
         out[family] = row
         log(f"{family}: {json.dumps(row)}")
@@ -276,7 +275,6 @@ def timing(quick: bool) -> dict[str, Any]:
                                "dtype": str(next(p for p in lm.model.parameters() if p.is_floating_point()).dtype)}
         if quant == "4bit":
             row.update(check_model(lm.model))
-            t = time.perf_counter()
             adapter = ensure_adapter_pretrained(qcfg, lm, collator, log=log)
             row["adapter_stage"] = {"steps": adapter["steps"], "build_seconds": adapter["build_seconds"],
                                     "val_text_accuracy": adapter["val_text_accuracy"]}

@@ -9,21 +9,15 @@ import torch
 from conftest import tiny_overrides
 
 
-class _OnMeta(torch.nn.Module):
-    """A model stand-in whose input embeddings live on the `meta` device (no GPU needed)."""
+class _Model(torch.nn.Module):
+    """A model stand-in whose input embeddings live on `device` (`meta`: another device, no GPU needed)."""
 
-    def __init__(self):
+    def __init__(self, device: str):
         super().__init__()
-        self.embed = torch.nn.Embedding(8, 4, device="meta")
+        self.embed = torch.nn.Embedding(8, 4, device=device)
 
     def get_input_embeddings(self):
         return self.embed
-
-
-class _OnCpu(_OnMeta):
-    def __init__(self):
-        torch.nn.Module.__init__(self)
-        self.embed = torch.nn.Embedding(8, 4)
 
 
 def test_batch_tensors_move_to_the_models_device_and_other_values_stay():
@@ -31,13 +25,13 @@ def test_batch_tensors_move_to_the_models_device_and_other_values_stay():
 
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "pixel_values": torch.zeros(2, 3, 4, 4),
              "labels": torch.full((2, 3), -100), "keep": 2}
-    moved = to_model(batch, _OnMeta())
-    assert model_device(_OnMeta()).type == "meta"
+    moved = to_model(batch, _Model("meta"))
+    assert model_device(_Model("meta")).type == "meta"
     assert {k: v.device.type for k, v in moved.items() if k != "keep"} == {
         "input_ids": "meta", "pixel_values": "meta", "labels": "meta"}
     assert moved["keep"] == 2 and moved["input_ids"].dtype == torch.long
     assert batch["input_ids"].device.type == "cpu"  # the caller's batch is left as it was
-    here = to_model(batch, _OnCpu())
+    here = to_model(batch, _Model("cpu"))
     assert all(here[k] is batch[k] for k in batch)  # already on the model's device: not copied
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import fedmllm.models.families  # noqa: F401  (registers every family)
 from fedmllm.models.build import ensure_built
+from fedmllm.models.device import avoid_cudnn_attention
 from fedmllm.models.quantize import from_pretrained_quantized, uses_cache
 from fedmllm.models.registry import Family, family_for_model_type, get_family
 
@@ -105,8 +106,6 @@ def load_model(model_cfg: dict[str, Any]):
     dtype = compute_dtype(model_cfg) if quant is not None else _plain_dtype(model_cfg)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation(model_cfg)}
     if kwargs["attn_implementation"] == "sdpa":
-        from fedmllm.models.device import avoid_cudnn_attention
-
         avoid_cudnn_attention()
     if quant is not None:
         kwargs["quantization_config"] = quant

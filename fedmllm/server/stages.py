@@ -243,8 +243,9 @@ def _embed_objective(model, processor, family, train, val, images, stage):
             return {"pixel_values": _augment(x, rng) if rng is not None else x}
         batch = [train_img[i] for i in idx]
         return image_inputs(processor, family, _augment(batch, rng) if rng is not None else batch)
-    target = [torch.tensor([vocab[i].index(words[i]) for _, words in train]) for i in range(n_slots)]
-    val_target = [torch.tensor([vocab[i].index(words[i]) for _, words in val]) for i in range(n_slots)]
+    device = table[0].device  # the model's: the features and the word table are there
+    target = [torch.tensor([vocab[i].index(words[i]) for _, words in train], device=device) for i in range(n_slots)]
+    val_target = [torch.tensor([vocab[i].index(words[i]) for _, words in val], device=device) for i in range(n_slots)]
 
     def slots(feats):
         return torch.tensor_split(feats, n_slots, dim=1)
@@ -253,7 +254,7 @@ def _embed_objective(model, processor, family, train, val, images, stage):
         feats = image_features(model, batch_inputs(idx, rng)).float()
         loss = feats.new_zeros(())
         for i, group in enumerate(slots(feats)):
-            y = target[i][idx].to(feats.device)
+            y = target[i][idx]
             loss = loss + ((group - table[i][y].unsqueeze(1)) ** 2).sum(-1).mean() / scale**2
             logits = F.normalize(group, dim=-1) @ F.normalize(table[i], dim=-1).T * temp
             loss = loss + F.cross_entropy(logits.reshape(-1, len(vocab[i])), y.repeat_interleave(group.shape[1]))
@@ -265,7 +266,7 @@ def _embed_objective(model, processor, family, train, val, images, stage):
             acc = []
             for i, group in enumerate(slots(feats)):
                 pred = (F.normalize(group, dim=-1) @ F.normalize(table[i], dim=-1).T).argmax(-1)
-                acc.append(float((pred.cpu() == val_target[i].unsqueeze(1)).float().mean()))
+                acc.append(float((pred == val_target[i].unsqueeze(1)).float().mean()))
         return {"val_slot_accuracy": acc, "slots": vocab}
 
     return step_loss, evaluate
