@@ -45,6 +45,9 @@ def _run(argv: list[str]) -> None:
         resume = next((o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("resume=")), None)
         if resume:
             overrides, out_dir = resume_overrides(resume, overrides), resume
+        given = next((o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("out_dir=")), None)
+        if given and not resume:  # out_dir= wins over Hydra's dir (they differ only with hydra.run.dir= too)
+            out_dir = given
         overrides += (f"out_dir='{out_dir}'",)
         try:
             cfg = compose(overrides)
@@ -62,9 +65,17 @@ def _run(argv: list[str]) -> None:
         print(f"run dir: {out_dir}", flush=True)
 
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
-    if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
+    out_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("out_dir=")), None)
+    run_dir_given = any(a.startswith("hydra.run.dir=") for a in argv)
+    if resume and not run_dir_given:
         # continue in the stopped run's dir, and keep its .hydra/overrides.yaml as it was
         argv = [*argv, f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
+    elif out_dir:
+        if any(a in ("-m", "--multirun") for a in argv):
+            _fail(f"out_dir={out_dir} would give every job of the sweep the same directory; "
+                  f"use hydra.sweep.dir={out_dir} instead (job i writes to {out_dir}/i)")
+        if not run_dir_given:  # the run's files and Hydra's .hydra/ + log in the one directory asked for
+            argv = [*argv, f"hydra.run.dir={out_dir}"]
     sys.argv = ["fedmllm run", *argv]
     job()
 

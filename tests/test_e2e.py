@@ -148,3 +148,17 @@ def test_sweep_runs_one_job_per_value(tmp_path):
     assert proc.stdout.startswith("| job | aggregator | status |")
     assert "| 0 | fedprox | ok | 1 |" in proc.stdout and "| 1 | fedadam | ok | 1 |" in proc.stdout
     assert all((tmp_path / f"report.{ext}").is_file() for ext in ("md", "csv", "png"))
+
+
+def test_out_dir_is_where_the_run_writes(tmp_path):
+    """`out_dir=DIR` on the command line is the run's directory (it used to be replaced by Hydra's
+    dated one); in a sweep it would be one directory for every job, so it is refused there."""
+    out = tmp_path / "mine"
+    proc = run_cli(["run", *tiny_overrides("server_stage=none", "train.local_steps=1", "num_rounds=1"), f"out_dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"run dir: {out}"
+    assert [r["round"] for r in read_metrics(out)] == [0, 1]
+    assert (out / ".hydra" / "overrides.yaml").is_file()
+    proc = run_cli(["run", "-m", "model=tiny-llava", "seed=1,2", f"out_dir={out}"], timeout=120)
+    assert proc.returncode == 2 and f"hydra.sweep.dir={out}" in proc.stderr
+    assert "Traceback" not in proc.stderr
