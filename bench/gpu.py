@@ -309,13 +309,6 @@ def main() -> None:
         "bitsandbytes": __import__("bitsandbytes").__version__, "peft": __import__("peft").__version__,
         "quick": args.quick,
     }
-    if torch.cuda.is_available():
-        from fedmllm.models.device import avoid_cudnn_attention
-
-        avoid_cudnn_attention()  # as load_model does: see its docstring
-        result["sdpa_kernels"] = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
-                                  "flash": torch.backends.cuda.flash_sdp_enabled(),
-                                  "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
     try:
         if args.part in ("check", "all"):
             result["check"] = check(args.quick)
@@ -325,6 +318,10 @@ def main() -> None:
         if args.part in ("timing", "all"):
             result["timing"] = timing(args.quick)
     finally:  # what ran is kept even when a later part fails
+        if torch.cuda.is_available():  # as load_model left them (it turns cuDNN attention off)
+            result["sdpa_kernels"] = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                                      "flash": torch.backends.cuda.flash_sdp_enabled(),
+                                      "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
         text = json.dumps(result, indent=1)
         print(text)
         if args.out:

@@ -42,10 +42,10 @@ def _run(argv: list[str]) -> None:
         hc = HydraConfig.get()
         out_dir = hc.runtime.output_dir
         overrides = tuple(hc.overrides.task)
-        resume = next((o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("resume=")), None)
+        resume = _override(overrides, "resume")
         if resume:
             overrides, out_dir = resume_overrides(resume, overrides), resume
-        given = next((o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("out_dir=")), None)
+        given = _override(overrides, "out_dir")
         if given and not resume:  # out_dir= wins over Hydra's dir (they differ only with hydra.run.dir= too)
             out_dir = given
         overrides += (f"out_dir='{out_dir}'",)
@@ -64,9 +64,8 @@ def _run(argv: list[str]) -> None:
             _fail(f"the run failed: {type(cause).__name__}: {cause}")
         print(f"run dir: {out_dir}", flush=True)
 
-    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
-    out_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("out_dir=")), None)
-    run_dir_given = any(a.startswith("hydra.run.dir=") for a in argv)
+    resume, out_dir = _override(argv, "resume"), _override(argv, "out_dir")
+    run_dir_given = _override(argv, "hydra.run.dir") is not None
     if resume and not run_dir_given:
         # continue in the stopped run's dir, and keep its .hydra/overrides.yaml as it was
         argv = [*argv, f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
@@ -78,6 +77,11 @@ def _run(argv: list[str]) -> None:
             argv = [*argv, f"hydra.run.dir={out_dir}"]
     sys.argv = ["fedmllm run", *argv]
     job()
+
+
+def _override(args, key: str) -> str | None:
+    """The value of the command-line override `key=value` (unquoted), or None when it is absent."""
+    return next((a.split("=", 1)[1].strip("'\"") for a in args if a.startswith(f"{key}=")), None)
 
 
 def resume_overrides(run_dir: str, current: tuple[str, ...]) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
+from fedmllm.models.device import to_model
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -48,8 +49,6 @@ def make_optimizer(model, train_cfg: dict[str, Any]):
 def answer_loss(model, inputs: dict[str, Any]):
     """Mean cross-entropy over the answer tokens, computing logits for the last `keep` positions only."""
     import torch.nn.functional as F
-
-    from fedmllm.models.device import to_model
 
     inputs = to_model(inputs, model)
     labels, keep = inputs.pop("labels"), inputs.pop("keep")

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmllm.models.device import to_model
 from fedmllm.models.stage1 import ADAPTER, SUMMARY, WEIGHTS, adapter_dir, stage1_dir
 
 # Aggregators whose clients start from the server's whole adapter (FFA-LoRA: its B; A is derived
@@ -104,8 +105,6 @@ def image_features(model, inputs: dict) -> "torch.Tensor":
     """Projected image tokens [B, T, D] (what replaces the image tokens in the LM input) of
     image_inputs(...)."""
     import torch
-
-    from fedmllm.models.device import to_model
 
     inputs = to_model(inputs, model)
     feats = model.model.get_image_features(**inputs)
