@@ -138,6 +138,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                  f"server_stage.pretrain.lora.eval_every={every!r} must be an integer >= 0 (0: no checks)")
             need(target is None or (isinstance(target, (int, float)) and 0 < target <= 1),
                  f"server_stage.pretrain.lora.stop_accuracy={target!r} must be in (0, 1], or null to run every step")
+            gate = lora.get("check_gate")
+            need(gate is None or (isinstance(gate, (int, float)) and 0 <= gate <= 1),
+                 f"server_stage.pretrain.lora.check_gate={gate!r} must be in [0, 1], or null to check every eval_every steps")
     if align.get("enabled"):
         need(align.get("rounds") in ("all", "last"),
              f"server_stage.align.rounds={align.get('rounds')!r}: choose all or last")

@@ -227,7 +227,8 @@ def test_adapter_pretrain_stops_once_held_out_accuracy_is_reached(fresh_cache):
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
 
     def build(*extra):
-        cfg = _adapter_cfg("server_stage.pretrain.lora.steps=6", "server_stage.pretrain.lora.eval_every=2", *extra)
+        cfg = _adapter_cfg("server_stage.pretrain.lora.steps=6", "server_stage.pretrain.lora.eval_every=2",
+                           "server_stage.pretrain.lora.check_gate=null", *extra)
         ensure_pretrained(cfg, log=lambda _: None)
         lm = _server_model(cfg)
         lines: list[str] = []
@@ -245,8 +246,20 @@ def test_adapter_pretrain_stops_once_held_out_accuracy_is_reached(fresh_cache):
     assert early["val_text_accuracy"] == curve[-1][1] and early["max_steps"] == 6
     assert any("stopped at step 2 of 6" in x for x in lines), lines
     assert early["dir"] != full["dir"]  # the target is part of the cache key
+    # every step's batch was answered (before its update) and recorded
+    answered = full["batch_answer_accuracy"]
+    assert len(answered) == 6 and all(0 <= a <= 1 for a in answered)
+    # the gate: a check point runs its check only when the batches since the last one answered at
+    # least check_gate right; 0 passes every time, above the batches' accuracy none runs
+    opened, _ = build("server_stage.pretrain.lora.stop_accuracy=0.01", "server_stage.pretrain.lora.check_gate=0")
+    assert opened["steps"] == 2 and [s for s, _ in opened["val_text_accuracy_curve"]] == [2]
+    shut, _ = build("server_stage.pretrain.lora.stop_accuracy=0.01",
+                    f"server_stage.pretrain.lora.check_gate={max(answered) + 0.01:.4f}")
+    assert shut["steps"] == 6 and shut["val_text_accuracy_curve"] == [] and shut["check_gate"] > 0
     with pytest.raises(Exception, match="stop_accuracy=1.5"):
         _adapter_cfg("server_stage.pretrain.lora.stop_accuracy=1.5")
+    with pytest.raises(Exception, match="check_gate=2"):
+        _adapter_cfg("server_stage.pretrain.lora.check_gate=2")
 
 
 def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):

@@ -25,6 +25,7 @@ def score_options(
     drop_image: bool = False,
     on_batch: Callable[[int], None] | None = None,
     fast: bool = True,
+    share_prefix: bool = False,
 ) -> np.ndarray:
     """Log-likelihood of each option's answer tokens after the prompt: array [n_samples, n_options].
 
@@ -32,8 +33,11 @@ def score_options(
     '(A) not-hateful': '(', 'A', ')', ' not', ...), one forward pass per option and batch; the
     end-of-turn token is not scored (every option ends with it, after distinct text).
     Fast path: when every option is one distinct token (easy-vqa's 'yes'/'no'), one forward pass
-    over the prompt scores all options at once (K times cheaper), with the same result.
+    over the prompt scores all options at once (K times cheaper), with the same result; with
+    `share_prefix`, the tokens every prompt of a text-only batch begins with run once
+    (fedmllm.training.shared_prefix_logits).
     """
+    from fedmllm.training import shared_prefix_logits
     import torch
 
     ids = option_token_ids(collator)
@@ -45,7 +49,9 @@ def score_options(
             chunk = samples[start : start + batch_size]
             if single:
                 batch = to_model(collator.prompt_batch(chunk, drop_image=drop_image), model)
-                logits = model(**batch, logits_to_keep=1).logits  # left padding: -1 is each prompt's end
+                logits = shared_prefix_logits(model, batch, 1) if share_prefix else None
+                if logits is None:
+                    logits = model(**batch, logits_to_keep=1).logits  # left padding: -1 is each prompt's end
                 logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
                 out.append(logp[:, [i[0] for i in ids]].cpu().numpy())
             else:
