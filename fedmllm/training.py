@@ -79,7 +79,7 @@ def shared_prefix_logits(model, inputs: dict[str, Any], keep: int, min_prefix: i
     input ids and an attention mask (images, token types), the shared prefix is shorter than
     `min_prefix` tokens, or the model's forward takes no cache argument.
 
-    The server's adapter pre-training trains on captions as text: 17 of its 48 tokens per row are
+    The server's adapter pre-training trains on captions as text: 17 of its 49 tokens per row are
     the chat template and the caption's "The image shows a", about a third of every step."""
     import inspect
 
