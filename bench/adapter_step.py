@@ -67,7 +67,9 @@ def main() -> None:
     worst: dict[str, float] = {k: 0.0 for k in variants}
     for i in range(args.batches + 1):
         batch = collator.train_batch(samples[bs * i: bs * (i + 1)])
-        ref_loss, ref_grads, _ = None, None, None
+        if not i:
+            width = tuple(batch["input_ids"].shape)
+        ref_loss = ref_grads = None
         for name, (share, deq) in variants.items():
             loss, grads, seconds = step(batch, share, deq)
             if ref_grads is None:
@@ -76,7 +78,6 @@ def main() -> None:
             worst[name] = max(worst[name], rel, abs(loss - ref_loss) / abs(ref_loss))
             if i:
                 times[name].append(seconds)
-    width = tuple(collator.train_batch(samples[:bs])["input_ids"].shape)
     print(f"adapter-stage step, batch {width[0]} x {width[1]} tokens, {torch.get_num_threads()} threads, "
           f"median of {args.batches}:")
     print(f"{'variant':32s} {'s/step':>7s} {'vs plain':>9s} {'max rel. diff (loss, grads)':>28s}")

@@ -249,8 +249,8 @@ def test_adapter_pretrain_stops_once_held_out_accuracy_is_reached(fresh_cache):
     # every step's batch was answered (before its update) and recorded
     answered = full["batch_answer_accuracy"]
     assert len(answered) == 6 and all(0 <= a <= 1 for a in answered)
-    # the gate: a check point runs its check only when the batches since the last one answered at
-    # least check_gate right; 0 passes every time, above the batches' accuracy none runs
+    # the gate: a check point runs its check only when the last 5 batches answered at least
+    # check_gate right; 0 passes every time, above the batches' accuracy none runs
     opened, _ = build("server_stage.pretrain.lora.stop_accuracy=0.01", "server_stage.pretrain.lora.check_gate=0")
     assert opened["steps"] == 2 and [s for s, _ in opened["val_text_accuracy_curve"]] == [2]
     shut, _ = build("server_stage.pretrain.lora.stop_accuracy=0.01",

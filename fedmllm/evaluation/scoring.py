@@ -9,6 +9,7 @@ import numpy as np
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
 from fedmllm.models.device import to_model
+from fedmllm.training import shared_prefix_logits
 
 
 def option_token_ids(collator: Collator) -> list[list[int]]:
@@ -37,7 +38,6 @@ def score_options(
     `share_prefix`, the tokens every prompt of a text-only batch begins with run once
     (fedmllm.training.shared_prefix_logits).
     """
-    from fedmllm.training import shared_prefix_logits
     import torch
 
     ids = option_token_ids(collator)

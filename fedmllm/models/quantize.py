@@ -79,10 +79,11 @@ def dequantized(model):
     weight dequantized once, on entry, instead of on every call.
 
     bitsandbytes' CPU path unpacks the NF4 weight to the compute dtype in every forward pass, and
-    the backward pass unpacks it again: on 2 cores that is about 8% of a training step. Kept in
-    the compute dtype, the same NF4 values give the same products (the loss agrees to float
-    rounding), at the memory of a full-precision copy of those layers (about 0.4 GB for
-    smol-llava's language model) until the block ends. Layers on a GPU are left alone: their
+    the backward pass unpacks it again. Kept in the compute dtype, the same NF4 values give the same
+    products (bit-identical losses and gradients), at the memory of a full-precision copy of those
+    layers (about 0.4 GB for smol-llava's language model) until the block ends. Alone it saved
+    0-8% of an adapter-stage step on 2 cores; with the shared prompt prefix, whose extra pass would
+    unpack every weight again, the two together cost 0.79 of the plain step (bench/adapter_step.py). Layers on a GPU are left alone: their
     kernels dequantize on chip, and a 7B model's copy would not fit beside it."""
     import torch
     import torch.nn.functional as F

@@ -342,8 +342,8 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     every, target = int(lora.get("eval_every") or 0), lora.get("stop_accuracy")
     gate = lora.get("check_gate")
     until = f", stopping once {target:.2f} of {n_val} held-out ones are right" if every and target is not None else ""
-    if until and lora.get("check_gate") is not None:
-        until += f", checked every {every} steps once the batches answer {lora['check_gate']:.2f} right"
+    if until and gate is not None:
+        until += f", checked every {every} steps once the batches answer {gate:.2f} right"
     log(f"stage 1 adapter: training the initial adapter on {len(train)} public questions with the "
         f"captions as text (at most {steps} steps of {lora['batch_size']}{until}; once, then cached in {out})")
     t0 = time.time()
@@ -376,11 +376,12 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", answered=f"{np.mean(answered[-10:]):.2f}")
+        if not (every and (step + 1) % every == 0 and step + 1 < steps):
+            return
         # The last GATE_BATCHES batches are questions the adapter had not trained on when it answered
         # them: below the gate, the held-out check (about 5 s) could not reach stop_accuracy, so it is skipped
         recent = answered[-GATE_BATCHES:]
-        passed = gate is None or (bool(recent) and float(np.mean(recent)) >= float(gate))
-        if every and (step + 1) % every == 0 and step + 1 < steps and passed:
+        if gate is None or (recent and float(np.mean(recent)) >= float(gate)):
             curve.append([step + 1, _text_accuracy(lm.model, collator, val, on_cpu)])
             lm.model.train()  # scoring left the model in eval mode; training goes on
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", answered=f"{np.mean(recent):.2f}",
