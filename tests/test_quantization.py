@@ -132,3 +132,30 @@ def test_bad_compute_dtype_is_named():
 
     with pytest.raises(ConfigError, match=r"model.compute_dtype='int4'.*auto"):
         compose(["model=tiny-llava", "model.compute_dtype=int4"])
+
+
+def test_base_weights_do_not_move_through_evaluation_and_saves(monkeypatch):
+    """bitsandbytes repacks a CPU 4-bit layer in place on its first no-grad pass where the CPU has
+    AVX512-BF16, and state_dict() re-quantizes it: the base weights drifted with every evaluation
+    and checkpoint (a resumed run trained on other weights). load_model turns that path off, so a
+    no-grad pass and a save leave every quantized tensor as loaded, on any CPU. The flag is forced
+    on first, so that this machine's instruction set does not decide what the test exercises."""
+    import bitsandbytes as bnb
+    import torch
+
+    from fedmllm.models.load import load_model
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "support_avx512bf16_for_cpu", True, raising=False)
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    model, processor, _ = load_model(_preset("tiny-llava", quantization="4bit"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        model(**_inputs(processor, model))
+    after = model.state_dict()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k

@@ -9,7 +9,7 @@ from typing import Any
 import fedmllm.models.families  # noqa: F401  (registers every family)
 from fedmllm.models.build import ensure_built
 from fedmllm.models.device import avoid_cudnn_attention
-from fedmllm.models.quantize import from_pretrained_quantized, uses_cache
+from fedmllm.models.quantize import from_pretrained_quantized, keep_cpu_layout, uses_cache
 from fedmllm.models.registry import Family, family_for_model_type, get_family
 
 
@@ -117,6 +117,8 @@ def load_model(model_cfg: dict[str, Any]):
         model, _ = from_pretrained_quantized(family.model_cls(), path, model_cfg, kwargs)
     else:
         model = family.model_cls().from_pretrained(path, **kwargs)
+    if quant is not None:
+        keep_cpu_layout(model)  # the same 4-bit weights in every pass, on every CPU
     if model_cfg.get("stage1_weights"):  # the server's stage-1 vision tower + projector
         from fedmllm.models.stage1 import load_stage1
 

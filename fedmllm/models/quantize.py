@@ -73,6 +73,35 @@ def from_pretrained_quantized(model_cls, source: str, model_cfg: dict[str, Any],
     return model, "quantized now"
 
 
+def keep_cpu_layout(model) -> int:
+    """Turn off bitsandbytes' in-place CPU repacking of 4-bit weights; returns the layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weight the first time
+    it runs without gradients (evaluation): the double-quantized absmax is expanded and rounded to
+    bf16, and `state_dict()` (every checkpoint save) quantizes it back. Each cycle moves the base
+    weights (absmax values by up to 6e-4 on tiny-llava), so a model's weights depended on how many
+    evaluations and saves it had seen: a resumed run, which skips the evaluation of its first
+    round, trained on other base weights than an uninterrupted one (adapters 1e-3 apart after one
+    round), and only on CPUs with that instruction set. With this, every CPU takes the one path
+    that training takes (dequantize, then matmul) and the base weights never change."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no 4-bit layers without it
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return changed
+
+
 @contextlib.contextmanager
 def dequantized(model):
     """Within the block, each 4-bit linear layer of `model` that sits on the CPU multiplies with its
