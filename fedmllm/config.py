@@ -89,7 +89,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("local_steps", "batch_size"):
         need(isinstance(t.get(key), int) and t[key] >= 1, f"train.{key}={t.get(key)!r} must be an integer >= 1")
     for key in ("lr", "projector_lr"):
-        need(isinstance(t.get(key), (int, float)) and t[key] > 0, f"train.{key}={t.get(key)!r} must be a number > 0")
+        need(isinstance(t.get(key), (int, float)) and not isinstance(t[key], bool) and 0 < t[key] < float("inf"),
+             f"train.{key}={t.get(key)!r} must be a finite number > 0")
+    need(t.get("weight_by", "partition_size") in ("partition_size", "examples_seen"),
+         f"train.weight_by={t.get('weight_by')!r}: choose partition_size (each client's dataset size, "
+         "FedMLLM's weighting) or examples_seen (local_steps x batch_size)")
     d = cfg["dataset"]
     frac = d.get("public_fraction", 0.0)
     need(
@@ -173,6 +177,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             isinstance(p.get("alpha"), (int, float)) and p["alpha"] > 0,
             f"partitioner.alpha={p.get('alpha')!r} must be a number > 0 (e.g. 0.5 for strong skew)",
         )
+    if p["name"] == "fedmllm":
+        need(p.get("topup", "all") in ("all", "first"),
+             f"partitioner.topup={p.get('topup')!r}: choose all (FedMLLM's Hateful Memes script) or first (its CrisisMMD script)")
     _validate_scenarios(cfg, need)
     from fedmllm.models.adapter import peft_problem
 

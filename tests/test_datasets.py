@@ -112,14 +112,14 @@ def test_crisismmd_reads_tsv_strips_urls_and_maps_labels(tmp_path):
     s = train[0]
     assert s["id"] == first["image_id"] and s["image"] == str(root / first["image"])
     assert "http" not in s["text"] and s["text"] == " ".join(first["tweet_text"].split()[:-2] + ["#help"])
-    assert task.labels[s["label"]] == first["label"]
+    assert task.labels[s["label"]] == first["label_image"]  # FedMLLM's label column, the default
     assert crisismmd.clean_tweet("Help https://t.co/abc  now http://x.y/z") == "Help now"
 
 
 def test_crisismmd_label_column_and_tasks(tmp_path):
     root = write_crisismmd(tmp_path / "cm", "damage", n_rows=30, seed=1)
-    task, by_label, _ = load_task(cm_cfg(root, task="damage"))
-    _, by_image, _ = load_task(cm_cfg(root, task="damage", label_column="label_image"))
+    task, by_label, _ = load_task(cm_cfg(root, task="damage", label_column="label"))
+    _, by_image, _ = load_task(cm_cfg(root, task="damage"))
     assert task.answers == ("(A) little_or_no_damage", "(B) mild_damage", "(C) severe_damage")
     assert [s["label"] for s in by_label] != [s["label"] for s in by_image]
     with pytest.raises(DataError, match="no agreed-label damage split"):

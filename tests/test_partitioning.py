@@ -129,3 +129,139 @@ def test_fedmllm_partition_through_client_samples_and_rare_label_error():
     rare = [0] * 50 + [1] * 3  # 3 samples of label 1 cannot give 5 clients one each
     with pytest.raises(ValueError, match="label 1 has 3 samples.*lower num_clients or raise partitioner.alpha"):
         fedmllm_partition(rare, 5, 0.5)
+
+
+# --- FedMLLM's CrisisMMD script --------------------------------------------------------------
+
+
+def _crisismmd_script(tsv_path, num_clients, alpha):
+    """A transcription of FedMLLM's data_gen/data_partition_crisismmd.py (1xbq1/FedMLLM): rows of
+    the TSV grouped by `label_image` in order of first appearance, one Dirichlet row per group,
+    the top-up only for the first group (`if label_idx == 0`), the last client takes the remainder,
+    each client's rows shuffled. Returns each client's image_ids in the written order."""
+    import csv
+    import random
+    from collections import defaultdict
+
+    np.random.seed(42)
+    random.seed(42)
+    with open(tsv_path, encoding="utf-8") as f:
+        data = list(csv.DictReader(f, delimiter="\t"))
+    label_groups = defaultdict(list)
+    for entry in data:
+        label_groups[entry["label_image"]].append(entry)
+    label_data = list(label_groups.values())
+    proportions = np.random.dirichlet([alpha] * num_clients, len(label_data))
+    client_data = [[] for _ in range(num_clients)]
+    min_files = 1
+    for label_idx, label_group in enumerate(label_data):
+        splits = (proportions[label_idx] * len(label_group)).astype(int)
+        if label_idx == 0:
+            while np.any(splits < min_files):
+                deficit_clients = np.where(splits < min_files)[0]
+                excess_clients = np.where(splits > min_files)[0]
+                for client_idx in deficit_clients:
+                    if len(excess_clients) == 0:
+                        break
+                    donor_idx = excess_clients[0]
+                    splits[client_idx] += 1
+                    splits[donor_idx] -= 1
+                    if splits[donor_idx] <= min_files:
+                        excess_clients = excess_clients[1:]
+        splits[-1] = len(label_group) - splits[:-1].sum()
+        split_indices = np.cumsum(splits)[:-1]
+        for client_idx, split in enumerate(np.split(np.array(label_group, dtype=object), split_indices)):
+            client_data[client_idx].extend(split)
+    for rows in client_data:
+        random.shuffle(rows)
+    return [[r["image_id"] for r in rows] for rows in client_data]
+
+
+def _crisismmd_with_rare_label(root, n_rows=120, rare="missing_or_found_people", n_rare=2):
+    """A CrisisMMD folder in the real format whose `rare` label_image appears `n_rare` times (fewer
+    than the clients), never first: the label the Hateful Memes script would fail on."""
+    from fedmllm.data.fixtures import write_crisismmd
+
+    root = write_crisismmd(root, "humanitarian", n_rows=n_rows, seed=4)
+    tsv = root / "crisismmd_datasplit_all" / "task_humanitarian_text_img_train.tsv"
+    lines = tsv.read_text(encoding="utf-8").splitlines()
+    col = lines[0].split("\t").index("label_image")
+    seen = 0
+    for i, line in enumerate(lines[1:], 1):
+        fields = line.split("\t")
+        if fields[col] == rare:
+            seen += 1
+            if seen > n_rare:
+                fields[col] = "not_humanitarian"
+        lines[i] = "\t".join(fields)
+    assert lines[1].split("\t")[col] != rare
+    tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root, tsv
+
+
+def test_crisismmd_partition_equals_fedmllms_script_with_a_rare_label(tmp_path):
+    """Sample by sample against the transcription, with a label rarer than the clients: tops up
+    only the first label group, never fails, and some client holds none of the rare label."""
+    from fedmllm.partitioning.fedmllm_split import fedmllm_partition
+
+    from fedmllm.data import load_task
+
+    root, tsv = _crisismmd_with_rare_label(tmp_path / "cm")
+    cfg = {"name": "crisismmd", "root": str(root), "task": "humanitarian", "eval_samples": 0}
+    task, pool, _ = load_task(cfg)
+    labels = [s["label"] for s in pool]
+    assert labels.count(task.labels.index("missing_or_found_people")) == 2
+    parts = fedmllm_partition(labels, 10, 0.5, seed=42, topup="first")
+    expected = _crisismmd_script(tsv, 10, 0.5)
+    assert [[pool[i]["id"] for i in p] for p in parts] == expected
+    rare = task.labels.index("missing_or_found_people")
+    assert sum(any(labels[i] == rare for i in p) for p in parts) <= 2  # 8 clients hold none of it
+    assert all(any(labels[i] == labels[0] for i in p) for p in parts)  # the first group was topped up
+    with pytest.raises(ValueError, match="label 3 has 2 samples"):  # Hateful Memes' rule: every label
+        fedmllm_partition(labels, 10, 0.5, seed=42, topup="all")
+
+
+def test_partition_command_on_crisismmd_matches_fedmllms_script(tmp_path, capsys):
+    """`fedmllm partition dataset=crisismmd partitioner=fedmllm` takes the CrisisMMD script's rule
+    from the dataset (no partitioner.topup on the command line) and writes its split."""
+    import json
+
+    from fedmllm.cli import main
+
+    root, tsv = _crisismmd_with_rare_label(tmp_path / "cm")
+    main(["partition", "dataset=crisismmd", f"dataset.root={root}", "partitioner=fedmllm", "num_clients=10",
+          f"out={tmp_path / 'out'}"])
+    target = tmp_path / "out" / "crisismmd" / "aligned" / "partition-alpha0.5-clt10"
+    assert f"partition dir: {target}" in capsys.readouterr().out
+    got = [[json.loads(line)["id"] for line in (target / f"client_{i}.jsonl").read_text().splitlines()]
+           for i in range(10)]
+    assert got == _crisismmd_script(tsv, 10, 0.5)
+    stats = json.loads((target / "stats.json").read_text())
+    assert [r["num_samples"] for r in stats] == [len(g) for g in got]
+
+
+def test_a_runs_client_rows_weigh_each_client_by_its_partition_size(tmp_path):
+    """metrics.jsonl's per-client rows: each client's num-examples is its partition's size in the
+    stats.json that `fedmllm partition` writes with the same settings (not local_steps x batch)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_overrides
+    from inprocess import run_in_process
+
+    from fedmllm.config import compose
+    from fedmllm.partitioning.materialise import write_partitions
+    from fedmllm.tracking import read_metrics
+
+    overrides = tiny_overrides("server_stage=none", "dataset.eval_samples=4", "num_rounds=1", "num_clients=3",
+                               "clients_per_round=3", "train.local_steps=1", "partitioner.alpha=0.3")
+    run = run_in_process([*overrides, f"out_dir={tmp_path / 'run'}"])
+    target, _ = write_partitions(compose(overrides), tmp_path / "parts")
+    sizes = [r["num_samples"] for r in json.loads((target / "stats.json").read_text())]
+    assert len(set(sizes)) > 1  # unequal partitions: equal weights would be a different average
+    rows = read_metrics(run)[1]["clients"]
+    assert [r["partition-id"] for r in rows] == [0, 1, 2]
+    assert [r["num-examples"] for r in rows] == sizes
+    assert all(r["bytes"] > 0 and isinstance(r["train-loss"], float) for r in rows)

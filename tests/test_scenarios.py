@@ -344,5 +344,5 @@ def test_an_empty_client_replies_its_adapter_unchanged_with_zero_examples(tiny_c
     assert out.keys() == arrays.keys() and all(np.array_equal(out[k], arrays[k]) for k in arrays)
     assert metrics["num-examples"] == 0 and metrics["empty-partition"] == 1 and metrics["partition-size"] == 0
     assert math.isnan(metrics["train-loss"])
-    with pytest.raises(InvalidReply, match="num-examples=0 must be > 0"):  # the strategy drops it with this reason
+    with pytest.raises(InvalidReply, match="num-examples=0 must be a finite number > 0"):  # the strategy drops it with this reason
         check_reply(arrays, out, metrics["num-examples"])

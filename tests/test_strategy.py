@@ -144,3 +144,32 @@ def test_a_node_with_an_empty_partition_is_left_out_of_sampling():
     assert sorted(m.metadata.dst_node_id for m in again) == sorted(
         n for n in FakeGrid().get_node_ids() if n not in strategy.empty_nodes)
     assert (strategy.min_train_nodes, strategy.min_available_nodes) == (3, 3)  # restored after sampling
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5, 0])
+def test_a_non_finite_or_non_positive_weight_drops_the_reply_not_the_round(bad):
+    """NaN <= 0 is False: a NaN num-examples used to pass and turn the global adapter into NaN."""
+    def replies(sent):
+        return [
+            reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+            reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
+            reply(sent[2], {"lora_A": np.full((2, 3), 5.0, np.float32)}, bad, 2),
+        ]
+
+    strategy, (arrays, _) = run_round(replies)
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.5)
+    assert len(strategy.dropped) == 1 and "num-examples" in strategy.dropped[0][1]
+    rows = strategy.round_stats["clients"]
+    assert [r["partition-id"] for r in rows] == [0, 1, 2]
+    assert rows[0] == {"partition-id": 0, "num-examples": 10, "train-loss": 1.0, "bytes": 24}
+    assert rows[2]["bytes"] == 0 and "num-examples" in rows[2]["dropped"]
+
+
+def test_client_weight_is_its_partition_size_unless_examples_seen():
+    from fedmllm.client import aggregation_weight
+
+    assert aggregation_weight({}, 37, 12) == 37  # default: partition_size
+    assert aggregation_weight({"weight_by": "examples_seen"}, 37, 12) == 12
+    assert aggregation_weight({"weight_by": "examples_seen"}, 0, 0) == 0  # an empty partition
+    with pytest.raises(ValueError, match="train.weight_by='size'"):
+        aggregation_weight({"weight_by": "size"}, 37, 12)

@@ -55,6 +55,19 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     return task, client_partition(pool, cfg, ident.partition_id, ident.num_partitions)
 
 
+WEIGHT_BY = ("partition_size", "examples_seen")
+
+
+def aggregation_weight(train_cfg: dict[str, Any], partition_size: int, examples_seen: int) -> int:
+    """A reply's `num-examples`, by `train.weight_by`: `partition_size` (default) weights each
+    client by its dataset size, as FedMLLM (OpenFedLLM's sample_num_list) and Flower's strategies
+    do; `examples_seen` by local_steps x batch_size, the same for every client with data."""
+    how = train_cfg.get("weight_by", "partition_size")
+    if how not in WEIGHT_BY:
+        raise ValueError(f"train.weight_by={how!r}: choose partition_size or examples_seen")
+    return 0 if not partition_size else (partition_size if how == "partition_size" else examples_seen)
+
+
 def train_round(
     cfg: dict[str, Any],
     ident: NodeIdentity,
@@ -108,10 +121,15 @@ def train_round(
         local.release()
         result = {"train-loss": float("nan"), "num-examples": 0}
         out, extra_out = arrays, {}
+    seen = result["num-examples"]
     bar.close()
     t_train = time.perf_counter() - t0 - t_setup
     metrics = {
         **result,
+        # the aggregation weight: the partition's size (FedMLLM's sample_num_list, Flower's
+        # convention), or with train.weight_by=examples_seen the samples trained on this round
+        "num-examples": aggregation_weight(cfg["train"], len(samples), seen),
+        "examples-seen": seen,
         "partition-id": ident.partition_id,
         "partition-size": len(samples),
         "empty-partition": int(not samples),

@@ -67,7 +67,7 @@ def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sa
         return hateful_memes.TASK, train, test
     if name == "crisismmd":
         root, t = _root(cfg, "crisismmd"), str(cfg.get("task", "humanitarian"))
-        agreed, column = bool(cfg.get("agreed", False)), str(cfg.get("label_column", "label"))
+        agreed, column = bool(cfg.get("agreed", False)), str(cfg.get("label_column", "label_image"))
         splits = (cfg.get("train_split", "train"), cfg.get("test_split", "test"))
         for s in splits:
             crisismmd.split_file(Path(root), t, s, agreed)

@@ -87,11 +87,12 @@ def clean_tweet(text: str) -> str:
 
 @lru_cache(maxsize=8)
 def load_split(
-    root: str, name: str, split: str, agreed: bool = False, label_column: str = "label", strict: bool = False
+    root: str, name: str, split: str, agreed: bool = False, label_column: str = "label_image", strict: bool = False
 ) -> tuple[Sample, ...]:
     """The usable samples of one CrisisMMD split (cached: a worker process reads a file once).
 
-    `label_column`: CrisisMMD's `label` by default (FedMLLM trained on `label_image`). Bad TSV
+    `label_column`: `label_image` by default, the label FedMLLM partitions, trains and evaluates on
+    (`label` is the tweet-level one). Bad TSV
     rows, labels outside the task's options and missing/unreadable images are dropped with a
     one-line summary (`strict`: the first raises).
     """

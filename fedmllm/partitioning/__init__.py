@@ -41,7 +41,7 @@ def _partition_indices(labels, cfg_items, num_partitions, seed):
     if cfg["name"] == "fedmllm":
         from fedmllm.partitioning.fedmllm_split import fedmllm_partition
 
-        return fedmllm_partition(labels, num_partitions, float(cfg["alpha"]), seed)
+        return fedmllm_partition(labels, num_partitions, float(cfg["alpha"]), seed, topup=cfg.get("topup") or "all")
     from datasets import Dataset
 
     ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})

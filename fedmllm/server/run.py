@@ -118,6 +118,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             bytes_up=stats.get("bytes_up", 0),
             bytes_down=stats.get("bytes_down", 0),
             bytes_up_per_client={str(k): v for k, v in stats.get("bytes_up_per_client", {}).items()},
+            clients=stats.get("clients", []),  # per reply: partition-id, num-examples, train-loss, bytes
         )
         if server_round == 0 and stage1 is not None:
             row.update(pretrain_seconds=stage1["seconds"], pretrain_cached=stage1["cached"])

@@ -101,7 +101,7 @@ def _axpy(a: np.float32, x: np.ndarray, y: np.ndarray) -> None:
 def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.ndarray], num_examples,
                 free_rank: bool = False, finite: bool = True) -> None:
     """Raise InvalidReply unless the payload has the reference's keys, shapes, a float dtype,
-    finite values and num_examples > 0. `free_rank`: LoRA A/B may have any rank r (A [r, in],
+    finite values and a finite num_examples > 0. `free_rank`: LoRA A/B may have any rank r (A [r, in],
     B [out, r], the same r for a module's pair), other dimensions as the reference's."""
     missing, extra = set(reference) - set(payload), set(payload) - set(reference)
     if missing or extra:
@@ -118,8 +118,9 @@ def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.nd
             raise InvalidReply(f"{k}: dtype {arr.dtype}, expected float32")
         if finite and not np.isfinite(arr).all():
             raise InvalidReply(f"{k}: non-finite values")
-    if not isinstance(num_examples, (int, float)) or num_examples <= 0:
-        raise InvalidReply(f"num-examples={num_examples!r} must be > 0")
+    if (not isinstance(num_examples, (int, float)) or isinstance(num_examples, bool)
+            or not np.isfinite(num_examples) or num_examples <= 0):
+        raise InvalidReply(f"num-examples={num_examples!r} must be a finite number > 0")  # NaN <= 0 is False
     if free_rank:
         for a_key, b_key in lora_pairs(list(payload)).values():
             if np.shape(payload[a_key])[0] != np.shape(payload[b_key])[1]:

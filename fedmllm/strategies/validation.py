@@ -5,6 +5,8 @@ from __future__ import annotations
 from logging import WARNING
 from typing import Iterable, NamedTuple
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -128,6 +130,7 @@ class AdapterReplies:
         server_round += self.round_offset
         valid: list[Message] = []
         per_client: dict[int, int] = {}
+        clients: list[dict] = []  # one row per reply: who contributed what (metrics.jsonl `clients`)
         decoded = ValidReplies([], [], [])
         self._decoded: dict[int, dict] = {}
         for msg in replies:
@@ -135,7 +138,10 @@ class AdapterReplies:
                 valid.append(msg)  # Flower's own check logs and drops it
                 continue
             metrics = next(iter(msg.content.metric_records.values()), {})
+            client = _client_row(metrics, msg.metadata.src_node_id)
+            clients.append(client)
             if metrics.get("empty-partition"):
+                client["dropped"] = "empty partition"
                 log(WARNING, "round %s: node %s has an empty partition; it is left out of sampling from now on",
                     server_round, msg.metadata.src_node_id)
                 self.empty_nodes.add(msg.metadata.src_node_id)
@@ -150,18 +156,21 @@ class AdapterReplies:
             except (InvalidReply, KeyError, StopIteration) as err:
                 log(WARNING, "round %s: dropped reply from node %s: %s", server_round, msg.metadata.src_node_id, err)
                 self.dropped.append((server_round, str(err)))
+                client["dropped"] = str(err)
                 continue
             for name in extra:  # Flower's aggregation expects exactly one ArrayRecord per reply
                 del msg.content[name]
             per_client[int(metrics.get("partition-id", msg.metadata.src_node_id))] = sum(
                 a.nbytes for a in arrays.values()
             ) + sum(a.nbytes for e in extra.values() for a in e.values())
+            client["bytes"] = per_client[client["partition-id"]]
             self._decoded[id(msg)] = arrays  # for FusedAverage, which Flower's strategies call with messages only
             decoded.payloads.append(arrays)
             decoded.extras.append(extra)
             decoded.weights.append(float(metrics[self.weighted_by_key]))
             valid.append(msg)
-        self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client)
+        self.round_stats.update(bytes_up=sum(per_client.values()), bytes_up_per_client=per_client,
+                                clients=sorted(clients, key=lambda c: c["partition-id"]))
         if len(decoded.payloads) < self.min_valid_replies():
             log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
                 server_round, len(decoded.payloads), self.min_train_nodes)
@@ -208,6 +217,18 @@ class AdapterReplies:
         return record
 
 
+def _client_row(metrics, node_id: int) -> dict:
+    """A reply's row in metrics.jsonl's `clients`: partition-id, num-examples (its aggregation
+    weight), train-loss and bytes sent (0 until it is accepted)."""
+    def number(key):
+        value = metrics.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    pid = number("partition-id")
+    return {"partition-id": int(pid) if pid is not None and np.isfinite(pid) else int(node_id),
+            "num-examples": number("num-examples"), "train-loss": number("train-loss"), "bytes": 0}
+
+
 class _NodesWithData:
     """A Grid view without the nodes whose partition is empty (for Flower's node sampling)."""
 
@@ -248,6 +269,9 @@ class FusedAverage(FedAvg):
             getattr(self, "dropped", []).append((server_round, "non-finite values"))
             pid = int(next(iter(valid[i].content.metric_records.values())).get("partition-id", node))
             stats.get("bytes_up_per_client", {}).pop(pid, None)
+            for row in stats.get("clients", []):
+                if row["partition-id"] == pid:
+                    row.update(bytes=0, dropped="non-finite values")
         if bad and "bytes_up_per_client" in stats:
             stats["bytes_up"] = sum(stats["bytes_up_per_client"].values())
         valid = [m for i, m in enumerate(valid) if i not in bad]
