@@ -91,6 +91,23 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("lr", "projector_lr"):
         need(isinstance(t.get(key), (int, float)) and not isinstance(t[key], bool) and 0 < t[key] < float("inf"),
              f"train.{key}={t.get(key)!r} must be a finite number > 0")
+    need(isinstance(t.get("grad_accum", 1), int) and not isinstance(t.get("grad_accum", 1), bool)
+         and t.get("grad_accum", 1) >= 1, f"train.grad_accum={t.get('grad_accum')!r} must be an integer >= 1")
+    ep = t.get("local_epochs")
+    need(ep is None or (isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1),
+         f"train.local_epochs={ep!r} must be null (use train.local_steps) or an integer >= 1")
+    need(t.get("schedule", "constant") in ("constant", "cosine"),
+         f"train.schedule={t.get('schedule')!r}: choose constant or cosine")
+    need(t.get("round_schedule", "constant") in ("constant", "cosine_warm"),
+         f"train.round_schedule={t.get('round_schedule')!r}: choose constant or cosine_warm (FedMLLM's)")
+    for key in ("warmup_ratio", "round_warmup"):
+        v = t.get(key, 0.0)
+        need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+             f"train.{key}={v!r} must be a number in [0, 1) (e.g. 0.01)")
+    betas = t.get("adam_betas", [0.9, 0.999])
+    need(isinstance(betas, (list, tuple)) and len(betas) == 2
+         and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+         f"train.adam_betas={betas!r} must be two numbers in [0, 1), e.g. [0.9,0.95]")
     need(t.get("weight_by", "partition_size") in ("partition_size", "examples_seen"),
          f"train.weight_by={t.get('weight_by')!r}: choose partition_size (each client's dataset size, "
          "FedMLLM's weighting) or examples_seen (local_steps x batch_size)")
@@ -163,6 +180,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
              f"aggregator.client.ranks={ranks!r} must be integers >= 1 (e.g. [8,16])")
         need(isinstance(client.get("max_rank"), int) and client["max_rank"] >= max(ranks + [1]),
              f"aggregator.client.max_rank={client.get('max_rank')!r} must be an integer >= every client rank")
+    only = (cfg["aggregator"].get("client") or {}).get("only")
+    if only is not None:
+        need(isinstance(only, int) and not isinstance(only, bool) and 0 <= only < cfg["num_clients"],
+             f"aggregator.client.only={only!r} must be a partition id in 0..{cfg['num_clients'] - 1} "
+             f"(num_clients={cfg['num_clients']}); sweep it with aggregator.client.only=0,1,...")
     reg = cfg["train"].get("adaptive_reg") or {}
     if reg:
         need(isinstance(reg.get("s_layer"), int) and reg["s_layer"] >= 0,
@@ -193,6 +215,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         and ev["max_new_tokens"] >= 1,
         f"eval.max_new_tokens={ev.get('max_new_tokens')!r} must be an integer >= 1 (e.g. 8)",
     )
+    need(ev.get("protocol", "ours") in ("ours", "fedmllm"),
+         f"eval.protocol={ev.get('protocol')!r}: choose ours or fedmllm")
+    need(ev.get("protocol", "ours") != "fedmllm" or ev.get("mode") == "generate",
+         "eval.protocol=fedmllm reads generated answers as FedMLLM's scripts do; add eval.mode=generate")
     need(cfg["logger"]["name"] in ("none", "wandb"), f"logger={cfg['logger']['name']!r}: choose none or wandb")
     return cfg
 

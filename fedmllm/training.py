@@ -31,9 +31,67 @@ def batches(samples: list[Sample], batch_size: int, steps: int, seed: int):
         del order[:batch_size]
 
 
+# The client loop's regime settings at their plain values: the server's stages train with these,
+# whatever a run sets for its clients (FedMLLM's accumulation and schedules are client settings).
+PLAIN_LOOP = {"grad_accum": 1, "local_epochs": None, "schedule": "constant", "warmup_ratio": 0.0,
+              "round_schedule": "constant", "adam_betas": [0.9, 0.999], "gradient_checkpointing": False}
+SCHEDULES = ("constant", "cosine")
+ROUND_SCHEDULES = ("constant", "cosine_warm")
+
+
+def round_lr(train_cfg: dict[str, Any], server_round: int, num_rounds: int) -> dict[str, Any]:
+    """`train_cfg` with `lr` and `projector_lr` for round `server_round` (1-based) of `num_rounds`.
+
+    `round_schedule=cosine_warm` is FedMLLM's `cosine_warm_learning_rate(r, lr, R, R * round_warmup)`
+    at r = server_round - 1: lr (r+1)/W during the W warm-up rounds, then
+    lr (1 + cos(pi (r - W) / (R - W))) / 2. With R=50 and round_warmup=0.01, W=0.5: round 1 runs at
+    2 lr (their round 0 at 4e-5), round 2 at 0.9996 lr, round 50 at 1e-3 lr."""
+    how = train_cfg.get("round_schedule", "constant")
+    if how not in ROUND_SCHEDULES:
+        raise ValueError(f"train.round_schedule={how!r}: choose constant or cosine_warm")
+    if how == "constant":
+        return train_cfg
+    r, warm = server_round - 1, num_rounds * float(train_cfg.get("round_warmup", 0.01))
+    if r < warm:
+        factor = (r + 1) / warm
+    else:
+        factor = (1 + math.cos(math.pi * (r - warm) / (num_rounds - warm))) / 2
+    out = {**train_cfg, "lr": float(train_cfg["lr"]) * factor}
+    out["projector_lr"] = float(train_cfg.get("projector_lr", train_cfg["lr"])) * factor
+    return out
+
+
+def lr_factor(step: int, total: int, schedule: str = "constant", warmup_ratio: float = 0.0) -> float:
+    """Multiplier of the learning rate at optimizer step `step` (0-based) of `total` in a round,
+    as transformers' `get_cosine_schedule_with_warmup` with ceil(warmup_ratio x total) warm-up
+    steps (its first step, with warm-up, runs at 0): linear up, then cosine down to 0."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule={schedule!r}: choose constant or cosine")
+    warm = math.ceil(warmup_ratio * total)
+    if step < warm:
+        return step / max(1, warm)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def optimizer_steps(train_cfg: dict[str, Any], num_samples: int) -> int:
+    """Optimizer steps of a local round: `local_steps`, or with `local_epochs` that many passes over
+    the client's data, each floor(n / (batch_size x grad_accum)) steps and at least one (as
+    transformers' Trainer, which FedMLLM runs for one epoch: the gradients of a last incomplete
+    accumulation are never applied)."""
+    epochs = train_cfg.get("local_epochs")
+    if not epochs:
+        return int(train_cfg["local_steps"])
+    per_step = int(train_cfg["batch_size"]) * int(train_cfg.get("grad_accum", 1))
+    return int(epochs) * max(1, num_samples // per_step)
+
+
 def make_optimizer(model, train_cfg: dict[str, Any]):
     """AdamW with two groups: LoRA tensors at `lr`, the fully trained projector at `projector_lr`
-    (a gentler rate: at 1e-3 a prototype's projector never learned to carry image information)."""
+    (a gentler rate: at 1e-3 a prototype's projector never learned to carry image information);
+    betas `adam_betas` (FedMLLM: 0.9, 0.95)."""
     import torch
 
     lora, full = [], []
@@ -43,7 +101,10 @@ def make_optimizer(model, train_cfg: dict[str, Any]):
     groups = [{"params": lora, "lr": float(train_cfg["lr"])}]
     if full:
         groups.append({"params": full, "lr": float(train_cfg.get("projector_lr", train_cfg["lr"]))})
-    return torch.optim.AdamW(groups, weight_decay=float(train_cfg.get("weight_decay", 0.0)))
+    betas = tuple(float(b) for b in train_cfg.get("adam_betas") or (0.9, 0.999))
+    for g in groups:
+        g["initial_lr"] = g["lr"]  # what the round's schedule scales
+    return torch.optim.AdamW(groups, weight_decay=float(train_cfg.get("weight_decay", 0.0)), betas=betas)
 
 
 def answer_loss(model, inputs: dict[str, Any], share_prefix: bool = False, stats: dict[str, float] | None = None):
@@ -135,7 +196,13 @@ def train_steps(
     penalty: Callable[[], Any] | None = None,
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Train `train_cfg.local_steps` steps; returns mean train loss and examples seen.
+    """Train `optimizer_steps(train_cfg, len(samples))` steps; returns mean train loss and examples seen.
+
+    A step accumulates `grad_accum` batches of `batch_size` (the loss of each divided by
+    grad_accum, as transformers does), then clips and steps at the learning rate of `schedule`
+    (constant | cosine, `warmup_ratio`) within the round. `gradient_checkpointing` recomputes
+    each layer's activations in the backward pass (non-reentrant, so a frozen 4-bit base needs no
+    input-grad hook), for the duration of the call.
 
     `on_step(step, loss)` runs after each step, then `stop()`: True ends training there (the
     server's adapter pre-training stops once its held-out accuracy is reached).
@@ -149,33 +216,51 @@ def train_steps(
 
     if not samples:
         raise ValueError("this client's partition is empty: lower num_clients or raise partitioner.alpha")
-    steps, bs = int(train_cfg["local_steps"]), int(train_cfg["batch_size"])
+    steps, bs = optimizer_steps(train_cfg, len(samples)), int(train_cfg["batch_size"])
+    accum = int(train_cfg.get("grad_accum", 1))
+    schedule, warmup = train_cfg.get("schedule", "constant"), float(train_cfg.get("warmup_ratio", 0.0))
     torch.manual_seed(seed)
+    checkpointing = bool(train_cfg.get("gradient_checkpointing"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = make_optimizer(model, train_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
-    for step, batch in enumerate(batches(samples, bs, steps, seed)):
-        inputs = collator.train_batch(batch)
-        stats: dict[str, float] | None = {} if on_answers is not None else None
-        loss = answer_loss(model, inputs, share_prefix=bool(train_cfg.get("share_prefix")), stats=stats)
-        if penalty is not None:
-            loss = loss + penalty()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        if train_cfg.get("max_grad_norm"):
-            torch.nn.utils.clip_grad_norm_(params, float(train_cfg["max_grad_norm"]))
-        opt.step()
-        losses.append(loss.item())
-        if on_answers is not None:
-            on_answers(step, stats["answer_accuracy"])
-        if on_step is not None:
-            on_step(step, losses[-1])
-        if stop is not None and stop():
-            break
-    model.eval()
-    return {"train-loss": float(np.mean(losses)), "num-examples": len(losses) * bs}
+    stream = batches(samples, bs, steps * accum, seed)
+    try:
+        for step in range(steps):
+            factor = lr_factor(step, steps, schedule, warmup)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+            opt.zero_grad(set_to_none=True)
+            total, right = 0.0, []
+            for _ in range(accum):
+                inputs = collator.train_batch(next(stream))
+                stats: dict[str, float] | None = {} if on_answers is not None else None
+                loss = answer_loss(model, inputs, share_prefix=bool(train_cfg.get("share_prefix")), stats=stats)
+                if penalty is not None:
+                    loss = loss + penalty()
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
+                (loss / accum).backward()
+                total += loss.item() / accum
+                if stats is not None:
+                    right.append(stats["answer_accuracy"])
+            if after_backward is not None:
+                after_backward()
+            if train_cfg.get("max_grad_norm"):
+                torch.nn.utils.clip_grad_norm_(params, float(train_cfg["max_grad_norm"]))
+            opt.step()
+            losses.append(total)
+            if on_answers is not None:
+                on_answers(step, float(np.mean(right)))
+            if on_step is not None:
+                on_step(step, losses[-1])
+            if stop is not None and stop():
+                break
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.eval()
+    return {"train-loss": float(np.mean(losses)), "num-examples": len(losses) * bs * accum}

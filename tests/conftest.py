@@ -52,3 +52,26 @@ def tiny_lm(request, tiny_cfg):
     torch.manual_seed(0)
     model, processor, family = load_model(cfg["model"])
     return LoadedModel(apply_peft(model, family, cfg["peft"]), processor, family), cfg
+
+
+def tiny_lora(family: str = "llava", quant: str = "4bit"):
+    """(model with LoRA, collator, config) of a tiny preset; LoRA B drawn non-zero, so every LoRA
+    tensor gets a gradient from the first step."""
+    import torch
+
+    from fedmllm.config import compose
+    from fedmllm.data import load_task
+    from fedmllm.data.collate import Collator
+    from fedmllm.models.adapter import apply_peft
+    from fedmllm.models.load import load_model
+
+    cfg = compose(tiny_overrides(f"model=tiny-{family}", f"model.quantization={quant}"))
+    torch.manual_seed(0)
+    model, processor, fam = load_model(cfg["model"])
+    model = apply_peft(model, fam, cfg["peft"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    task, _, _ = load_task(cfg["dataset"], cfg["seed"])
+    return model, Collator(processor, fam, task), cfg

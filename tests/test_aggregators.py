@@ -310,3 +310,35 @@ def test_flora_takes_the_client_rank_from_node_config(tmp_path):
     assert full[a_key].shape[0] == 8  # the global update keeps max_rank
     # each client sent rank-4 factors: half the LoRA bytes of a rank-8 reply
     assert rows[1]["bytes_up_per_client"]["0"] < rows[1]["bytes_down"] / 2
+
+
+# --- baselines --------------------------------------------------------------------------------
+
+
+def test_local_baseline_trains_one_client_alone_and_centralized_pools_every_partition(tmp_path):
+    """aggregator=local (FedMLLM's local{k}): only partition k trains, every round, from its own
+    adapter; the others sit out once. aggregator=centralized: one trainer on the union of all
+    partitions, the federation's step count per round."""
+    from fedmllm.config import compose
+    from fedmllm.partitioning import client_partition
+    from fedmllm.data import load_task
+    from fedmllm.tracking import read_metrics
+
+    run = _run(tmp_path, "local", "aggregator=local", "aggregator.client.only=1")
+    rows = read_metrics(run)
+    first = {r["partition-id"]: r for r in rows[1]["clients"]}
+    assert first[0]["dropped"] == "empty partition" and first[0]["num-examples"] == 0
+    assert "dropped" not in first[1] and first[1]["num-examples"] > 0
+    assert all([c["partition-id"] for c in r["clients"]] == [1] for r in rows[2:])  # never asked again
+    assert all(np.isfinite(r["train_loss"]) for r in rows[1:])
+
+    cfg = compose(tiny_overrides("aggregator=centralized"))
+    _, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
+    total = sum(len(client_partition(pool, cfg, i, cfg["num_clients"])) for i in range(cfg["num_clients"]))
+    run = _run(tmp_path, "central", "aggregator=centralized")
+    rows = read_metrics(run)
+    trained = [c for r in rows[1:] for c in r["clients"] if "dropped" not in c]
+    assert [c["partition-id"] for c in trained] == [0, 0, 0]
+    assert all(c["num-examples"] == total for c in trained)
+    with pytest.raises(Exception, match=r"aggregator.client.only=5 must be a partition id in 0..1"):
+        compose(tiny_overrides("aggregator=local", "aggregator.client.only=5"))

@@ -33,7 +33,10 @@ def test_every_group_option_composes(group, option):
         (["model=nope"], f"unknown model 'nope'; choose one of {sorted(p.stem for p in (CONF / 'model').glob('*.yaml'))}"),
         (["num_rounds=abc"], "num_rounds='abc'"),
         (["no_such_key=1"], "no_such_key"),
-        (["train.lr=-1"], "train.lr=-1 must be a number > 0"),
+        (["train.lr=-1"], "train.lr=-1 must be a finite number > 0"),
+        (["train.lr=inf"], "train.lr=inf must be a finite number > 0"),
+        (["train.grad_accum=0"], "train.grad_accum=0 must be an integer >= 1"),
+        (["train.round_schedule=linear"], "train.round_schedule='linear': choose constant or cosine_warm"),
         (["clients_per_round=9"], "clients_per_round=9 exceeds num_clients=4"),
         (["model.quantization=3bit"], "model.quantization='3bit'"),
         (["partitioner.alpha=0"], "partitioner.alpha=0"),
@@ -76,3 +79,28 @@ def test_node_identity(tmp_path):
         node_identity({"partition-id": "a", "num-partitions": 2})
     with pytest.raises(ConfigError, match="lora-rank=0 must be"):
         node_identity({"partition-id": 0, "num-partitions": 2, "lora-rank": 0})
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(name):
+    cfg = compose([f"+experiment={name}"])
+    assert cfg["num_clients"] >= cfg["clients_per_round"] >= 1
+
+
+@pytest.mark.parametrize("scenario", ["aligned", "missing", "cross", "hybrid"])
+def test_fedmllm_experiments_use_fedmllms_regime_and_evaluation(scenario):
+    """finetune_lora.sh + finetune.py + eval_*.py (docs/fedmllm.md), on top of the scenario."""
+    cfg = compose([f"+experiment=fedmllm_{scenario}", "dataset=crisismmd", "dataset.root=/nowhere"])
+    t = cfg["train"]
+    assert (t["batch_size"], t["grad_accum"], t["local_epochs"], t["lr"], t["projector_lr"]) == (1, 4, 1, 2e-5, 2e-5)
+    assert (t["schedule"], t["warmup_ratio"], t["round_schedule"], t["round_warmup"]) == ("cosine", 0.01, "cosine_warm", 0.01)
+    assert (t["weight_decay"], t["adam_betas"], t["gradient_checkpointing"], t["weight_by"]) == (0.1, [0.9, 0.95], True, "partition_size")
+    p = cfg["peft"]
+    assert (p["r"], p["alpha"], p["dropout"], p["leaves"]) == (8, 8, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert (cfg["num_clients"], cfg["clients_per_round"], cfg["num_rounds"]) == (10, 2, 50)
+    assert cfg["partitioner"] == {"name": "fedmllm", "alpha": 0.5, "topup": "first"}  # CrisisMMD's script
+    assert cfg["dataset"]["label_column"] == "label_image" and cfg["dataset"]["eval_samples"] == 0
+    assert (cfg["eval"]["mode"], cfg["eval"]["protocol"]) == ("generate", "fedmllm")
+    assert cfg["scenario"]["name"] == scenario
+    hm = compose([f"+experiment=fedmllm_{scenario}", "dataset=hateful_memes", "dataset.root=/nowhere"])
+    assert hm["partitioner"]["topup"] == "all" and hm["dataset"]["fedmllm_letters"] == "A-G"

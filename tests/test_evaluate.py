@@ -161,3 +161,36 @@ def test_eval_defaults_to_score_mode():
     cfg = compose(["eval.mode=generate", "eval.max_new_tokens=4"])
     assert (cfg["eval"]["mode"], cfg["eval"]["max_new_tokens"]) == ("generate", 4)
     assert compose()["eval"]["mode"] == "score"
+
+
+def test_fedmllm_protocol_samples_answers_and_reads_them_with_their_regex(tiny):
+    """eval.protocol=fedmllm: sampled answers, FedMLLM's regex, index 2 for an answer that names
+    no option, AUROC on those hard predictions (roc_auc_score(labels, pred), 2 included)."""
+    from sklearn.metrics import roc_auc_score
+
+    lm, col, samples = tiny
+    labels = np.array([s["label"] for s in samples])
+    opts = {"temperature": 0.7, "top_p": 0.8, "top_k": 100, "repetition_penalty": 1.05, "seed": 0, "letters": None}
+    force = force_answer(lm, col, "B")
+    with force:
+        m = evaluate(lm.model, col, samples, None, batch_size=12, mode="generate", max_new_tokens=len(force.ids),
+                     protocol="fedmllm", fedmllm=opts)
+    saved = m.pop("_predictions")
+    assert saved["answers"].tolist() == ["B"] * 12 and saved["pred"].tolist() == [1] * 12
+    assert m["accuracy"] == pytest.approx((labels == 1).mean()) and m["unparsed"] == 0
+    force = force_answer(lm, col, "yes")  # names no letter: FedMLLM's fallback, index 2
+    with force:
+        m = evaluate(lm.model, col, samples, None, batch_size=12, mode="generate", max_new_tokens=len(force.ids),
+                     protocol="fedmllm", fedmllm=opts)
+    saved = m.pop("_predictions")
+    assert saved["pred"].tolist() == [2] * 12 and m["unparsed"] == 12 and m["accuracy"] == 0
+    assert m["auroc"] == roc_auc_score(labels, [2] * 12) == 0.5
+    with pytest.raises(ValueError, match="eval.protocol=fedmllm with eval.mode=generate"):
+        evaluate(lm.model, col, samples, None, mode="score", protocol="fedmllm", fedmllm=opts)
+
+
+def test_fedmllm_protocol_needs_generate_mode_in_the_config():
+    with pytest.raises(ConfigError, match="eval.protocol=fedmllm reads generated answers.*add eval.mode=generate"):
+        compose(["eval.protocol=fedmllm"])
+    cfg = compose(["eval.protocol=fedmllm", "eval.mode=generate"])
+    assert cfg["eval"]["fedmllm"]["temperature"] == 0.7

@@ -6,32 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
+from conftest import tiny_lora, tiny_overrides
 from fedmllm.models.families import FAMILIES
 
 
 def _setup(family: str, quant: str = "4bit"):
-    """A tiny model of `family` with LoRA (B non-zero, so every LoRA tensor gets a gradient), its
-    collator, and six captioned public questions (text only, as in the adapter pre-training)."""
-    import torch
+    """A tiny model of `family` with LoRA (B non-zero), its collator, and six captioned public
+    questions (text only, as in the adapter pre-training)."""
+    from fedmllm.data import load_public_captioned
 
-    from fedmllm.config import compose
-    from fedmllm.data import load_public_captioned, load_task
-    from fedmllm.data.collate import Collator
-    from fedmllm.models.adapter import apply_peft
-    from fedmllm.models.load import load_model
-
-    cfg = compose(tiny_overrides(f"model=tiny-{family}", f"model.quantization={quant}"))
-    torch.manual_seed(0)
-    model, processor, fam = load_model(cfg["model"])
-    model = apply_peft(model, fam, cfg["peft"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    task, _, _ = load_task(cfg["dataset"], cfg["seed"])
-    samples = load_public_captioned(cfg["dataset"], cfg["seed"])[:6]
-    return model, Collator(processor, fam, task), samples
+    model, collator, cfg = tiny_lora(family, quant)
+    return model, collator, load_public_captioned(cfg["dataset"], cfg["seed"])[:6]
 
 
 def _loss_and_grads(model, batch, **kw):

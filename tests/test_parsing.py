@@ -81,3 +81,40 @@ def test_parse_word_prefers_the_longer_option_at_one_position():
 def test_parse_word_without_options_names_the_problem():
     with pytest.raises(ValueError, match="at least one option word"):
         parse_word("yes", [])
+
+
+# FedMLLM's meld_dump: first regex match anywhere, case-sensitive, no word boundaries, index 2 else.
+@pytest.mark.parametrize("answer,crisis,hateful", [
+    ("(B) hateful", 1, 1),
+    ("Based on the image", 1, 1),  # the capital B inside "Based" is their answer
+    ("Hateful (B)", 7, 1),  # H is in CrisisMMD's A-H, not in Hateful's A-G
+    ("ANSWER: B", 0, 0),  # only "answer"/"Answer" are removed: the A of ANSWER matches
+    ("( A )", 2, 2),  # "( A )" stripped of spaces then parentheses is " A ": no option
+    ("(b)", 2, 2),  # case-sensitive
+    ("hateful", 2, 2),  # names no option: index 2
+    ("I think (G)", 6, 2),  # G is an option of CrisisMMD, in Hateful's range but not an option
+    ("The best answer is: (C)", 2, 2),
+])
+def test_fedmllm_parse_reads_answers_as_their_scripts_do(answer, crisis, hateful):
+    from fedmllm.evaluation.parsing import fedmllm_parse
+
+    assert fedmllm_parse(answer, option_letters(CRISIS), "A-H") == crisis
+    assert fedmllm_parse(answer, option_letters(HATEFUL), "A-G") == hateful
+
+
+def test_fedmllm_metrics_take_auroc_on_hard_predictions_with_the_fallback():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from fedmllm.evaluation.metrics import fedmllm_metrics
+
+    labels = np.array([0, 0, 1, 1])
+    pred = np.array([0, 2, 1, 0])  # one unparsed answer (2) on a not-hateful sample
+    m = fedmllm_metrics(pred, labels, 2)
+    # by hand: scores 0,2,1,0 for labels 0,0,1,1 -> pairs (pos, neg): (1,0)>, (1,2)<, (0,0)=, (0,2)< -> 1.5/4
+    assert m["auroc"] == pytest.approx(0.375) == roc_auc_score(labels, pred)
+    assert m["accuracy"] == 0.5 and m["unparsed"] == 1
+    with pytest.raises(ValueError, match="capital letter range"):
+        from fedmllm.evaluation.parsing import fedmllm_parse
+
+        fedmllm_parse("A", ["A", "B"], "a-h")

@@ -44,18 +44,28 @@ def train_request(req: TrainRequest):
 def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     """(task, this node's training samples): read from node_config `data-dir` (a directory
     `fedmllm partition` wrote) when given, else built the same way from the configured dataset,
-    partitioner and modality scenario."""
+    partitioner and modality scenario. Under aggregator=centralized (`pooled`) the training
+    partition holds every partition's samples, each with its own modality scenario."""
     from fedmllm.data import load_task
     from fedmllm.partitioning import client_partition
     from fedmllm.partitioning.materialise import read_client
+    from fedmllm.strategies.protocol import client_spec
 
     task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
+    ids = range(ident.num_partitions) if client_spec(cfg).pooled else [ident.partition_id]
     if ident.data_dir:
-        return task, read_client(ident.data_dir, cfg, ident.partition_id, ident.num_partitions)
-    return task, client_partition(pool, cfg, ident.partition_id, ident.num_partitions)
+        return task, [s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions)]
+    return task, [s for i in ids for s in client_partition(pool, cfg, i, ident.num_partitions)]
 
 
 WEIGHT_BY = ("partition_size", "examples_seen")
+
+
+def sit_out_metrics(partition_id: int) -> dict[str, Any]:
+    """The reply of a client with nothing to train (the same metric keys as a trained one's)."""
+    return {"train-loss": float("nan"), "num-examples": 0, "examples-seen": 0, "partition-id": partition_id,
+            "partition-size": 0, "empty-partition": 1, "bytes-up": 0, "lora-rank": 0, "trainable-bytes": 0,
+            "setup-seconds": 0.0, "train-seconds": 0.0}
 
 
 def aggregation_weight(train_cfg: dict[str, Any], partition_size: int, examples_seen: int) -> int:
@@ -77,7 +87,8 @@ def train_round(
     extra: dict[str, dict[str, np.ndarray]] | None = None,
     store=None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, dict[str, np.ndarray]]]:
-    """Load the global adapter, train `train.local_steps` steps, return (adapter, metrics, extra).
+    """Load the global adapter, train the round's steps (`train.local_steps`, or `local_epochs`
+    passes over the partition), return (adapter, metrics, extra).
 
     `extra` holds the message's other array records (SCAFFOLD's server control variate), and the
     returned extra the reply's (SCAFFOLD's dc, FedSA-LoRA's B for evaluation); `store` is what
@@ -88,14 +99,19 @@ def train_round(
 
     from tqdm.auto import tqdm
 
+    from fedmllm.strategies.protocol import adaptive_reg_settings, client_rank, client_spec, peft_for
+
     t0 = time.perf_counter()
+    spec = client_spec(cfg)
+    if spec.sits_out(ident.partition_id):  # local/centralized baseline: another partition trains
+        print(f"client {ident.partition_id}: sits out (aggregator={cfg['aggregator']['name']} trains partition "
+              f"{spec.only} alone); replying num-examples 0", file=sys.stderr, flush=True)
+        return arrays, sit_out_metrics(ident.partition_id), {}
 
     from fedmllm.client.algorithms import ClientStore, LocalRound, client_state_path
     from fedmllm.data.collate import Collator
-    from fedmllm.strategies.protocol import adaptive_reg_settings, client_rank, client_spec, peft_for
-    from fedmllm.training import round_seed, train_steps
+    from fedmllm.training import optimizer_steps, round_lr, round_seed, train_steps
 
-    spec = client_spec(cfg)
     rank = client_rank(cfg, ident.partition_id, ident.lora_rank)
     lm = get_model(model_config(cfg), peft_for(cfg, rank if spec.algorithm == "flora" else ident.lora_rank))
     if store is None:
@@ -106,12 +122,15 @@ def train_round(
     local.prepare()
     task, samples = local_data(cfg, ident)
     collator = Collator(lm.processor, lm.family, task)
-    steps = cfg["train"]["local_steps"]
+    train_cfg = round_lr(cfg["train"], server_round, cfg["num_rounds"])  # the round's lr (round_schedule)
+    if spec.pooled and not train_cfg.get("local_epochs"):  # centralized: the federation's steps per round
+        train_cfg = {**train_cfg, "local_steps": int(train_cfg["local_steps"]) * int(cfg["clients_per_round"])}
+    steps = optimizer_steps(train_cfg, len(samples))
     t_setup = time.perf_counter() - t0
     bar = tqdm(total=steps, desc=f"client {ident.partition_id} round {server_round}", leave=False,
                file=sys.stderr, mininterval=2.0)
     if samples:
-        result = train_steps(lm.model, collator, samples, cfg["train"], seed, on_step=lambda s, loss: bar.update(1),
+        result = train_steps(lm.model, collator, samples, train_cfg, seed, on_step=lambda s, loss: bar.update(1),
                              penalty=local.penalty if local.has_penalty else None,
                              after_backward=local.after_backward)
         out, extra_out = local.finish()

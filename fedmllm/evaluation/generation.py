@@ -21,8 +21,13 @@ def generate_answers(
     batch_size: int = 32,
     drop_image: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    sampling: dict | None = None,
 ) -> list[str]:
     """Greedy answer text of every sample (at most `max_new_tokens` tokens, special tokens dropped).
+
+    `sampling` (temperature, top_p, top_k, repetition_penalty, seed): sample instead, as FedMLLM's
+    evaluation does through MiniCPM-V's chat defaults; torch's generator is seeded with `seed`
+    once, before the first batch (their scripts call torch.manual_seed(0) once at import).
 
     The collator's prompt batch is left-padded, so every row's prompt ends at the last column and
     the new tokens of all rows start at the same index.
@@ -36,13 +41,18 @@ def generate_answers(
         )
     tok = collator.tokenizer
     out: list[str] = []
+    how: dict = {"do_sample": False, "num_beams": 1}
+    if sampling is not None:
+        how = {"do_sample": True, "num_beams": 1,
+               **{k: sampling[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")}}
+        torch.manual_seed(int(sampling.get("seed", 0)))
     model.eval()
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             batch = to_model(collator.prompt_batch(chunk, drop_image=drop_image), model)
             ids = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                **batch, max_new_tokens=max_new_tokens, **how,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             )
             out += tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

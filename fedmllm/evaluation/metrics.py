@@ -79,3 +79,23 @@ def group_metrics(pred: np.ndarray, labels: np.ndarray, groups: list[str]) -> di
         out[f"macro_f1_{g}"] = macro_f1(pred[m], labels[m])
         out[f"eval_samples_{g}"] = int(m.sum())
     return out
+
+
+def fedmllm_metrics(pred: np.ndarray, labels: np.ndarray, n_options: int, prefix: str = "") -> dict[str, float]:
+    """FedMLLM's metrics on hard predictions (eval.protocol=fedmllm): `auroc` is their
+    `roc_auc_score(truth, pred)` on option indices, the fallback index 2 included as a value (a
+    two-option task's unparsed answer ranks above "(B)"); `macro_f1` their `f1_score(truth, pred,
+    average='macro')` over the classes in either (the fallback, a class of its own on a
+    two-option task, adds a zero there); `accuracy` beside them (their scripts print per-class
+    counts only); `unparsed` counts answers that named no option of the task."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    out = {
+        f"{prefix}accuracy": float((pred == labels).mean()),
+        f"{prefix}macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+        f"{prefix}unparsed": int((pred >= n_options).sum()),
+    }
+    if n_options == 2 and len(set(labels.tolist())) == 2:
+        out[f"{prefix}auroc"] = float(roc_auc_score(labels, pred))
+    return out

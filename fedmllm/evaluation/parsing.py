@@ -65,3 +65,26 @@ def parse_answer(text: str, options: Sequence[str]) -> int | None:
     if letters is not None:
         return parse_letter(text, letters)
     return parse_word(text, list(options))
+
+
+# FedMLLM's eval_hateful.py / eval_crisismmd.py (`meld_dump`), for eval.protocol=fedmllm.
+FEDMLLM_FALLBACK = 2  # their `except: pred_idx = 2`: an answer naming no option becomes index 2
+
+
+def fedmllm_parse(text: str, letters: Sequence[str], letter_range: str = "A-H") -> int:
+    """Option index of a generated answer exactly as FedMLLM's evaluation scripts read it.
+
+    Drop "answer"/"Answer"; take the first match of `[\\(\\ ]*[<range>][\\)\\ ]*` anywhere in the
+    text (case-sensitive, no word boundaries, so the "B" of "Based" counts); strip spaces, then
+    parentheses; its index among `letters`. Anything else (no match, "( A )", a letter in the range
+    but not an option) gives FEDMLLM_FALLBACK, which for a two-option task is no option at all
+    (it then ranks above "(B)" in their AUROC) and for CrisisMMD a real class (C). Their ranges:
+    A-G for Hateful Memes, A-H for CrisisMMD (dataset.fedmllm_letters)."""
+    if not re.fullmatch(r"[A-Z]-[A-Z]", letter_range):
+        raise ValueError(f"dataset.fedmllm_letters={letter_range!r}: write a capital letter range such as A-H")
+    text = text.replace("answer", "").replace("Answer", "")
+    found = re.findall(rf"[\(\ ]*[{letter_range}][\)\ ]*", text)
+    try:
+        return list(letters).index(found[0].strip().strip("()"))
+    except (IndexError, ValueError):
+        return FEDMLLM_FALLBACK

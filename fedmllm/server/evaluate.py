@@ -9,26 +9,45 @@ import numpy as np
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample, modality
 from fedmllm.evaluation.generation import generate_answers, parse_predictions
-from fedmllm.evaluation.metrics import choice_metrics, classification_metrics, group_metrics
+from fedmllm.evaluation.metrics import choice_metrics, classification_metrics, fedmllm_metrics, group_metrics
+from fedmllm.evaluation.parsing import fedmllm_parse, option_letters
 from fedmllm.evaluation.scoring import score_options
 from fedmllm.models.adapter import load_adapter_state
 
 MODES = ("score", "generate")
+PROTOCOLS = ("ours", "fedmllm")
+
+
+def eval_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """evaluate()'s settings from a run config's `eval` section (and the dataset's FedMLLM letter range)."""
+    ev = cfg["eval"]
+    out = {"mode": ev["mode"], "max_new_tokens": ev["max_new_tokens"], "protocol": ev.get("protocol", "ours")}
+    if out["protocol"] == "fedmllm":
+        out["fedmllm"] = {**ev["fedmllm"], "letters": cfg["dataset"].get("fedmllm_letters")}
+    return out
 
 
 def evaluate(model, collator: Collator, samples: list[Sample], arrays: dict[str, np.ndarray] | None,
-             batch_size: int = 32, progress=None, mode: str = "score", max_new_tokens: int = 8) -> dict[str, Any]:
+             batch_size: int = 32, progress=None, mode: str = "score", max_new_tokens: int = 8,
+             protocol: str = "ours", fedmllm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load `arrays` (if given) and evaluate the held-out samples twice: as they are, and with the
     image removed, so a reader sees how much of the accuracy comes from the image.
 
     mode `score`: option log-likelihoods -> accuracy, macro-F1, AUROC from probabilities.
     mode `generate`: greedy answers of up to `max_new_tokens` tokens, parsed to an option
     (FedMLLM's protocol) -> accuracy, macro-F1, AUROC on hard predictions, `unparsed` count.
-    Both add `accuracy_<group>` / `macro_f1_<group>` per modality group (both/image/text/none).
+    protocol `fedmllm` (with mode generate): FedMLLM's evaluation scripts -- answers sampled with
+    `fedmllm` (temperature, top_p, top_k, repetition_penalty, seed), read by their regex over the
+    letter range `fedmllm["letters"]` with index 2 for anything else, AUROC and macro-F1 on those
+    hard predictions (fedmllm.evaluation.parsing.fedmllm_parse, metrics.fedmllm_metrics).
+    All add `accuracy_<group>` / `macro_f1_<group>` per modality group (both/image/text/none).
     `_predictions` holds the arrays to save (popped by the caller).
     """
     if mode not in MODES:
         raise ValueError(f"eval.mode={mode!r}: choose one of {', '.join(MODES)}")
+    if protocol not in PROTOCOLS or (protocol == "fedmllm" and mode != "generate"):
+        raise ValueError(f"eval.protocol={protocol!r} with eval.mode={mode!r}: choose eval.protocol=ours, or "
+                         "eval.protocol=fedmllm with eval.mode=generate (FedMLLM reads generated answers)")
     if arrays is not None:
         load_adapter_state(model, arrays)
     labels = np.asarray([s["label"] for s in samples])
@@ -38,9 +57,17 @@ def evaluate(model, collator: Collator, samples: list[Sample], arrays: dict[str,
         if mode == "score":
             scores = score_options(model, collator, samples, batch_size, drop_image=drop_image, on_batch=tick)
             return classification_metrics(scores, labels, prefix), scores.argmax(axis=1), {"scores": scores}
+        n = len(collator.task.labels)
+        if protocol == "fedmllm":
+            answers = generate_answers(model, collator, samples, max_new_tokens, batch_size, drop_image, tick,
+                                       sampling=fedmllm)
+            letters = option_letters(collator.task.answers) or [chr(65 + i) for i in range(n)]
+            span = fedmllm.get("letters") or f"A-{letters[-1]}"
+            pred = np.asarray([fedmllm_parse(a, letters, span) for a in answers], dtype=np.int64)
+            return fedmllm_metrics(pred, labels, n, prefix), pred, {"answers": np.asarray(answers), "pred": pred}
         answers = generate_answers(model, collator, samples, max_new_tokens, batch_size, drop_image, tick)
         pred = parse_predictions(answers, collator.task.answers)  # "(A) not-hateful": parsed by letter
-        metrics = choice_metrics(pred, labels, len(collator.task.labels), prefix)
+        metrics = choice_metrics(pred, labels, n, prefix)
         return metrics, pred, {"answers": np.asarray(answers), "pred": pred}
 
     metrics, pred, saved = run(drop_image=False, prefix="")

@@ -54,7 +54,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.models.adapter import init_lora_a
     from fedmllm.server.checkpoint import latest_state, save_checkpoint, save_strategy_state
     from fedmllm.strategies.protocol import client_spec, peft_for, shared_payload
-    from fedmllm.server.evaluate import evaluate
+    from fedmllm.server.evaluate import eval_options, evaluate
     from fedmllm.server.stages import (Aligner, ensure_adapter_pretrained, ensure_pretrained, format_adapter_summary,
                                        format_summary)
     from fedmllm.tracking import MetricsLog, format_round, plot_run
@@ -131,7 +131,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
             ebar = tqdm(total=len(heldout) * 2, desc=f"eval round {server_round}", leave=False, file=sys.stderr)
             metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar,
-                               mode=cfg["eval"]["mode"], max_new_tokens=cfg["eval"]["max_new_tokens"])
+                               **eval_options(cfg))
             ebar.close()
             save_predictions(run_dir, server_round, heldout, metrics.pop("_predictions"))
             row.update(metrics)

@@ -30,6 +30,7 @@ import numpy as np
 from fedmllm.models.device import model_device, to_model
 from fedmllm.models.quantize import dequantized
 from fedmllm.models.stage1 import ADAPTER, SUMMARY, WEIGHTS, adapter_dir, stage1_dir
+from fedmllm.training import PLAIN_LOOP
 
 # Aggregators whose clients start from the server's whole adapter (FFA-LoRA: its B; A is derived
 # from the seed everywhere and stays frozen). FedSA-LoRA's clients keep their own B from zero, so
@@ -350,8 +351,8 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     # On the CPU: every 4-bit weight dequantized once for the whole stage, and each batch's shared
     # prompt prefix run once (the same losses in about 0.8 of the time, docs/benchmarks.md)
     on_cpu = model_device(lm.model).type == "cpu"
-    train_cfg = {**cfg["train"], "batch_size": lora["batch_size"], "lr": lora["lr"], "local_steps": steps,
-                 "share_prefix": on_cpu}
+    train_cfg = {**cfg["train"], **PLAIN_LOOP, "batch_size": lora["batch_size"], "lr": lora["lr"],
+                 "local_steps": steps, "share_prefix": on_cpu}
     frozen = []
     if algorithm == "ffa_lora":  # the clients' A is derived from the seed and frozen: train B only
         from fedmllm.models.adapter import adapter_params
@@ -461,7 +462,8 @@ class Aligner:
         self.collator = collator
         self.samples = public_samples
         align = cfg["server_stage"]["align"]
-        self.train_cfg = {**cfg["train"], **{k: v for k, v in align.items() if k in ("local_steps", "batch_size", "lr", "projector_lr")}}
+        self.train_cfg = {**cfg["train"], **PLAIN_LOOP,
+                          **{k: v for k, v in align.items() if k in ("local_steps", "batch_size", "lr", "projector_lr")}}
         self.rounds = align.get("rounds", "all")
         if not public_samples:
             raise ValueError("server_stage.align needs public samples: set dataset.public_fraction > 0 (e.g. 0.5)")

@@ -8,6 +8,8 @@ Every aggregator config has a `client:` section naming the client algorithm:
 - `flora`: clients train a fresh rank-r_k LoRA on top of the global update and send it; the server
   stacks them (exact sum of B_k A_k) and keeps the global update at rank `max_rank`.
 `adaptive_reg: true` adds FedMLLM's layer-wise proximal term on the client for any algorithm.
+`only: k` trains partition k alone (the others sit out: FedMLLM's `local{k}` baseline, aggregator=local);
+with `pooled: true` partition k trains on every partition's samples together (aggregator=centralized).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class ClientSpec:
     adaptive_reg: bool = False
     ranks: tuple[int, ...] = ()  # flora: LoRA rank per partition (cycled) when node_config has no lora-rank
     max_rank: int = 64  # flora: rank bound of the global update
+    only: int | None = None  # local / centralized baselines: the one partition that trains
+    pooled: bool = False  # centralized: that partition trains on the union of all partitions
+
+    def sits_out(self, partition_id: int) -> bool:
+        """Whether this partition has nothing to do in the run (it replies num-examples 0 once and
+        the strategy never samples it again)."""
+        return self.only is not None and partition_id != self.only
 
 
 def client_spec(cfg: dict[str, Any]) -> ClientSpec:
@@ -38,6 +47,8 @@ def client_spec(cfg: dict[str, Any]) -> ClientSpec:
         adaptive_reg=bool(raw.get("adaptive_reg", False)),
         ranks=tuple(int(r) for r in raw.get("ranks") or ()),
         max_rank=int(raw.get("max_rank", 64)),
+        only=None if raw.get("only") is None else int(raw["only"]),
+        pooled=bool(raw.get("pooled", False)),
     )
 
 

@@ -142,7 +142,8 @@ class AdapterReplies:
             clients.append(client)
             if metrics.get("empty-partition"):
                 client["dropped"] = "empty partition"
-                log(WARNING, "round %s: node %s has an empty partition; it is left out of sampling from now on",
+                log(WARNING, "round %s: node %s has nothing to train (an empty partition, or it sits out under "
+                    "aggregator=local/centralized); it is left out of sampling from now on",
                     server_round, msg.metadata.src_node_id)
                 self.empty_nodes.add(msg.metadata.src_node_id)
                 continue
