@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import tiny_lora, tiny_overrides
+from conftest import tiny_lora
 from fedmllm.models.families import FAMILIES
 
 
