@@ -251,3 +251,36 @@ def test_hateful_memes_prompt_collate_score_with_and_without_images(tmp_path):
         logp = torch.log_softmax(model(**enc).logits[0, -k - 1:-1].float(), dim=-1)
     manual = logp.gather(-1, enc["input_ids"][0, -k:].unsqueeze(-1)).sum().item()
     np.testing.assert_allclose(score_options(model, col, [s], batch_size=1)[0, 1], manual, atol=1e-4)
+
+
+# ---- easy-vqa flag task -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_flag_task_balances_labels_and_each_modality_carries_its_stated_part(split):
+    """Labels balanced; the rule (text) and roundness (image) independent; the Bayes accuracy of
+    each modality alone, computed on the samples, is FLAG_BAYES's (up to the thirds' rounding)."""
+    from collections import Counter
+
+    from fedmllm.data import easyvqa
+
+    samples = easyvqa.flag_samples(split, seed=42)
+    shape = {easyvqa._image_paths(split)[i]: s for i, (s, _) in easyvqa.image_attributes(split).items()}
+    assert len({s["image"] for s in samples}) == len(samples)  # each image once
+    rounds = [shape[s["image"]] == "circle" for s in samples]
+    assert sum(rounds) * 2 == len(samples)  # half round
+    labels = [s["label"] for s in samples]
+    assert abs(sum(labels) / len(labels) - 0.5) < 0.02
+
+    def bayes(keys):  # accuracy of the majority label within each group of `keys`
+        by: dict = {}
+        for k, y in zip(keys, labels):
+            by.setdefault(k, Counter())[y] += 1
+        return sum(max(c.values()) for c in by.values()) / len(labels)
+
+    texts = [s["text"] for s in samples]
+    assert set(texts) == set(easyvqa.RULES)
+    assert bayes(texts) == pytest.approx(easyvqa.FLAG_BAYES["text"], abs=0.02)
+    assert bayes(rounds) == pytest.approx(easyvqa.FLAG_BAYES["image"], abs=0.02)
+    assert bayes(list(zip(texts, rounds))) == 1.0
+    assert bayes([0] * len(labels)) == pytest.approx(easyvqa.FLAG_BAYES["none"], abs=0.02)
+    assert easyvqa.flag_samples(split, seed=42) == samples and easyvqa.flag_samples(split, seed=7) != samples

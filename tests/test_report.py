@@ -174,3 +174,68 @@ def test_cli_report_multirun_and_single_run_and_bad_dir(sweep, tmp_path_factory,
     with pytest.raises(SystemExit):
         main(["report", str(sweep), "--metric", "nope"])
     assert "metric 'nope'" in capsys.readouterr().err
+
+
+def grid_config(scenario="aligned", seed=0, aggregator="fedavg", prompt="plain", adareg=False, only=None):
+    sc = {"name": scenario, **({"mrate": 0.3} if scenario == "missing" else {})}
+    client = {"algorithm": "standard", **({"only": only} if only is not None else {})}
+    return {"num_rounds": 1, "seed": seed, "scenario": sc, "prompt": {"name": prompt},
+            "aggregator": {"name": aggregator, "client": client}, "train": {"adaptive_reg": {"enabled": adareg}}}
+
+
+@pytest.fixture
+def grid(tmp_path):
+    """+cell=aligned,missing,missing_aug x seed=0,1,2, plus two local-baseline clients x seed=0,1;
+    the missing_aug job of seed 2 crashed."""
+    cells = {"aligned": {}, "missing": {"scenario": "missing"}, "missing_aug": {"scenario": "missing", "prompt": "aug"}}
+    num = 0
+    accs = {("aligned", 0): 0.80, ("aligned", 1): 0.90, ("aligned", 2): 0.85,
+            ("missing", 0): 0.70, ("missing", 1): 0.60, ("missing", 2): 0.65,
+            ("missing_aug", 0): 0.75, ("missing_aug", 1): 0.65}
+    for cell, kw in cells.items():
+        for seed in (0, 1, 2):
+            acc = accs.get((cell, seed))
+            make_job(tmp_path, num, [f"+cell={cell}", f"seed={seed}"], grid_config(seed=seed, **kw),
+                     rounds([0.5, acc]) if acc is not None else None)
+            num += 1
+    for only, seed, acc in ((0, 0, 0.6), (1, 0, 0.7), (0, 1, 0.5), (1, 1, 0.8)):
+        make_job(tmp_path, num, [f"+cell=local{only}", f"seed={seed}"],
+                 grid_config(seed=seed, aggregator="local", only=only), rounds([0.5, acc]))
+        num += 1
+    return tmp_path
+
+
+def test_jobs_that_differ_only_in_seed_are_grouped_into_mean_and_std(grid):
+    from fedmllm.tracking.report import load_job, seed_table
+
+    jobs = [load_job(d) for d in sorted(grid.iterdir(), key=lambda p: int(p.name))]
+    columns, table = seed_table(jobs)
+    assert columns[:2] == ["cell", "n"]
+    by_cell = {r["cell"]: r for r in table}
+    # by hand: 0.80, 0.90, 0.85 -> mean 0.85, sample std 0.05
+    assert by_cell["aligned"]["accuracy"] == "0.850 ± 0.050 (3)" and by_cell["aligned"]["n"] == "3 of 3"
+    assert by_cell["missing_aug"]["n"] == "2 of 3"  # the crashed job is counted, not averaged
+    assert by_cell["missing_aug"]["accuracy"] == "0.700 ± 0.071 (2)"
+    assert seed_table(jobs[:1]) is None  # nothing swept: no grouped table
+
+
+def test_grid_table_has_scenarios_as_rows_methods_as_columns_and_pools_local_clients(grid):
+    from fedmllm.tracking.report import load_job, grid_table
+
+    jobs = [load_job(d) for d in sorted(grid.iterdir(), key=lambda p: int(p.name))]
+    columns, table = grid_table(jobs)
+    assert columns == ["scenario", "fedavg", "fedavg+aug", "local"]
+    rows = {r["scenario"]: r for r in table}
+    assert set(rows) == {"aligned", "missing (m=0.3)"}
+    assert rows["missing (m=0.3)"]["fedavg"] == "0.650 ± 0.050 (3)"
+    assert rows["missing (m=0.3)"]["fedavg+aug"] == "0.700 ± 0.071 (2)"
+    assert rows["aligned"]["local"] == "0.650 ± 0.129 (4)"  # 2 clients x 2 seeds: 0.6, 0.7, 0.5, 0.8
+    assert rows["aligned"]["fedavg+aug"] == "-"
+
+
+def test_write_report_adds_the_grouped_and_grid_tables(grid):
+    markdown, paths = write_report(grid)
+    text = paths["md"].read_text()
+    assert "## Over seeds" in text and "## Scenarios x methods" in text
+    assert "0.850 ± 0.050 (3)" in markdown
+    assert paths["grid_csv"].read_text().splitlines()[0] == "scenario,fedavg,fedavg+aug,local"

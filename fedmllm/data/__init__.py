@@ -59,6 +59,8 @@ def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sa
                 easyvqa.yesno_samples("test", balanced=balanced, seed=seed))
     if name == "easyvqa_caption":
         return easyvqa.CAPTION, easyvqa.caption_samples("train", seed=seed), easyvqa.caption_samples("test", seed=seed)
+    if name == "easyvqa_flag":
+        return easyvqa.FLAG, easyvqa.flag_samples("train", seed=seed), easyvqa.flag_samples("test", seed=seed)
     if name == "hateful_memes":
         root = _root(cfg, "hateful_memes")
         splits = (cfg.get("train_split", "train"), cfg.get("test_split", "test_seen"))
@@ -92,7 +94,7 @@ def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sa
         held = set(random.Random(seed).sample(range(len(rows)), n))
         return task, [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
     raise ValueError(
-        f"dataset.name={name!r} is unknown; choose easyvqa, easyvqa_caption, {', '.join(NEW_SOURCES)}"
+        f"dataset.name={name!r} is unknown; choose easyvqa, easyvqa_caption, easyvqa_flag, {', '.join(NEW_SOURCES)}"
     )
 
 
@@ -172,7 +174,7 @@ def _caption_words(dataset_cfg: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     from fedmllm.data import easyvqa
 
     name = dataset_cfg["name"]
-    if name not in ("easyvqa", "easyvqa_caption"):
+    if name not in ("easyvqa", "easyvqa_caption", "easyvqa_flag"):
         raise ValueError(
             f"dataset.name={name!r} has no image captions for server_stage.pretrain; "
             "use server_stage=none or an easy-vqa dataset"

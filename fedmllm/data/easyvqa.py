@@ -1,4 +1,5 @@
-"""easy-vqa (PyPI package, 64x64 shape images): yes/no questions and a caption-match task."""
+"""easy-vqa (PyPI package, 64x64 shape images): yes/no questions, a caption-match task, and a
+flag task whose label each modality determines in part."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ YESNO = Task("easyvqa", labels=("no", "yes"), instruction="Answer yes or no.")
 CAPTION = Task(
     "easyvqa_caption", labels=("no", "yes"), instruction="Does the caption describe the image? Answer yes or no."
 )
+FLAG = Task("easyvqa_flag", labels=("no", "yes"), instruction="Is the post flagged under its rule? Answer yes or no.")
+# The text's rule: never (no), always (yes), or "if round" (yes exactly when the image shows a circle).
+RULES = ("The rule says: never flag it.", "The rule says: always flag it.",
+         "The rule says: flag it if the shape is round.")
+# Bayes accuracy of each modality alone on the flag task, from its construction (flag_samples):
+# the image says round or not (half the images each, independent of the rule); the text names
+# the rule (a third each). Text alone: never/always are certain, "if round" a coin -> 2/3 + 1/6.
+# Image alone: a round image is flagged under always and if-round (2/3), a non-round one under
+# always only (1/3) -> 2/3 either way. Both: 1. Neither: 1/2 (the labels are balanced).
+FLAG_BAYES = {"both": 1.0, "text": 5 / 6, "image": 2 / 3, "none": 1 / 2}
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "teal", "black", "gray", "brown")
 INSTALL = "pip install easy-vqa"
@@ -95,3 +106,27 @@ def caption_samples(split: str, seed: int = 42) -> list[Sample]:
         for k, (c, s, label) in enumerate(((color, shape, 1), (fcolor, fshape, 0))):
             out.append(Sample(id=f"{split}-cap-{i}-{k}", image=paths[i], text=f"The caption says: a {c} {s}.", label=label))
     return out
+
+
+def flag_samples(split: str, seed: int = 42) -> list[Sample]:
+    """Flag task: "Is the post flagged under its rule?" with an easy-vqa image and a rule as text.
+
+    Every circle image and as many other images (drawn with `seed`) are used once; within the
+    round and the non-round images alike, a third get each rule (RULES, assigned in a seeded
+    order), so round and rule are independent and yes/no exactly balanced (up to thirds). The
+    label needs both modalities for full accuracy, and each alone carries a known part of it
+    (FLAG_BAYES): like Hateful Memes and CrisisMMD, unlike the caption task, a sample that lost
+    one modality is still partly answerable."""
+    paths = _image_paths(split)
+    rng = random.Random(seed)
+    attrs = image_attributes(split)
+    round_ = [i for i, (shape, _) in attrs.items() if shape == "circle"]
+    other = [i for i, (shape, _) in attrs.items() if shape != "circle"]
+    n = min(len(round_), len(other))
+    rows: list[tuple[int, int, int]] = []  # (image, rule, label)
+    for group, is_round in ((sorted(rng.sample(round_, n)), 1), (sorted(rng.sample(other, n)), 0)):
+        order = list(group)
+        rng.shuffle(order)
+        rows += [(i, k % 3, (0, 1, is_round)[k % 3]) for k, i in enumerate(order)]
+    rows.sort()
+    return [Sample(id=f"{split}-flag-{i}", image=paths[i], text=RULES[rule], label=label) for i, rule, label in rows]

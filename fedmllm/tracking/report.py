@@ -13,6 +13,9 @@ from fedmllm.evaluation.metrics import MODALITY_ORDER
 # Final-round columns, in this order, when at least one job logged them.
 BASE_METRICS = ("accuracy", "macro_f1", "auroc", "accuracy_no_image")
 IGNORED_KEYS = ("out_dir",)  # differs per job by construction
+# Settings whose jobs are replicates of one another in the grouped tables: the seed, and the
+# client a local-only baseline trains (FedMLLM reports the spread over clients).
+REPLICATE_KEYS = ("seed", "aggregator.client.only")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,84 @@ def results_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str],
     return columns, table
 
 
+def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation (ddof 1; None for one value), n) of the values given."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)], dtype=float)
+    if not len(v):
+        return None, None, 0
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None), len(v)
+
+
+def _pm(values: list[float]) -> str:
+    mean, std, n = mean_std(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.3f} ± {std:.3f} ({n})" if std is not None else f"{mean:.3f} (1)"
+
+
+def seed_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str], list[dict[str, Any]]] | None:
+    """Jobs that differ only in `seed` (or a local baseline's client) grouped into one row each:
+    the other swept settings, `n` and every final metric as "mean ± std (n)" over the group's
+    finished jobs. None when no replicate key is swept."""
+    keys, values = settings(jobs)
+    reps = [k for k in keys if k in REPLICATE_KEYS]
+    if not reps:
+        return None
+    rest = [k for k in keys if k not in reps]
+    metrics = metric_columns(jobs, metric)
+    groups: dict[str, list[Job]] = {}
+    labels: dict[str, dict[str, Any]] = {}
+    for j, v in zip(jobs, values):
+        key = json.dumps({k: v[k] for k in rest}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(j)
+        labels[key] = {k: v[k] for k in rest}
+    table = []
+    for key, members in groups.items():
+        done = [j for j in members if j.status == "ok"]
+        row = {**labels[key], "n": f"{len(done)} of {len(members)}"}
+        row.update({m: _pm([final_row(j.rows).get(m) for j in done]) for m in metrics})
+        table.append(row)
+    return [*rest, "n", *metrics], table
+
+
+def scenario_label(config: dict[str, Any]) -> str:
+    """A job's modality scenario as FedMLLM's tables name it: aligned, missing (m=0.3), cross
+    (k=2 image clients), hybrid (q=0.4)."""
+    name = config.get("scenario.name", "aligned")
+    detail = {"missing": ("m", "scenario.mrate"), "cross": ("k", "scenario.image_clients"),
+              "hybrid": ("q", "scenario.qrate")}.get(name)
+    return f"{name} ({detail[0]}={config.get(detail[1])})" if detail else str(name)
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """A job's method column: the aggregator (fedavg, local, centralized, ...) with FedMLLM's
+    modality-agnostic prompt (+aug) and adaptive regularization (+adareg) when on."""
+    label = str(config.get("aggregator.name", "fedavg"))
+    if config.get("prompt.name") == "aug":
+        label += "+aug"
+    if config.get("train.adaptive_reg.enabled") or config.get("aggregator.client.adaptive_reg"):
+        label += "+adareg"
+    return label
+
+
+def grid_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str], list[dict[str, Any]]] | None:
+    """FedMLLM's table shape: scenarios as rows, methods as columns, each cell the final `metric`
+    as "mean ± std (n)" over the finished jobs of that scenario and method (seeds, and a local
+    baseline's clients). None unless the jobs span more than one scenario or method."""
+    cells: dict[tuple[str, str], list[Any]] = {}
+    for j in jobs:
+        if j.status == "ok":
+            cells.setdefault((scenario_label(j.config), method_label(j.config)), []).append(final_row(j.rows).get(metric))
+    scenarios = list(dict.fromkeys(s for s, _ in cells))
+    methods = list(dict.fromkeys(m for _, m in cells))
+    if len(scenarios) < 2 and len(methods) < 2:
+        return None
+    table = [{"scenario": s, **{m: _pm(cells[(s, m)]) if (s, m) in cells else "-" for m in methods}} for s in scenarios]
+    return ["scenario", *methods], table
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -264,6 +345,18 @@ def write_report(multirun_dir: Path, metric: str = "accuracy") -> tuple[str, dic
         "csv": write_csv(multirun_dir / "report.csv", columns, table),
         "png": plot_sweep(jobs, metric, multirun_dir / "report.png"),
     }
-    paths["md"].write_text(f"# Sweep report: {multirun_dir}\n\nFinal round; best `{metric}` over rounds.\n\n"
-                           + markdown)
+    text = f"# Sweep report: {multirun_dir}\n\nFinal round; best `{metric}` over rounds.\n\n" + markdown
+    grouped = seed_table(jobs, metric)
+    if grouped is not None:
+        part = to_markdown(*grouped)
+        markdown += "\nOver seeds (mean ± sample std (n finished)):\n\n" + part
+        text += "\n## Over seeds\n\nFinal round, mean ± sample standard deviation (n finished jobs).\n\n" + part
+    grid = grid_table(jobs, metric)
+    if grid is not None:
+        part = to_markdown(*grid)
+        markdown += f"\nScenarios x methods, final `{metric}`:\n\n" + part
+        text += (f"\n## Scenarios x methods\n\nFinal `{metric}`, mean ± sample standard deviation (n finished "
+                 "jobs: seeds, and a local baseline's clients), as FedMLLM's tables.\n\n" + part)
+        paths["grid_csv"] = write_csv(multirun_dir / "report_grid.csv", *grid)
+    paths["md"].write_text(text)
     return markdown, paths
