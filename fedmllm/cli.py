@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 USAGE = """usage: fedmllm <command> [args]
 
@@ -36,6 +37,7 @@ def _run(argv: list[str]) -> None:
     from fedmllm.config import ConfigError, compose
     from fedmllm.data import DataError
     from fedmllm.models.build import MissingAssetError
+    from fedmllm.server.run import ResumeError
 
     @hydra.main(version_base="1.3", config_path="pkg://fedmllm.conf", config_name="config")
     def job(_: DictConfig) -> None:
@@ -60,12 +62,16 @@ def _run(argv: list[str]) -> None:
             run_simulation(cfg, overrides)
         except Exception as err:  # noqa: BLE001 - the cause is printed; partial results stay on disk
             cause = err.__cause__ or err
-            print(f"run dir: {out_dir} (incomplete; continue it with: fedmllm run resume={out_dir})", flush=True)
+            if isinstance(cause, ResumeError):
+                _fail(str(cause))
+            print(f"run dir: {out_dir} (incomplete{resume_hint(out_dir, cause)})", flush=True)
             _fail(f"the run failed: {type(cause).__name__}: {cause}")
         print(f"run dir: {out_dir}", flush=True)
 
     resume, out_dir = _override(argv, "resume"), _override(argv, "out_dir")
     run_dir_given = _override(argv, "hydra.run.dir") is not None
+    if resume and not Path(resume).is_dir():  # before Hydra creates it as the run dir
+        _fail(f"resume={resume}: no such directory; pass the 'run dir:' a stopped run printed")
     if resume and not run_dir_given:
         # continue in the stopped run's dir, and keep its .hydra/overrides.yaml as it was
         argv = [*argv, f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
@@ -77,6 +83,25 @@ def _run(argv: list[str]) -> None:
             argv = [*argv, f"hydra.run.dir={out_dir}"]
     sys.argv = ["fedmllm run", *argv]
     job()
+
+
+def resume_hint(run_dir: str, cause: BaseException) -> str:
+    """"; continue it with: fedmllm run resume=DIR" where resuming can help: the run checkpointed
+    a round it can continue from, and it did not fail in a way a resume repeats."""
+    from fedmllm.server.checkpoint import latest_state
+    from fedmllm.server.run import NoRoundAggregated
+
+    if isinstance(cause, NoRoundAggregated):
+        return ""
+    try:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            latest_state(Path(run_dir))
+    except (FileNotFoundError, OSError):
+        return ""
+    return f"; continue it with: fedmllm run resume={run_dir}"
 
 
 def _override(args, key: str) -> str | None:

@@ -65,8 +65,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if not cond:
             raise ConfigError(msg)
 
-    for key in ("num_clients", "num_rounds", "clients_per_round"):
-        need(isinstance(cfg.get(key), int) and cfg[key] >= 1, f"{key}={cfg.get(key)!r} must be an integer >= 1")
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)  # num_rounds=true is not one round
+
+    for key in ("num_clients", "num_rounds", "clients_per_round", "eval_every"):
+        need(integer(cfg.get(key, 1)) and cfg.get(key, 1) >= 1, f"{key}={cfg.get(key)!r} must be an integer >= 1")
+    need(integer(cfg.get("seed")), f"seed={cfg.get('seed')!r} must be an integer (e.g. seed=42)")
     need(
         cfg["clients_per_round"] <= cfg["num_clients"],
         f"clients_per_round={cfg['clients_per_round']} exceeds num_clients={cfg['num_clients']}; "

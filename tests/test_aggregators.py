@@ -68,7 +68,7 @@ def test_every_aggregator_runs_three_rounds(tmp_path, aggregator):
         assert 0 <= rows[3]["flora_truncation_error"] < 1  # 3 rounds x 12 > 16: truncated, and logged
     if aggregator == "scaffold":
         assert any(k.startswith("state/server_c/") and np.abs(v).max() > 0 for k, v in last.items())
-        assert (run / "client-state/partition-0.npz").is_file()
+        assert (run / "client-state/partition-0-round-3.npz").is_file()
 
 
 # --- SCAFFOLD ---------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def test_bad_scenario_config_names_the_key_and_the_fix(overrides, fragment):
 def test_scenario_and_partitioner_options_compose():
     cfg = compose(["partitioner=fedmllm", "scenario=cross", "num_clients=10", "clients_per_round=10",
                    "scenario.image_clients=7"])
-    assert cfg["partitioner"] == {"name": "fedmllm", "alpha": 0.5}
+    assert cfg["partitioner"] == {"name": "fedmllm", "alpha": 0.5, "topup": "all"}  # easy-vqa: the Hateful Memes rule
     assert cfg["scenario"] == {"name": "cross", "image_clients": 7}
     assert compose()["eval"]["scenario"] == "aligned" and compose()["seed"] == 42
 
@@ -346,3 +346,28 @@ def test_an_empty_client_replies_its_adapter_unchanged_with_zero_examples(tiny_c
     assert math.isnan(metrics["train-loss"])
     with pytest.raises(InvalidReply, match="num-examples=0 must be a finite number > 0"):  # the strategy drops it with this reason
         check_reply(arrays, out, metrics["num-examples"])
+
+
+@pytest.mark.slow
+def test_one_cell_of_the_offline_grid_runs_on_the_tiny_model(tmp_path):
+    """A cell of bench/offline_grid.sh (the flag task, missing modalities, the server's stages)
+    on tiny-llava: every round aggregated, the held-out set scored with and without the image,
+    and per-modality training data as the scenario says."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_overrides
+    from inprocess import run_in_process
+
+    from fedmllm.tracking import read_metrics
+
+    run = run_in_process(tiny_overrides("+experiment=offline_grid", "+cell=missing", "num_clients=2",
+                                        "clients_per_round=2", "num_rounds=2", "eval_every=2", "train.local_steps=2",
+                                        "dataset.eval_samples=16", f"out_dir={tmp_path}"))
+    rows = read_metrics(run)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1].get("accuracy") is None and 0 <= rows[2]["accuracy"] <= 1  # eval_every=2
+    assert {"accuracy_no_image", "auroc"} <= set(rows[2])
+    assert all(len(r["clients"]) == 2 and all("dropped" not in c for c in r["clients"]) for r in rows[1:])
+    assert (run / "stage1.json").is_file() and (run / "stage1_adapter.json").is_file()

@@ -173,3 +173,71 @@ def test_client_weight_is_its_partition_size_unless_examples_seen():
     assert aggregation_weight({"weight_by": "examples_seen"}, 0, 0) == 0  # an empty partition
     with pytest.raises(ValueError, match="train.weight_by='size'"):
         aggregation_weight({"weight_by": "size"}, 37, 12)
+
+
+def _corrupt(msg: Message) -> Message:
+    """The reply's array bytes cut short (a transfer gone wrong)."""
+    from flwr.app import Array, ArrayRecord
+
+    arr = msg.content["arrays"]["lora_A"]
+    msg.content["arrays"] = ArrayRecord({"lora_A": Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype,
+                                                         data=arr.data[: len(arr.data) // 2])})
+    return msg
+
+
+def _other_stype(msg: Message) -> Message:
+    from flwr.app import Array, ArrayRecord
+
+    arr = msg.content["arrays"]["lora_A"]
+    msg.content["arrays"] = ArrayRecord({"lora_A": Array(dtype=arr.dtype, shape=arr.shape, stype="torch.Tensor",
+                                                         data=b"\x00" * 24)})
+    return msg
+
+
+def _extra_metric(msg: Message) -> Message:
+    msg.content["metrics"]["sneaky"] = 1.0
+    return msg
+
+
+def _two_metric_records(msg: Message) -> Message:
+    msg.content["more"] = MetricRecord({"num-examples": 10})
+    return msg
+
+
+@pytest.mark.parametrize("spoil,reason", [
+    (_corrupt, "unreadable reply"), (_other_stype, "unreadable reply"),
+    (_extra_metric, r"metric keys differ .*unexpected \['sneaky'\]"), (_two_metric_records, "2 MetricRecords"),
+])
+@pytest.mark.parametrize("position", [0, 2])  # the odd reply first or last: the others still aggregate
+def test_a_malformed_reply_is_dropped_with_its_reason_and_the_round_goes_on(spoil, reason, position):
+    import re
+
+    def replies(sent):
+        out = [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+               reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
+               reply(sent[2], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 2)]
+        out[position] = spoil(out[position])
+        return out
+
+    strategy, (arrays, metrics) = run_round(replies)
+    expected = {0: 3.0, 2: (10 * 1.0 + 30 * 3.0) / 40}[position]
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], expected)
+    assert len(strategy.dropped) == 1 and re.search(reason, strategy.dropped[0][1])
+    row = [r for r in strategy.round_stats["clients"] if r["partition-id"] == position][0]
+    assert re.search(reason, row["dropped"]) and row["bytes"] == 0
+
+
+def test_max_update_norm_drops_a_reply_whose_update_is_too_large_and_names_its_norm():
+    def replies(sent):
+        return [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+                reply(sent[1], {"lora_A": np.full((2, 3), 1e30, np.float32)}, 10, 1),
+                reply(sent[2], {"lora_A": np.full((2, 3), 2.0, np.float32)}, 10, 2)]
+
+    strategy = AdapterFedAvg(min_train_nodes=2, min_available_nodes=3, fraction_train=1.0, max_update_norm=10.0)
+    sent = list(strategy.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(),
+                                         FakeGrid()))
+    arrays, _ = strategy.aggregate_train(1, replies(sent))
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], 1.5)  # ||1e30 x 6|| dropped; ||2 x 6|| = 4.9 kept
+    assert strategy.dropped[0][1] == "update norm 2.449e+30 > aggregator.max_update_norm=10"
+    with pytest.raises(ValueError, match="aggregator.max_update_norm=-1 must be null or a number > 0"):
+        AdapterFedAvg(max_update_norm=-1)

@@ -35,7 +35,7 @@ def train_request(req: TrainRequest):
 
     ident = node_identity(req.node_config)
     cfg = from_run_config(req.run_config, req.base_overrides)
-    store = ClientStore(req.state, client_state_path(cfg, ident.partition_id))
+    store = ClientStore(req.state, client_state_path(cfg, ident.partition_id), int(req.config["server-round"]))
     out, metrics, extra_out = train_round(cfg, ident, req.arrays, int(req.config["server-round"]),
                                           float(req.config.get("proximal-mu", 0.0)), req.extra, store)
     return out, metrics, extra_out, store.flat
@@ -115,7 +115,7 @@ def train_round(
     rank = client_rank(cfg, ident.partition_id, ident.lora_rank)
     lm = get_model(model_config(cfg), peft_for(cfg, rank if spec.algorithm == "flora" else ident.lora_rank))
     if store is None:
-        store = ClientStore(path=client_state_path(cfg, ident.partition_id))
+        store = ClientStore(path=client_state_path(cfg, ident.partition_id), server_round=server_round)
     seed = round_seed(cfg["seed"], server_round, ident.partition_id)
     local = LocalRound(spec, lm.model, arrays, extra or {}, store, cfg["seed"], seed, proximal_mu,
                        adaptive_reg_settings(cfg), lm.model.config.get_text_config().num_hidden_layers)

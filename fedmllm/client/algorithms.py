@@ -19,16 +19,35 @@ class ClientStore:
     {"<name>/<key>": array} dict that the ClientApp keeps in Flower's Context.state.
 
     With `path` (a run started by `fedmllm run`, which knows its run dir) the store is also
-    mirrored to `<run dir>/client-state/partition-<id>.npz`, so `fedmllm run resume=<run dir>`
-    continues with the same client state.
+    written per round, `<run dir>/client-state/partition-<id>-round-<r>.npz`, and a store without
+    in-memory state reads the latest file of a round before `server_round`: `fedmllm run
+    resume=<run dir>`, which reruns the round after its last checkpoint, reads the state the
+    client had before that round, not what it wrote in a round that was cut short. The newest
+    KEEP_ROUNDS files per client are kept.
     """
 
-    def __init__(self, flat: dict[str, np.ndarray] | None = None, path: Path | None = None):
+    KEEP_ROUNDS = 3
+
+    def __init__(self, flat: dict[str, np.ndarray] | None = None, path: Path | None = None, server_round: int = 1):
         self.flat = dict(flat or {})
-        self.path = path
-        if not self.flat and path is not None and path.is_file():
-            with np.load(path) as z:
-                self.flat = {k: z[k] for k in z.files}
+        self.path, self.server_round = path, int(server_round)
+        if not self.flat and path is not None:
+            before = [(r, p) for r, p in self._files() if r < self.server_round]
+            if before:
+                with np.load(max(before)[1]) as z:
+                    self.flat = {k: z[k] for k in z.files}
+
+    def _files(self) -> list[tuple[int, Path]]:
+        """(round, file) of this client's state files."""
+        if self.path is None or not self.path.parent.is_dir():
+            return []
+        stem = self.path.name[: -len(".npz")]
+        out = []
+        for p in self.path.parent.glob(f"{stem}-round-*.npz"):
+            tail = p.name[len(stem) + len("-round-"): -len(".npz")]
+            if tail.isdigit():
+                out.append((int(tail), p))
+        return sorted(out)
 
     def get(self, name: str) -> dict[str, np.ndarray] | None:
         pre = name + "/"
@@ -40,12 +59,16 @@ class ClientStore:
         self.flat.update({f"{name}/{k}": np.asarray(v, np.float32) for k, v in arrays.items()})
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp.npz")
+            out = self.path.with_name(f"{self.path.name[: -len('.npz')]}-round-{self.server_round}.npz")
+            tmp = out.with_name(out.name + ".tmp.npz")
             np.savez(tmp, **self.flat)
-            tmp.replace(self.path)
+            tmp.replace(out)
+            for _, old in self._files()[: -self.KEEP_ROUNDS]:
+                old.unlink(missing_ok=True)
 
 
 def client_state_path(cfg: dict[str, Any], partition_id: int) -> Path | None:
+    """The base name of a client's state files under the run dir (ClientStore adds the round)."""
     out = cfg.get("out_dir")
     return Path(out) / "client-state" / f"partition-{partition_id}.npz" if out else None
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +43,83 @@ def save_strategy_state(ckpt_dir: Path, server_round: int, payload: dict[str, np
     return out
 
 
+MANIFEST = "manifest.json"  # every file of a round's checkpoint with its size and sha256, written last
+
+
+def write_manifest(ckpt_dir: Path) -> Path:
+    """Record the size and sha256 of every file in a round's checkpoint dir, atomically (written
+    last: a round whose manifest exists was written completely)."""
+    ckpt_dir = Path(ckpt_dir)
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith("tmp-")}
+    tmp = ckpt_dir / f"tmp-{MANIFEST}"
+    tmp.write_text(json.dumps(files, indent=1))
+    tmp.replace(ckpt_dir / MANIFEST)
+    return ckpt_dir / MANIFEST
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_round(ckpt_dir: Path) -> str | None:
+    """Why a round's checkpoint cannot be resumed from, or None: its manifest's files must all be
+    there with their sizes and hashes (a checkpoint from before manifests is taken as it is)."""
+    manifest = Path(ckpt_dir) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} unreadable ({err})"
+    for name, want in files.items():
+        path = Path(ckpt_dir) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} differs from what was written (sha256)"
+    return None
+
+
 def latest_state(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(round, global payload, strategy state) of the last round a run checkpointed completely."""
+    """(round, global payload, strategy state) of the last round a run checkpointed completely.
+
+    A round whose files fail their manifest, or whose state file cannot be read, is skipped with
+    a line naming it and why, for the round before it."""
     rounds = sorted(
-        (int(p.parent.name.split("-")[1]), p)
-        for p in Path(run_dir).glob(f"checkpoints/round-*/{STATE_FILE}")
-        if p.parent.name.split("-")[1].isdigit()
+        ((int(p.parent.name.split("-")[1]), p)
+         for p in Path(run_dir).glob(f"checkpoints/round-*/{STATE_FILE}")
+         if p.parent.name.split("-")[1].isdigit()),
+        reverse=True,
     )
     if not rounds:
         raise FileNotFoundError(
             f"{run_dir} has no checkpoints/round-<N>/{STATE_FILE}; pass the run dir of a fedmllm run "
             "that finished at least one round"
         )
-    server_round, path = rounds[-1]
-    with np.load(path) as z:
-        payload = {k[len("global/"):]: z[k] for k in z.files if k.startswith("global/")}
-        state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
-        assert int(z["round"]) == server_round, f"{path}: round {int(z['round'])} != {server_round}"
-    return server_round, payload, state
+    problems = []
+    for server_round, path in rounds:
+        problem = check_round(path.parent)
+        if problem is None:
+            try:
+                with np.load(path) as z:
+                    payload = {k[len("global/"):]: z[k] for k in z.files if k.startswith("global/")}
+                    state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
+                    saved_round = int(z["round"])
+                if saved_round != server_round:
+                    raise ValueError(f"it says round {saved_round}")
+                if not payload:
+                    raise ValueError("it holds no adapter")
+                return server_round, payload, state
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                problem = f"{STATE_FILE} unreadable ({type(err).__name__}: {err})"
+        problems.append(f"round {server_round}: {problem}")
+        print(f"checkpoints/round-{server_round} cannot be resumed from: {problem}; trying the round before",
+              file=sys.stderr, flush=True)
+    raise FileNotFoundError(f"{run_dir} has no intact checkpoint to resume from ({'; '.join(problems)})")

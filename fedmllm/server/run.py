@@ -52,7 +52,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
     from fedmllm.models.adapter import init_lora_a
-    from fedmllm.server.checkpoint import latest_state, save_checkpoint, save_strategy_state
+    from fedmllm.server.checkpoint import latest_state, save_checkpoint, save_strategy_state, write_manifest
     from fedmllm.strategies.protocol import client_spec, peft_for, shared_payload
     from fedmllm.server.evaluate import eval_options, evaluate
     from fedmllm.server.stages import (Aligner, ensure_adapter_pretrained, ensure_pretrained, format_adapter_summary,
@@ -60,6 +60,12 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.tracking import MetricsLog, format_round, plot_run
 
     run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
+    resumed = None
+    if cfg.get("resume"):  # everything checked before anything of the stopped run is touched
+        check_resumable(Path(cfg["resume"]), cfg)
+        resumed = latest_state(Path(cfg["resume"]))
+        if resumed[0] >= cfg["num_rounds"]:
+            raise ResumeError(f"{cfg['resume']} already finished {resumed[0]} rounds; raise num_rounds to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
 
@@ -91,13 +97,12 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     strategy = build_strategy(cfg)
     strategy.fixed = {k: v for k, v in full.items() if k not in initial}  # FFA: A; FedSA: B (until clients report)
     done = 0
-    if cfg.get("resume"):
-        done, initial, state = latest_state(Path(cfg["resume"]))
+    if resumed is not None:
+        done, initial, state = resumed
         strategy.load_state_arrays(state)
         strategy.round_offset = done
         print(f"resuming {cfg['resume']} after round {done} of {cfg['num_rounds']}", flush=True)
-        if done >= cfg["num_rounds"]:
-            raise ValueError(f"{cfg['resume']} already finished {done} rounds; raise num_rounds to continue it")
+        keep_rows_until(run_dir, done)  # a round logged after the last intact checkpoint runs again
     if cfg["server_stage"]["align"].get("enabled"):
         strategy.post_aggregate = Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
@@ -137,6 +142,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             row.update(metrics)
         ckpt = save_checkpoint(lm.model, payload, run_dir, server_round)
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
+        write_manifest(ckpt)  # last: resume trusts a round only when its files match it
         row["checkpoint"] = str(ckpt.relative_to(run_dir))
         row["seconds"] = round(time.time() - t0, 2)
         mlog.log(row)
@@ -160,5 +166,77 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         mlog.close()
         if mlog.rows:
             plot_run(run_dir)
+    if n_rounds > done and strategy.rounds_aggregated == 0:
+        reasons = sorted({reason for _, reason in strategy.dropped})
+        raise NoRoundAggregated(
+            f"no round of {n_rounds - done} aggregated: every round had fewer valid replies than "
+            f"min_train_nodes={strategy.min_train_nodes}" + (f"; replies were dropped for: {'; '.join(reasons[:3])}"
+                                                               if reasons else "")
+        )
     print(f"server finished; results in {run_dir}", flush=True)
     return run_dir
+
+
+class ResumeError(ValueError):
+    """`resume=` cannot continue that run as asked (nothing of it is changed)."""
+
+
+class NoRoundAggregated(RuntimeError):
+    """A run ended without one aggregated round: its result is the initial adapter."""
+
+
+# What a resumed run must share with the stopped one: a different value would continue the
+# stopped run's adapter, strategy state and client state under other settings.
+RESUME_FIXED = ("model", "peft", "dataset", "partitioner", "scenario", "prompt", "aggregator", "num_clients", "seed")
+
+
+def check_resumable(run_dir: Path, cfg: dict[str, Any]) -> None:
+    """Raise ResumeError, naming each setting that differs, when `cfg` would continue `run_dir`
+    under another model, PEFT, dataset, partition, scenario, prompt, aggregator, clients or seed."""
+    import yaml
+
+    if not run_dir.is_dir():
+        raise ResumeError(f"resume={run_dir}: no such directory; pass the 'run dir:' a stopped run printed")
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    diffs = []
+    for key in RESUME_FIXED:
+        for name, (old, new) in _differences(saved.get(key), cfg.get(key), key).items():
+            if name.endswith(".eval_samples"):
+                continue  # the held-out sample count may change between runs
+            diffs.append(f"{name}: {old!r} -> {new!r}")
+    if diffs:
+        raise ResumeError(f"resume={run_dir} ran with other settings; resuming would mix them: {'; '.join(diffs[:4])}"
+                          f"{' ...' if len(diffs) > 4 else ''}. Drop those overrides, or start a new run")
+
+
+def _differences(old: Any, new: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in sorted(set(old) | set(new)):
+            out.update(_differences(old.get(k), new.get(k), f"{prefix}.{k}"))
+        return out
+    return {} if old == new else {prefix: (old, new)}
+
+
+def keep_rows_until(run_dir: Path, last_round: int) -> None:
+    """Rewrite metrics.jsonl without the rows of rounds after `last_round` (atomically)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("round", 0) <= last_round:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by the interruption
+    if len(kept) != len(lines):
+        tmp = path.with_name("tmp-" + path.name)
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)

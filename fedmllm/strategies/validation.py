@@ -16,6 +16,11 @@ from fedmllm.records import from_record
 from fedmllm.strategies.aggregate import InvalidReply, check_reply
 
 
+# What decoding a malformed reply raises (corrupt .npy bytes, another stype, a missing record), on
+# top of our own InvalidReply: each drops that reply with its reason, never the round.
+REPLY_ERRORS = (InvalidReply, KeyError, StopIteration, ValueError, TypeError, EOFError, OSError, AttributeError)
+
+
 class ValidReplies(NamedTuple):
     """The valid replies of a round, decoded once: adapter payloads, their other array records
     (SCAFFOLD's dc, FedSA-LoRA's B) and their weights (num-examples), in reply order."""
@@ -28,8 +33,9 @@ class ValidReplies(NamedTuple):
 class AdapterReplies:
     """Mixin for a Flower strategy: replies are checked against the global adapter before aggregation.
 
-    A bad reply (other keys or shapes, non-finite values, num-examples <= 0) is dropped with
-    its reason logged; the round fails only if fewer than `min_train_nodes` valid replies remain.
+    A bad reply (other keys or shapes, non-finite values, a non-finite or non-positive
+    num-examples, unreadable arrays, other metric keys than the round's other replies, more than
+    one MetricRecord, an update norm above `max_update_norm`) is dropped with its reason logged; the round fails only if fewer than `min_train_nodes` valid replies remain.
     `round_stats` holds bytes down/up and per-client bytes of the last round, for logging.
     `post_aggregate(server_round, arrays) -> (arrays, stats)`, when set, transforms the aggregate
     before it becomes the global adapter (the server's global alignment); its stats join round_stats.
@@ -41,13 +47,17 @@ class AdapterReplies:
     # Flower's optimizer moments (FedOpt m_t, v_t; FedAvgM momentum_vector) and ours.
     state_attrs: tuple[str, ...] = ("m_t", "v_t", "momentum_vector")
 
-    def __init__(self, **kwargs):
+    def __init__(self, max_update_norm: float | None = None, **kwargs):
+        if max_update_norm is not None and not (isinstance(max_update_norm, (int, float)) and max_update_norm > 0):
+            raise ValueError(f"aggregator.max_update_norm={max_update_norm!r} must be null or a number > 0")
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
         kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self._reference: dict | None = None
         self.round_stats: dict = {}
         self.dropped: list[tuple[int, str]] = []
         self.round_offset = 0  # rounds already done before a resume
+        self.rounds_aggregated = 0  # rounds whose replies were aggregated (a run with none fails)
         self.empty_nodes: set[int] = set()  # nodes that reported an empty partition: never sampled again
         self.fixed: dict = {}  # adapter tensors that do not travel but complete the global adapter
 
@@ -131,6 +141,8 @@ class AdapterReplies:
         valid: list[Message] = []
         per_client: dict[int, int] = {}
         clients: list[dict] = []  # one row per reply: who contributed what (metrics.jsonl `clients`)
+        replies = list(replies)
+        metric_keys = _usual_metric_keys(replies)  # Flower rejects a round whose replies differ
         decoded = ValidReplies([], [], [])
         self._decoded: dict[int, dict] = {}
         for msg in replies:
@@ -148,20 +160,23 @@ class AdapterReplies:
                 self.empty_nodes.add(msg.metadata.src_node_id)
                 continue
             try:
+                metrics = self._check_metrics(msg, metric_keys)
                 arrays = from_record(msg.content[self.arrayrecord_key])
                 check_reply(self._reference or arrays, arrays, metrics.get(self.weighted_by_key),
                             free_rank=self.free_rank, finite=not getattr(self, "fused_average", False))  # FusedAverage checks it on the aggregate
+                self._check_norm(arrays)
                 extra = {name: from_record(rec)
                          for name, rec in msg.content.array_records.items() if name != self.arrayrecord_key}
                 self.check_extra(extra)
-            except (InvalidReply, KeyError, StopIteration) as err:
-                log(WARNING, "round %s: dropped reply from node %s: %s", server_round, msg.metadata.src_node_id, err)
-                self.dropped.append((server_round, str(err)))
-                client["dropped"] = str(err)
+            except REPLY_ERRORS as err:
+                reason = str(err) if isinstance(err, InvalidReply) else f"unreadable reply ({type(err).__name__}: {err})"
+                log(WARNING, "round %s: dropped reply from node %s: %s", server_round, msg.metadata.src_node_id, reason)
+                self.dropped.append((server_round, reason))
+                client["dropped"] = reason
                 continue
             for name in extra:  # Flower's aggregation expects exactly one ArrayRecord per reply
                 del msg.content[name]
-            per_client[int(metrics.get("partition-id", msg.metadata.src_node_id))] = sum(
+            per_client[client["partition-id"]] = sum(
                 a.nbytes for a in arrays.values()
             ) + sum(a.nbytes for e in extra.values() for a in e.values())
             client["bytes"] = per_client[client["partition-id"]]
@@ -178,11 +193,40 @@ class AdapterReplies:
             return None, None
         arrays, metrics = self.aggregate_replies(server_round, valid, decoded)
         self._decoded = {}
+        if arrays is not None:
+            arrays = _float32(arrays)
+            self.rounds_aggregated += 1
         if metrics is not None and "train-loss" in metrics:
             self.round_stats["train_loss"] = float(metrics["train-loss"])
         if arrays is not None and self.post_aggregate is not None:
             arrays = self._post_aggregate(server_round, arrays)
         return arrays, metrics
+
+    def _check_metrics(self, msg: Message, reference: set[str] | None) -> MetricRecord:
+        """The reply's one MetricRecord, with the keys most of the round's replies carry (Flower
+        raises InconsistentMessageReplies for the whole round otherwise)."""
+        records = list(msg.content.metric_records.values())
+        if len(records) != 1:
+            raise InvalidReply(f"{len(records)} MetricRecords, expected one")
+        keys = set(records[0])
+        if reference is not None and keys != reference:
+            raise InvalidReply(f"metric keys differ from the round's other replies (unexpected {sorted(keys - reference)}, "
+                               f"missing {sorted(reference - keys)})")
+        return records[0]
+
+    def _check_norm(self, arrays: dict) -> None:
+        """`max_update_norm`: drop a reply whose update (its adapter minus the global one sent)
+        has a larger L2 norm over all tensors, naming the norm."""
+        if self.max_update_norm is None or self._reference is None:
+            return
+        sq = 0.0
+        for k, v in arrays.items():
+            ref = self._reference.get(k)
+            diff = v.astype(np.float64) - ref if ref is not None and ref.shape == v.shape else v.astype(np.float64)
+            sq += float(np.vdot(diff, diff))
+        norm = float(np.sqrt(sq))
+        if not norm <= self.max_update_norm:
+            raise InvalidReply(f"update norm {norm:.4g} > aggregator.max_update_norm={self.max_update_norm:g}")
 
     def check_extra(self, extra: dict) -> None:
         """Validate a reply's other array records (finite values); subclasses check their shapes."""
@@ -216,6 +260,28 @@ class AdapterReplies:
         elif isinstance(current, dict):
             self.current_arrays = {k: v.copy() for k, v in new.items()}
         return record
+
+
+def _float32(record: ArrayRecord) -> ArrayRecord:
+    """The global adapter in float32, as checkpoints store it and clients send it. Flower's FedOpt
+    strategies return float64 (their bias-corrected step size is a numpy float64): kept, the server
+    would continue from values a resumed run, reading the float32 checkpoint, does not have
+    (FedAdam's resumed adapters differed by 1e-6 two rounds later)."""
+    if all(a.dtype == "float32" for a in record.values()):
+        return record
+    from fedmllm.records import to_record
+
+    return to_record({k: np.asarray(v, np.float32) for k, v in from_record(record).items()})
+
+
+def _usual_metric_keys(replies: list[Message]) -> set[str] | None:
+    """The metric keys most replies of a round carry (every client sends the same ones): a reply
+    with others is the odd one out, whichever order the replies came in."""
+    from collections import Counter
+
+    sets = Counter(frozenset(next(iter(m.content.metric_records.values()))) for m in replies
+                   if not m.has_error() and len(m.content.metric_records) == 1)
+    return set(sets.most_common(1)[0][0]) if sets else None
 
 
 def _client_row(metrics, node_id: int) -> dict:
