@@ -58,6 +58,7 @@ def _run(argv: list[str]) -> None:
             _fail(str(err))
         from fedmllm.simulation import run_simulation
 
+        stop_on_signals(out_dir)
         try:
             run_simulation(cfg, overrides)
         except Exception as err:  # noqa: BLE001 - the cause is printed; partial results stay on disk
@@ -83,6 +84,34 @@ def _run(argv: list[str]) -> None:
             argv = [*argv, f"hydra.run.dir={out_dir}"]
     sys.argv = ["fedmllm run", *argv]
     job()
+
+
+def stop_on_signals(run_dir: str) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM end the run within seconds: a line saying what is kept, Ray
+    shut down (no worker left behind), exit 128 + the signal. Flower's simulation runs the server
+    in a thread, so a KeyboardInterrupt in the main thread alone left the process running.
+    Every round that was checkpointed stays (checkpoints and metrics rows are written whole)."""
+    import os
+    import signal
+    import threading
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping; the rounds checkpointed so far stay in {run_dir}"
+              f"{resume_hint(run_dir, KeyboardInterrupt())}", file=sys.stderr, flush=True)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                t = threading.Thread(target=ray.shutdown, daemon=True)
+                t.start()
+                t.join(15)
+        except Exception:  # noqa: BLE001 - best effort on the way out; the exit below happens regardless
+            pass
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def resume_hint(run_dir: str, cause: BaseException) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -27,9 +28,15 @@ DAYS = 365
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    """Write `data`; a private key is created 0600 (never readable by others, not even for the
+    moment between writing and a chmod)."""
+    if not private:
+        path.write_bytes(data)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        f.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -48,11 +55,21 @@ def make_tls(out: Path, sans: list[str]) -> list[Path]:
     """A CA and a server certificate signed by it, valid for localhost and `sans`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / n for n in ("ca.pem", "ca.key", "server.pem", "server.key")]
-    if all(p.exists() for p in paths):
-        return paths
     now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmllm deployment CA")])
+    names = list(dict.fromkeys(["127.0.0.1", "::1", "localhost", *sans]))
+    if all(p.exists() for p in paths):
+        have = _cert_names(paths[2])
+        if all(n in have for n in names):
+            return paths
+        # a new --san on an existing directory: the same CA (nodes keep trusting it), a new server cert
+        names = list(dict.fromkeys([*have, *names]))
+        print(f"re-issuing {paths[2]} for {', '.join(n for n in names if n not in have)} (CA kept)", file=sys.stderr)
+        ca_key = serialization.load_pem_private_key(paths[1].read_bytes(), password=None)
+        _write(paths[3], _key_pem(key := ec.generate_private_key(ec.SECP384R1())), private=True)
+        _write(paths[2], _server_cert(names, key, ca_key, ca_name, now).public_bytes(serialization.Encoding.PEM))
+        return paths
+    ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (
         x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
         .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
@@ -65,8 +82,27 @@ def make_tls(out: Path, sans: list[str]) -> list[Path]:
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP384R1())
-    names = list(dict.fromkeys(["127.0.0.1", "::1", "localhost", *sans]))
-    cert = (
+    cert = _server_cert(names, key, ca_key, ca_name, now)
+    _write(paths[0], ca.public_bytes(serialization.Encoding.PEM))
+    _write(paths[1], _key_pem(ca_key), private=True)
+    _write(paths[2], cert.public_bytes(serialization.Encoding.PEM))
+    _write(paths[3], _key_pem(key), private=True)
+    return paths
+
+
+def _cert_names(path: Path) -> list[str]:
+    """The subject alternative names of a certificate, as strings."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(v) for v in ext.get_values_for_type(x509.IPAddress)] + ext.get_values_for_type(x509.DNSName)
+
+
+def _server_cert(names, key, ca_key, ca_name, now):
+    """The server certificate for `names`, signed by the CA."""
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])]))
         .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -77,11 +113,6 @@ def make_tls(out: Path, sans: list[str]) -> list[Path]:
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write(paths[0], ca.public_bytes(serialization.Encoding.PEM))
-    _write(paths[1], _key_pem(ca_key), private=True)
-    _write(paths[2], cert.public_bytes(serialization.Encoding.PEM))
-    _write(paths[3], _key_pem(key), private=True)
-    return paths
 
 
 def make_node_keys(out: Path, n: int, first: int = 0) -> list[Path]:

@@ -17,6 +17,20 @@ launch() {  # launch NAME CMD...: own process group (setsid), PID in $PIDS/NAME.
   echo $! > "$PIDS/$name.pid"
 }
 
+settle() {  # settle NAME SECONDS: die with its log and exit code if NAME exits within SECONDS of starting
+  local name=$1 seconds=$2 pid code
+  pid="$(cat "$PIDS/$name.pid")"
+  for _ in $(seq "$((seconds * 5))"); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      code=0; wait "$pid" 2>/dev/null || code=$?
+      tail -n 20 "$LOGS/$name.log" >&2 || true
+      rm -f "$PIDS/$name.pid"
+      die "$name exited at start with code $code (e.g. 305: the TLS handshake with the SuperLink failed); its log: $LOGS/$name.log"
+    fi
+    sleep 0.2
+  done
+}
+
 stop_one() {  # TERM the process group, KILL it after 10 s
   local name=$1 pid
   [ -f "$PIDS/$name.pid" ] || return 0

@@ -115,3 +115,147 @@ def test_the_continue_hint_appears_only_where_resuming_can_help(tmp_path):
     assert resume_hint(str(tmp_path), NoRoundAggregated("x")) == ""
     manifest = json.loads((tmp_path / "checkpoints" / "round-1" / "manifest.json").read_text())
     assert {"adapter_model.safetensors", "adapter_config.json", "fedmllm-state.npz"} <= set(manifest)
+
+
+def _cli_run(args, **kw):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedmllm.cli", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_a_scaffold_run_stopped_mid_round_and_resumed_ends_like_an_uninterrupted_one(tmp_path, how):
+    """SIGINT: the run stops within seconds with exit 130 and leaves no Ray process; SIGKILL (the
+    whole process group, as a machine going down): nothing to clean up by the run itself. Either
+    way `resume=` redoes the round that was cut short and ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import time
+
+    from test_e2e import assert_none_left, ray_processes
+
+    common = _common("aggregator=scaffold", "num_rounds=3", "train.local_steps=40")
+    full, part = tmp_path / "full", tmp_path / "part"
+    before = ray_processes()
+    proc = _cli_run([*common, f"out_dir={full}"])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    proc = _cli_run([*common, f"out_dir={part}"], start_new_session=True)
+    try:
+        for line in proc.stdout:  # round 1 is checkpointed when its line is printed
+            if line.startswith("round   1 |"):
+                break
+        time.sleep(3)  # clients are training round 2 (40 steps take well over 3 s)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        t0 = time.time()
+        if how == "SIGINT":
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 130 and "SIGINT: stopping" in err, err[-2000:]
+            assert time.time() - t0 < 30
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in set(ray_processes()) - set(before):  # SIGKILL leaves Ray's daemons: the test stops them
+            if how == "SIGKILL":
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert_none_left(before)
+    assert not (part / "checkpoints" / "round-3").exists()
+    proc = _cli_run([*common, f"out_dir={part}", f"resume={part}"])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    a, b = _state(full, 3), _state(part, 3)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_a_png_cut_after_its_header_is_named_when_decoded_and_caught_up_front_with_strict(tmp_path):
+    from PIL import Image
+
+    from fedmllm.data import DataError
+    from fedmllm.data.collate import load_image
+    from fedmllm.data.reading import image_problem
+
+    path = tmp_path / "cut.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert image_problem(path) is None  # the header parses: the cheap default check passes it
+    kind, detail = image_problem(path, decode=True)
+    assert kind == "corrupt image" and str(path) in detail
+    with pytest.raises(DataError, match=f"image {path} cannot be decoded.*dataset.strict=true"):
+        load_image(str(path))
+
+
+@pytest.mark.parametrize("cfg,n,fragment", [
+    ({"name": "iid"}, 40, "num_clients=40 exceeds the 17 training samples"),
+    ({"name": "dirichlet", "alpha": 0.5}, 4, "at least partitioner.min_partition_size=10 of the 17 training samples"),
+    ({"name": "dirichlet", "alpha": 1e-6, "min_partition_size": 2}, 4, "alpha=1e-06.*raise partitioner.alpha"),
+])
+def test_a_small_dataset_names_the_partition_setting_that_cannot_be_met(cfg, n, fragment):
+    from fedmllm.partitioning import partition_indices
+
+    with pytest.raises(ValueError, match=fragment):
+        partition_indices(tuple([0] * 9 + [1] * 8), tuple(sorted(cfg.items())), n, 42)
+
+
+def test_an_empty_text_is_kept_as_image_only_and_said_so(tmp_path, capsys):
+    import json as _json
+
+    from fedmllm.data import hateful_memes
+    from fedmllm.data.fixtures import write_hateful_memes
+
+    root = write_hateful_memes(tmp_path / "hm", n_rows=6, seed=0)
+    rows = [_json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    rows[2]["text"] = "  "
+    (root / "train.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    samples = hateful_memes.load_split.__wrapped__(str(root), "train")
+    assert len(samples) == 6 and samples[2]["text"] is None and samples[2]["image"] is not None
+    err = capsys.readouterr().err
+    assert "kept 1 rows of" in err and "1 empty text, kept as image-only (line 3)" in err
+
+
+def test_certs_creates_private_keys_0600_and_a_new_san_reissues_the_server_certificate(tmp_path):
+    import os
+    import stat
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import certs
+
+    old = os.umask(0)  # the most permissive umask: the keys must still never be readable by others
+    try:
+        paths = certs.make_tls(tmp_path, [])
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths}
+    assert modes["ca.key"] == modes["server.key"] == 0o600
+    ca = (tmp_path / "ca.pem").read_bytes()
+    certs.make_tls(tmp_path, ["10.0.0.5"])
+    assert "10.0.0.5" in certs._cert_names(tmp_path / "server.pem")
+    assert (tmp_path / "ca.pem").read_bytes() == ca  # nodes keep trusting the same CA
+    assert stat.S_IMODE((tmp_path / "server.key").stat().st_mode) == 0o600
+
+
+def test_the_worker_socket_dir_is_refused_under_a_world_writable_parent_without_sticky_bit(tmp_path, monkeypatch):
+    import os
+
+    from fedmllm.client.worker import WorkerError, socket_dir
+
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    os.chmod(open_parent, 0o777)  # world-writable, no sticky bit
+    monkeypatch.setenv("FEDMLLM_WORKER_DIR", str(open_parent / "sockets"))
+    with pytest.raises(WorkerError, match="which everyone may write to and which lacks the sticky bit"):
+        socket_dir()
+    os.chmod(open_parent, 0o1777)  # as /tmp: sticky, so others cannot rename our directory
+    assert socket_dir() == open_parent / "sockets"

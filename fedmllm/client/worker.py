@@ -25,6 +25,7 @@ import os
 import pickle
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -71,6 +72,14 @@ def socket_dir() -> Path:
         raise WorkerError(f"worker socket directory {base} must belong to this user with mode 0700 "
                           f"(it has uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); remove it or set "
                           "FEDMLLM_WORKER_DIR to a private directory")
+    # another user who may write to a parent without the sticky bit can rename this directory
+    # away and put their own in its place between our check and our use of it
+    for parent in base.resolve().parents:
+        pst = parent.stat()
+        if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
+            raise WorkerError(f"worker socket directory {base} sits in {parent}, which everyone may write to "
+                              f"and which lacks the sticky bit (mode {oct(pst.st_mode & 0o7777)}); set "
+                              "FEDMLLM_WORKER_DIR to a directory under a private or sticky parent")
     return base
 
 

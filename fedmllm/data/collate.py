@@ -13,6 +13,19 @@ from fedmllm.data.schema import Sample, Task
 IGNORE = -100  # label value the loss ignores
 
 
+def load_image(path: str) -> Image.Image:
+    """The image as RGB; a file PIL cannot decode (a PNG cut after its header passes the loaders'
+    header check) raises DataError naming it, instead of a decoder error naming nothing."""
+    from fedmllm.data.reading import DataError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise struct.error, IndexError, ...
+        raise DataError(f"image {path} cannot be decoded ({type(err).__name__}: {err}); remove its row, or set "
+                        "dataset.strict=true to check every image fully when the data loads") from None
+
+
 class Collator:
     """Turns samples into processor outputs for one (processor, family, task)."""
 
@@ -35,8 +48,7 @@ class Collator:
             user = user_prompt(self.task, s, "", drop_image)  # the family places the image
             texts.append(self.family.prompt(self.processor, SYSTEM, user, has_image))
             if has_image:
-                with Image.open(s["image"]) as im:
-                    images.append(im.convert("RGB"))
+                images.append(load_image(s["image"]))
         return texts, images
 
     def _encode(self, texts: list[str], images: list[Image.Image], answers: list[str] | None = None) -> dict[str, Any]:

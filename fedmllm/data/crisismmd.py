@@ -110,11 +110,13 @@ def load_split(
             log.drop(line, "missing field", "empty image or image_id")
             continue
         image = base / row["image"].strip()
-        problem = image_problem(image)
+        problem = image_problem(image, decode=strict)
         if problem:
             log.drop(line, *problem)
             continue
         text = clean_tweet(row["tweet_text"])
+        if not text:
+            log.keep(line, "empty tweet text (after URLs are removed), kept as image-only")
         out.append(Sample(id=row["image_id"].strip(), image=str(image), text=text or None, label=labels.index(label)))
     log.report()
     return tuple(out)

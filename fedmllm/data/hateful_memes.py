@@ -61,11 +61,13 @@ def load_split(root: str, split: str, strict: bool = False) -> tuple[Sample, ...
             log.drop(line, "unknown label", f"label {row['label']!r}; expected 0 (not-hateful) or 1 (hateful)")
             continue
         image = base / str(row["img"])
-        problem = image_problem(image)
+        problem = image_problem(image, decode=strict)
         if problem:
             log.drop(line, *problem)
             continue
         text = str(row["text"]).strip()
+        if not text:
+            log.keep(line, "empty text, kept as image-only")
         out.append(Sample(id=normalize_id(row["id"]), image=str(image), text=text or None, label=int(label)))
     log.report()
     return tuple(out)

@@ -80,7 +80,7 @@ def load_file(path: str, image_root: str | None, labels: tuple[str, ...], strict
         image = None
         if row.get("image"):
             image = root / str(row["image"])
-            problem = image_problem(image)
+            problem = image_problem(image, decode=strict)
             if problem:
                 log.drop(line, *problem)
                 continue

@@ -27,6 +27,11 @@ class RowLog:
         self.strict = strict
         self.rows = 0
         self.bad: dict[str, list[int]] = defaultdict(list)
+        self.kept: dict[str, list[int]] = defaultdict(list)  # rows kept with a change worth a word
+
+    def keep(self, line: int, kind: str) -> None:
+        """Record that row `line` is used, changed (`kind`: 'empty text, kept as image-only', ...)."""
+        self.kept[kind].append(line)
 
     def drop(self, line: int, kind: str, detail: str) -> None:
         """Record that row `line` is unusable (`kind`: 'bad JSON', 'missing image', ...)."""
@@ -43,13 +48,19 @@ class RowLog:
 
     def summary(self) -> str | None:
         """'dropped 4 of 20 rows in FILE: 3 bad JSON (lines 4, 9, 12), 1 missing image (line 7)'."""
-        if not self.bad:
-            return None
-        parts = []
-        for kind, lines in self.bad.items():
-            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
-            parts.append(f"{len(lines)} {kind} ({'line' if len(lines) == 1 else 'lines'} {shown})")
-        return f"dropped {self.dropped} of {self.rows} rows in {self.path}: {', '.join(parts)}"
+        def listed(groups: dict[str, list[int]]) -> str:
+            parts = []
+            for kind, lines in groups.items():
+                shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+                parts.append(f"{len(lines)} {kind} ({'line' if len(lines) == 1 else 'lines'} {shown})")
+            return ", ".join(parts)
+
+        out = []
+        if self.bad:
+            out.append(f"dropped {self.dropped} of {self.rows} rows in {self.path}: {listed(self.bad)}")
+        if self.kept:
+            out.append(f"kept {sum(map(len, self.kept.values()))} rows of {self.path} changed: {listed(self.kept)}")
+        return "; ".join(out) or None
 
     def report(self) -> None:
         """Print the summary (if any row was dropped) to stderr."""
@@ -58,20 +69,26 @@ class RowLog:
             print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def image_problem(path: Path) -> tuple[str, str] | None:
+def image_problem(path: Path, decode: bool = False) -> tuple[str, str] | None:
     """(kind, detail) when `path` is not a readable image, else None.
 
-    Cheap on purpose: existence plus PIL's header parse (`Image.open` reads a few hundred bytes,
+    Cheap by default: existence plus PIL's header parse (`Image.open` reads a few hundred bytes,
     ~0.1 ms a file, so 10,000 rows check in about a second). A file truncated after a valid
-    header passes here and fails when collation decodes it.
+    header passes that and fails when collation decodes it, with a DataError naming it
+    (fedmllm.data.collate.load_image). `decode` (dataset.strict=true) decodes every image fully,
+    so such a file is caught when the data loads, at a few ms per image.
     """
     if not path.is_file():
         return "missing image", f"{path} does not exist"
     try:
         with Image.open(path) as im:
             im.size  # noqa: B018 - parsed from the header
+            if decode:
+                im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return "corrupt image", f"PIL cannot read {path} ({err})"
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise struct.error, IndexError, ... on cut files
+        return "corrupt image", f"PIL cannot decode {path} ({type(err).__name__}: {err})"
     return None
 
 

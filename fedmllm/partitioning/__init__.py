@@ -44,10 +44,29 @@ def _partition_indices(labels, cfg_items, num_partitions, seed):
         return fedmllm_partition(labels, num_partitions, float(cfg["alpha"]), seed, topup=cfg.get("topup") or "all")
     from datasets import Dataset
 
+    if num_partitions > len(labels):
+        raise ValueError(f"num_clients={num_partitions} exceeds the {len(labels)} training samples: every client "
+                         f"needs at least one; lower num_clients to at most {len(labels)}")
     ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
     part = make_partitioner(cfg, num_partitions, seed)
     part.dataset = ds
-    return [list(part.load_partition(i)["idx"]) for i in range(num_partitions)]
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # one warning per retry; a failure below says it in one line
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            return [list(part.load_partition(i)["idx"]) for i in range(num_partitions)]
+    except ValueError as err:  # flwr-datasets gives up after its retries and blames alpha alone
+        if cfg["name"] != "dirichlet":
+            raise
+        need = int(cfg.get("min_partition_size", 10))
+        raise ValueError(
+            f"partitioner=dirichlet could not give each of {num_partitions} clients at least "
+            f"partitioner.min_partition_size={need} of the {len(labels)} training samples with "
+            f"partitioner.alpha={cfg['alpha']} (flwr-datasets: {str(err).splitlines()[0][:120]}); lower "
+            f"partitioner.min_partition_size (at most {len(labels) // num_partitions} can work) or num_clients, "
+            "or raise partitioner.alpha (small alphas concentrate a label on few clients)"
+        ) from None
 
 
 def client_samples(
