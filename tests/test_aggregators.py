@@ -222,9 +222,10 @@ def test_heterogeneous_ranks_need_flora():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("aggregator", ["fedadam", "scaffold"])
+@pytest.mark.parametrize("aggregator", ["fedadam", "scaffold", "fedavgm", "fedsa_lora"])
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, aggregator):
-    """fedadam: the server's Adam moments must be restored; scaffold: c and every client's c_k."""
+    """fedadam: the server's Adam moments must be restored; scaffold: c and every client's c_k; fedavgm:
+    the momentum; fedsa_lora: every client's own B."""
     from inprocess import run_in_process
 
     from fedmllm.tracking import read_metrics

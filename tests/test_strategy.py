@@ -241,3 +241,17 @@ def test_max_update_norm_drops_a_reply_whose_update_is_too_large_and_names_its_n
     assert strategy.dropped[0][1] == "update norm 2.449e+30 > aggregator.max_update_norm=10"
     with pytest.raises(ValueError, match="aggregator.max_update_norm=-1 must be null or a number > 0"):
         AdapterFedAvg(max_update_norm=-1)
+
+
+def test_max_num_examples_drops_a_reply_that_claims_more_examples_than_any_client_holds():
+    def replies(sent):
+        return [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+                reply(sent[1], {"lora_A": np.full((2, 3), 9.0, np.float32)}, 10**12, 1),
+                reply(sent[2], {"lora_A": np.full((2, 3), 2.0, np.float32)}, 10, 2)]
+
+    strategy = AdapterFedAvg(min_train_nodes=2, min_available_nodes=3, fraction_train=1.0, max_num_examples=5000)
+    sent = list(strategy.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(),
+                                         FakeGrid()))
+    arrays, _ = strategy.aggregate_train(1, replies(sent))
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], 1.5)  # without the bound: 9.0 (weight 1e12)
+    assert strategy.dropped[0][1] == "num-examples=1000000000000 > aggregator.max_num_examples=5000"

@@ -47,10 +47,12 @@ class AdapterReplies:
     # Flower's optimizer moments (FedOpt m_t, v_t; FedAvgM momentum_vector) and ours.
     state_attrs: tuple[str, ...] = ("m_t", "v_t", "momentum_vector")
 
-    def __init__(self, max_update_norm: float | None = None, **kwargs):
-        if max_update_norm is not None and not (isinstance(max_update_norm, (int, float)) and max_update_norm > 0):
-            raise ValueError(f"aggregator.max_update_norm={max_update_norm!r} must be null or a number > 0")
+    def __init__(self, max_update_norm: float | None = None, max_num_examples: int | None = None, **kwargs):
+        for name, value in (("max_update_norm", max_update_norm), ("max_num_examples", max_num_examples)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"aggregator.{name}={value!r} must be null or a number > 0")
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self.max_num_examples = max_num_examples
         kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self._reference: dict | None = None
@@ -165,6 +167,9 @@ class AdapterReplies:
                 check_reply(self._reference or arrays, arrays, metrics.get(self.weighted_by_key),
                             free_rank=self.free_rank, finite=not getattr(self, "fused_average", False))  # FusedAverage checks it on the aggregate
                 self._check_norm(arrays)
+                weight = metrics.get(self.weighted_by_key)
+                if self.max_num_examples is not None and weight is not None and weight > self.max_num_examples:
+                    raise InvalidReply(f"num-examples={weight!r} > aggregator.max_num_examples={self.max_num_examples}")
                 extra = {name: from_record(rec)
                          for name, rec in msg.content.array_records.items() if name != self.arrayrecord_key}
                 self.check_extra(extra)
