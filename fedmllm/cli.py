@@ -39,10 +39,24 @@ def _run(argv: list[str]) -> None:
     from fedmllm.models.build import MissingAssetError
     from fedmllm.server.run import ResumeError
 
+    failed: list[str] = []  # a sweep's failed jobs: the sweep goes on, and exits 2 at its end
+
     @hydra.main(version_base="1.3", config_path="pkg://fedmllm.conf", config_name="config")
     def job(_: DictConfig) -> None:
+        from hydra.types import RunMode
+
         hc = HydraConfig.get()
         out_dir = hc.runtime.output_dir
+        if hc.mode == RunMode.MULTIRUN:
+            try:
+                one_job(hc, out_dir)
+            except SystemExit as stop:  # _fail printed the reason; the other jobs still run
+                if stop.code:
+                    failed.append(f"{hc.job.num} ({out_dir})")
+            return
+        one_job(hc, out_dir)
+
+    def one_job(hc, out_dir: str) -> None:
         overrides = tuple(hc.overrides.task)
         resume = _override(overrides, "resume")
         if resume:
@@ -84,6 +98,9 @@ def _run(argv: list[str]) -> None:
             argv = [*argv, f"hydra.run.dir={out_dir}"]
     sys.argv = ["fedmllm run", *argv]
     job()
+    if failed:
+        _fail(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)}; the others finished "
+              "(fedmllm report <sweep dir> marks the failed ones)")
 
 
 def stop_on_signals(run_dir: str) -> None:

@@ -162,3 +162,18 @@ def test_out_dir_is_where_the_run_writes(tmp_path):
     proc = run_cli(["run", "-m", "model=tiny-llava", "seed=1,2", f"out_dir={out}"], timeout=120)
     assert proc.returncode == 2 and f"hydra.sweep.dir={out}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
+    """Job 0 aggregates no round (every reply over the norm bound) and fails; job 1 still runs;
+    the sweep exits non-zero naming the failed job."""
+    before = ray_processes()
+    proc = run_cli(["run", "-m", *tiny_overrides("train.local_steps=1", "num_rounds=1", "server_stage=none",
+                                                 "dataset.eval_samples=4"),
+                    "aggregator.max_update_norm=1e-12,null", f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert "no round of 1 aggregated" in proc.stderr
+    assert f"1 job(s) of the sweep failed: 0 ({tmp_path}/0)" in proc.stderr
+    rows = read_metrics(tmp_path / "1")
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["bytes_up"] > 0
+    assert_none_left(before)
