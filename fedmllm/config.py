@@ -95,10 +95,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("lr", "projector_lr"):
         need(isinstance(t.get(key), (int, float)) and not isinstance(t[key], bool) and 0 < t[key] < float("inf"),
              f"train.{key}={t.get(key)!r} must be a finite number > 0")
-    need(isinstance(t.get("grad_accum", 1), int) and not isinstance(t.get("grad_accum", 1), bool)
-         and t.get("grad_accum", 1) >= 1, f"train.grad_accum={t.get('grad_accum')!r} must be an integer >= 1")
+    need(integer(t.get("grad_accum", 1)) and t.get("grad_accum", 1) >= 1,
+         f"train.grad_accum={t.get('grad_accum')!r} must be an integer >= 1")
     ep = t.get("local_epochs")
-    need(ep is None or (isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1),
+    need(ep is None or (integer(ep) and ep >= 1),
          f"train.local_epochs={ep!r} must be null (use train.local_steps) or an integer >= 1")
     need(t.get("schedule", "constant") in ("constant", "cosine"),
          f"train.schedule={t.get('schedule')!r}: choose constant or cosine")
@@ -186,7 +186,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
              f"aggregator.client.max_rank={client.get('max_rank')!r} must be an integer >= every client rank")
     only = (cfg["aggregator"].get("client") or {}).get("only")
     if only is not None:
-        need(isinstance(only, int) and not isinstance(only, bool) and 0 <= only < cfg["num_clients"],
+        need(integer(only) and 0 <= only < cfg["num_clients"],
              f"aggregator.client.only={only!r} must be a partition id in 0..{cfg['num_clients'] - 1} "
              f"(num_clients={cfg['num_clients']}); sweep it with aggregator.client.only=0,1,...")
     reg = cfg["train"].get("adaptive_reg") or {}

@@ -75,3 +75,18 @@ def tiny_lora(family: str = "llava", quant: str = "4bit"):
                 p.normal_(0, 0.05)
     task, _, _ = load_task(cfg["dataset"], cfg["seed"])
     return model, Collator(processor, fam, task), cfg
+
+
+def loss_and_grads(model, batch, **kw):
+    """(answer loss, gradient of every trainable tensor) of one batch; gradients cleared after."""
+    import torch
+
+    from fedmllm.training import answer_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    loss = answer_loss(model, dict(batch), **kw)
+    loss.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads

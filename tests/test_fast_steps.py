@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import tiny_lora
+from conftest import loss_and_grads, tiny_lora
 from fedmllm.models.families import FAMILIES
 
 
@@ -17,20 +17,6 @@ def _setup(family: str, quant: str = "4bit"):
 
     model, collator, cfg = tiny_lora(family, quant)
     return model, collator, load_public_captioned(cfg["dataset"], cfg["seed"])[:6]
-
-
-def _loss_and_grads(model, batch, **kw):
-    import torch
-
-    from fedmllm.training import answer_loss
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    loss = answer_loss(model, dict(batch), **kw)
-    loss.backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-    model.zero_grad(set_to_none=True)
-    return loss.item(), grads
 
 
 def _close(a, b, rtol=1e-4):
@@ -46,8 +32,8 @@ def test_shared_prefix_gives_the_plain_loss_gradients_and_scores(family):
     model, collator, samples = _setup(family)
     batch = collator.train_batch(samples)
     model.train()
-    plain_loss, plain_grads = _loss_and_grads(model, batch)
-    shared_loss, shared_grads = _loss_and_grads(model, batch, share_prefix=True)
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+    shared_loss, shared_grads = loss_and_grads(model, batch, share_prefix=True)
     assert np.isclose(shared_loss, plain_loss, rtol=1e-5), (shared_loss, plain_loss)
     _close(plain_grads, shared_grads)
     assert any(float(g.abs().sum()) > 0 for g in plain_grads)
@@ -94,11 +80,11 @@ def test_dequantized_weights_give_the_same_step_and_are_restored():
     assert layers
     batch = collator.train_batch(samples)
     model.train()
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     with dequantized(model):
         assert all("forward" in vars(m) for m in layers)
-        fast_loss, fast_grads = _loss_and_grads(model, batch)
-        both_loss, both_grads = _loss_and_grads(model, batch, share_prefix=True)
+        fast_loss, fast_grads = loss_and_grads(model, batch)
+        both_loss, both_grads = loss_and_grads(model, batch, share_prefix=True)
     assert not any("forward" in vars(m) for m in layers)  # the 4-bit path is back
     assert np.isclose(fast_loss, loss, rtol=1e-6) and np.isclose(both_loss, loss, rtol=1e-5)
     _close(grads, fast_grads, rtol=1e-5)
@@ -107,7 +93,7 @@ def test_dequantized_weights_give_the_same_step_and_are_restored():
         with dequantized(model):
             raise RuntimeError("boom")
     assert not any("forward" in vars(m) for m in layers)  # restored on failure too
-    assert np.isclose(_loss_and_grads(model, batch)[0], loss, rtol=1e-6)
+    assert np.isclose(loss_and_grads(model, batch)[0], loss, rtol=1e-6)
 
 
 def test_answer_accuracy_counts_rows_whose_every_answer_token_is_the_top_prediction():

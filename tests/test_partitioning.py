@@ -53,8 +53,10 @@ def test_public_pool_and_client_pool_share_no_image_or_sample(name):
 # --- partitioner=fedmllm: FedMLLM's data_partition script ------------------------------------
 
 
-def _fedmllm_script(entries, num_clients, alpha, seed=42):
-    """The FedMLLM partition script's steps on entries, with its global RNGs (the reference)."""
+def _fedmllm_script(entries, num_clients, alpha, seed=42, label_key="label", id_key="id", topup_all=True):
+    """FedMLLM's data_partition_*.py steps on entries, with its global RNGs (the reference).
+    data_partition_hateful.py tops up every label group; data_partition_crisismmd.py only the first
+    (`if label_idx == 0`: topup_all=False), groups by `label_image` and names rows by `image_id`."""
     import random
     from collections import defaultdict
 
@@ -62,13 +64,13 @@ def _fedmllm_script(entries, num_clients, alpha, seed=42):
     random.seed(seed)
     by_label = defaultdict(list)
     for e in entries:
-        by_label[e["label"]].append(e)
+        by_label[e[label_key]].append(e)
     groups = list(by_label.values())
     shares = np.random.dirichlet([alpha] * num_clients, len(groups))
     clients = [[] for _ in range(num_clients)]
     for g, group in enumerate(groups):
         n = (shares[g] * len(group)).astype(int)
-        while np.any(n < 1):
+        while (topup_all or g == 0) and np.any(n < 1):
             low, high = np.where(n < 1)[0], np.where(n > 1)[0]
             for c in low:
                 if len(high) == 0:
@@ -82,7 +84,7 @@ def _fedmllm_script(entries, num_clients, alpha, seed=42):
             clients[c].extend(chunk)
     for c in clients:
         random.shuffle(c)
-    return [[e["id"] for e in c] for c in clients]
+    return [[e[id_key] for e in c] for c in clients]
 
 
 @pytest.mark.parametrize("alpha,n_clients,n", [(0.5, 10, 1000), (0.1, 10, 300), (1.0, 4, 57)])
@@ -135,46 +137,13 @@ def test_fedmllm_partition_through_client_samples_and_rare_label_error():
 
 
 def _crisismmd_script(tsv_path, num_clients, alpha):
-    """A transcription of FedMLLM's data_gen/data_partition_crisismmd.py (1xbq1/FedMLLM): rows of
-    the TSV grouped by `label_image` in order of first appearance, one Dirichlet row per group,
-    the top-up only for the first group (`if label_idx == 0`), the last client takes the remainder,
-    each client's rows shuffled. Returns each client's image_ids in the written order."""
+    """FedMLLM's data_partition_crisismmd.py on a CrisisMMD TSV: its rows as csv.DictReader reads
+    them, grouped by `label_image`, the first group alone topped up. Each client's image_ids."""
     import csv
-    import random
-    from collections import defaultdict
 
-    np.random.seed(42)
-    random.seed(42)
     with open(tsv_path, encoding="utf-8") as f:
         data = list(csv.DictReader(f, delimiter="\t"))
-    label_groups = defaultdict(list)
-    for entry in data:
-        label_groups[entry["label_image"]].append(entry)
-    label_data = list(label_groups.values())
-    proportions = np.random.dirichlet([alpha] * num_clients, len(label_data))
-    client_data = [[] for _ in range(num_clients)]
-    min_files = 1
-    for label_idx, label_group in enumerate(label_data):
-        splits = (proportions[label_idx] * len(label_group)).astype(int)
-        if label_idx == 0:
-            while np.any(splits < min_files):
-                deficit_clients = np.where(splits < min_files)[0]
-                excess_clients = np.where(splits > min_files)[0]
-                for client_idx in deficit_clients:
-                    if len(excess_clients) == 0:
-                        break
-                    donor_idx = excess_clients[0]
-                    splits[client_idx] += 1
-                    splits[donor_idx] -= 1
-                    if splits[donor_idx] <= min_files:
-                        excess_clients = excess_clients[1:]
-        splits[-1] = len(label_group) - splits[:-1].sum()
-        split_indices = np.cumsum(splits)[:-1]
-        for client_idx, split in enumerate(np.split(np.array(label_group, dtype=object), split_indices)):
-            client_data[client_idx].extend(split)
-    for rows in client_data:
-        random.shuffle(rows)
-    return [[r["image_id"] for r in rows] for rows in client_data]
+    return _fedmllm_script(data, num_clients, alpha, label_key="label_image", id_key="image_id", topup_all=False)
 
 
 def _crisismmd_with_rare_label(root, n_rows=120, rare="missing_or_found_people", n_rare=2):

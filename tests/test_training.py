@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import tiny_lora
+from conftest import loss_and_grads, tiny_lora
 
 
 def _tiny(quant: str, family: str = "llava"):
@@ -20,20 +20,6 @@ def _tiny(quant: str, family: str = "llava"):
     return model, collator, pool, cfg
 
 
-def _loss_and_grads(model, batch):
-    import torch
-
-    from fedmllm.training import answer_loss
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    loss = answer_loss(model, dict(batch))
-    loss.backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-    model.zero_grad(set_to_none=True)
-    return loss.item(), grads
-
-
 @pytest.mark.parametrize("quant", ["4bit", "none"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(quant):
     """Non-reentrant checkpointing under a frozen (4-bit) base: the same loss and gradients,
@@ -41,10 +27,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(quant):
     model, col, pool, _ = _tiny(quant)
     batch = col.train_batch(pool[:4])
     model.train()
-    plain_loss, plain = _loss_and_grads(model, batch)
+    plain_loss, plain = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        ckpt_loss, ckpt = _loss_and_grads(model, batch)
+        ckpt_loss, ckpt = loss_and_grads(model, batch)
     finally:
         model.gradient_checkpointing_disable()
     assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)

@@ -226,8 +226,10 @@ class AdapterReplies:
             return
         sq = 0.0
         for k, v in arrays.items():
+            diff = v.astype(np.float64)
             ref = self._reference.get(k)
-            diff = v.astype(np.float64) - ref if ref is not None and ref.shape == v.shape else v.astype(np.float64)
+            if ref is not None and ref.shape == v.shape:  # FLoRA's other-rank factors count whole
+                diff -= ref
             sq += float(np.vdot(diff, diff))
         norm = float(np.sqrt(sq))
         if not norm <= self.max_update_norm:
