@@ -26,7 +26,7 @@
 #                      `start` registers the keys it uses; across machines run `register` on the server
 #   FEDMLLM_DATA_DIR   data-dir for every SuperNode `start` launches (a `fedmllm partition` dir)
 #   FEDMLLM_LORA_RANKS space-separated lora-rank per SuperNode, e.g. "4 8" (aggregator=flora)
-#   FEDMLLM_NODE_SETTLE seconds a started SuperNode must stay up to count as started (e.g. 5; default 0: no check)
+#   FEDMLLM_NODE_SETTLE seconds a started SuperNode must stay up to count as started (default 5 with TLS, 0 without)
 # Telemetry, update checks and the SuperLink's run-time dependency installation are off.
 set -euo pipefail
 
@@ -125,10 +125,11 @@ start_supernode() {  # start_supernode I N [key=value ...]
   launch "supernode-$i" flower-supernode $(tls_link_args) --superlink "$SUPERLINK" "${auth[@]}" \
     --host 127.0.0.1 --port "$((NODE_PORT + i))" \
     --node-config "$conf"
-  # a SuperNode that cannot reach or trust the SuperLink exits within seconds: with
-  # FEDMLLM_NODE_SETTLE=5, say so instead of "started" (opt-in: the wait shifted the timing of the
-  # SuperLink-restart fault test, which then hung once; see docs/reliability.md)
-  [ "${FEDMLLM_NODE_SETTLE:-0}" = 0 ] || settle "supernode-$i" "$FEDMLLM_NODE_SETTLE"
+  # a SuperNode that cannot trust the SuperLink (TLS handshake: exit 305) exits within seconds: say
+  # so instead of "started". On by default with TLS only: as a default without TLS the wait shifted
+  # the timing of the SuperLink-restart fault test, which then hung once (docs/reliability.md)
+  local wait="${FEDMLLM_NODE_SETTLE:-$([ -n "$TLS_DIR" ] && echo 5 || echo 0)}"
+  [ "$wait" = 0 ] || settle "supernode-$i" "$wait"
   echo "supernode $i of $n -> $SUPERLINK (PID $(cat "$PIDS/supernode-$i.pid"), log $LOGS/supernode-$i.log)"
 }
 

@@ -25,7 +25,8 @@ settle() {  # settle NAME SECONDS: die with its log and exit code if NAME exits 
       code=0; wait "$pid" 2>/dev/null || code=$?
       tail -n 20 "$LOGS/$name.log" >&2 || true
       rm -f "$PIDS/$name.pid"
-      die "$name exited at start with code $code (e.g. 305: the TLS handshake with the SuperLink failed); its log: $LOGS/$name.log"
+      local flwr; flwr="$(grep -o 'Exit Code: [0-9]*' "$LOGS/$name.log" | tail -n 1 || true)"
+      die "$name exited at start with code $code${flwr:+ (Flower: $flwr; 305 is a failed TLS handshake with the SuperLink)}; its log: $LOGS/$name.log"
     fi
     sleep 0.2
   done

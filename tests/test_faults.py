@@ -321,3 +321,35 @@ def test_killed_supernode_misconfigured_supernodes_and_stopped_superlink_are_sur
         assert dep.wait_stopped() == []
     finally:
         dep.close()
+
+
+def test_deploy_sh_fails_a_supernode_that_does_not_trust_the_superlink(tmp_path):
+    """A SuperNode with another CA exits 305 on the TLS handshake: `deploy.sh supernode` says so
+    with Flower's exit code and fails, instead of reporting it started."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    certs = [sys.executable, str(root / "scripts" / "certs.py"), "tls"]
+    subprocess.run([*certs, str(tmp_path / "a")], check=True, capture_output=True)
+    subprocess.run([*certs, str(tmp_path / "b")], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FEDMLLM_PORT": str(port),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    sh = [str(root / "scripts" / "deploy.sh")]
+
+    def deploy(tls: str, *args: str):
+        return subprocess.run([*sh, *args], env={**env, "FEDMLLM_TLS_DIR": str(tmp_path / tls)},
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        assert deploy("a", "superlink").returncode == 0
+        proc = deploy("b", "supernode", "0", "1")
+        assert proc.returncode != 0
+        assert "supernode-0 exited at start" in proc.stderr and "Exit Code: 305" in proc.stderr
+    finally:
+        deploy("a", "stop")
