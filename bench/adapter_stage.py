@@ -28,14 +28,14 @@ def main() -> None:
     from fedmllm.models.stage1 import model_config
     from fedmllm.server.evaluate import evaluate
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     if {"-h", "--help"} & set(sys.argv[1:]):
         raise SystemExit(__doc__)
     cfg = compose(sys.argv[1:])
     ensure_pretrained(cfg)
     torch.manual_seed(cfg["seed"])  # as run_server: the same initial LoRA A
-    lm = get_model(model_config(cfg), peft_for(cfg))
+    lm = get_model(model_config(cfg), server_peft(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     collator = Collator(lm.processor, lm.family, task)
     summary = ensure_adapter_pretrained(cfg, lm, collator)

@@ -30,7 +30,7 @@ def main() -> None:
     from fedmllm.models.quantize import dequantized
     from fedmllm.models.stage1 import model_config
     from fedmllm.server.stages import _text_accuracy, ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
     from fedmllm.training import answer_loss
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,7 +39,7 @@ def main() -> None:
     cfg = compose(overrides)
     ensure_pretrained(cfg)
     torch.manual_seed(0)
-    lm = get_model(model_config(cfg), peft_for(cfg))
+    lm = get_model(model_config(cfg), server_peft(cfg))
     task, _, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     collator = Collator(lm.processor, lm.family, task)
     samples = load_public_captioned(cfg["dataset"], cfg["seed"])

@@ -59,7 +59,9 @@ def bench_size(size: str, clients: int, repeats: int) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmllm.records import from_record, to_record
-    from fedmllm.strategies import AdapterFedAvg
+    from fedmllm.algorithms import algorithm_class
+
+    AdapterFedAvg = algorithm_class("fedavg")().strategy_class()
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     shapes = adapter_shapes(size)

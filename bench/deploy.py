@@ -73,11 +73,11 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     from fedmllm.models.adapter import adapter_state
     from fedmllm.models.stage1 import model_config
     from fedmllm.records import to_record
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as flwr-clientapp sets them
     cfg = compose(overrides)
-    lm = get_model(model_config(cfg), peft_for(cfg))  # the app's own get_model hits this process's cache
+    lm = get_model(model_config(cfg), server_peft(cfg))  # the app's own get_model hits this process's cache
     t["model"] = time.time()
     arrays = to_record(adapter_state(lm.model))
     out = []
@@ -126,10 +126,10 @@ def fill_quantized_cache(overrides: list[str], adapter: Path) -> None:
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
     from fedmllm.models.stage1 import model_config
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     cfg = compose(overrides)
-    np.savez(adapter, **adapter_state(get_model(model_config(cfg), peft_for(cfg)).model))
+    np.savez(adapter, **adapter_state(get_model(model_config(cfg), server_peft(cfg)).model))
 
 
 def spawn(args: list[str], kind: str = "--child") -> dict:

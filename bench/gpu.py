@@ -96,12 +96,12 @@ def server_side(cfg, quiet: bool = False):
     from fedmllm.models.adapter import adapter_state
     from fedmllm.models.stage1 import model_config
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     say = (lambda _: None) if quiet else log
     stage1 = ensure_pretrained(cfg, log=say)
     torch.manual_seed(cfg["seed"])  # as run_server: the same initial LoRA A
-    lm = get_model(model_config(cfg), peft_for(cfg))
+    lm = get_model(model_config(cfg), server_peft(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     collator = Collator(lm.processor, lm.family, task)
     adapter = ensure_adapter_pretrained(cfg, lm, collator, log=say)
@@ -139,7 +139,7 @@ def check(quick: bool) -> dict[str, Any]:
     from fedmllm.models.stage1 import model_config
     from fedmllm.server.evaluate import evaluate
     from fedmllm.strategies.aggregate import weighted_average
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     cfg = compose(TINY)
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def check(quick: bool) -> dict[str, Any]:
     # the same model loaded again, from the pre-quantized cache this time
     clear_cache()
     torch.manual_seed(cfg["seed"])
-    lm = get_model(model_config(cfg), peft_for(cfg))
+    lm = get_model(model_config(cfg), server_peft(cfg))
     load_adapter_state(lm.model, arrays)
     after = score_options(lm.model, collator, heldout[:8], batch_size=8)
     assert np.allclose(before, after, atol=1e-3), (before, after)
@@ -246,7 +246,7 @@ def timing(quick: bool) -> dict[str, Any]:
     from fedmllm.models import clear_cache, get_model
     from fedmllm.models.stage1 import model_config
     from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     # Random weights never reach the stop accuracy, so the adapter stage runs to a cap: 100 steps,
     # as in the recorded H200 figure (the demo's cap is 150 since; a real run stops at 70-90).
@@ -271,7 +271,7 @@ def timing(quick: bool) -> dict[str, Any]:
         qcfg = compose(SMOL_SHAPE + stages + [f"model.quantization={quant}"])
         t = time.perf_counter()
         torch.manual_seed(cfg["seed"])
-        lm = get_model(model_config(qcfg), peft_for(qcfg))
+        lm = get_model(model_config(qcfg), server_peft(qcfg))
         load_s = time.perf_counter() - t
         collator = Collator(lm.processor, lm.family, task)
         row: dict[str, Any] = {"load_seconds": round(load_s, 1),

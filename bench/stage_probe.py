@@ -57,7 +57,7 @@ def main() -> None:
     from fedmllm.models import get_model
     from fedmllm.models.stage1 import model_config
     from fedmllm.server.stages import ensure_pretrained
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
     from fedmllm.training import train_steps
 
     overrides = ["model=smol-llava", "model.quantization=none", f"peft.leaves=[{args.leaves}]", *args.overrides]
@@ -65,7 +65,7 @@ def main() -> None:
         overrides.append("server_stage=none")  # no image anywhere: the vision side does not matter
     cfg = compose(overrides)
     ensure_pretrained(cfg)  # the stage-1 base (cached after its first build)
-    lm = get_model(model_config(cfg), peft_for(cfg))
+    lm = get_model(model_config(cfg), server_peft(cfg))
     train = yesno_samples("train", balanced=True) if args.mode == "image" else captioned("train")
     test = captioned("test") if args.mode == "text" else yesno_samples("test", balanced=True)
     random.Random(0).shuffle(test)

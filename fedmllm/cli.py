@@ -83,6 +83,11 @@ def _run(argv: list[str]) -> None:
             _fail(f"the run failed: {type(cause).__name__}: {cause}")
         print(f"run dir: {out_dir}", flush=True)
 
+    from fedmllm.config import unknown_setting
+
+    problem = unknown_setting([a for a in argv if "=" in a and not a.startswith("-")])
+    if problem:  # before Hydra, whose message for it is five lines
+        _fail(problem)
     resume, out_dir = _override(argv, "resume"), _override(argv, "out_dir")
     run_dir_given = _override(argv, "hydra.run.dir") is not None
     if resume and not Path(resume).is_dir():  # before Hydra creates it as the run dir

@@ -21,7 +21,73 @@ def _choices(group: str) -> list[str]:
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Compose the packaged Hydra config with overrides; return a validated plain dict."""
+    """Compose the packaged Hydra config with overrides; return a validated plain dict. A key
+    no config has (misspelt, or added with `+`) fails in one line naming it."""
+    overrides = list(overrides)
+    if any(o.lstrip().startswith("+") for o in overrides):  # Hydra accepts any new key after +
+        problem = unknown_setting(overrides)
+        if problem:
+            raise ConfigError(problem)
+    try:
+        data = _compose(overrides)
+    except ConfigError as err:
+        problem = unknown_setting(overrides) if "Check the key's spelling" in str(err) else None
+        raise ConfigError(problem or str(err)) from None
+    return validate(data)
+
+
+def unknown_setting(overrides: list[str] | tuple[str, ...]) -> str | None:
+    """One line naming the first override whose key no config node has (with the closest known
+    key), or None. Group choices (`model=...`, `+experiment=...`) are applied first, each sweep at
+    its first value, so keys a group brings count as known; `hydra.*` and deletions are Hydra's."""
+    import difflib
+    import fnmatch
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    groups = set(_GROUPS) | {p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()}
+
+    def first(o) -> str:
+        value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
+        return f"{'+' if o.is_add() else ''}{o.key_or_group}={value}"
+
+    chosen = [first(o) for o in parsed if o.key_or_group in groups and not o.is_delete()]
+    keys = [o for o in parsed if o.key_or_group not in groups and not o.is_delete()
+            and not o.key_or_group.startswith("hydra.") and o.key_or_group != "hydra"
+            and not any(fnmatch.fnmatchcase(o.key_or_group, pattern) for pattern in OPTIONAL_SETTINGS)]
+    if not keys:
+        return None
+    try:
+        base = _compose(chosen)
+    except ConfigError:
+        return None  # a bad group choice: compose's own message says which
+    for o in keys:
+        node: Any = base
+        parts = o.key_or_group.split(".")
+        for i, part in enumerate(parts):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+                continue
+            where = ".".join(parts[:i])
+            siblings = list(node) if isinstance(node, dict) else []
+            close = difflib.get_close_matches(part, siblings, n=1)
+            hint = f"; did you mean {'.'.join([*parts[:i], close[0]])}?" if close else ""
+            inside = f" in {where}" if where else ""
+            return (f"unknown setting {o.key_or_group!r} ({o.input_line}): no key {part!r}{inside}{hint} "
+                    "(`fedmllm run --cfg job` prints every setting)")
+    return None
+
+
+# Settings no yaml sets that the code reads with a default: `+key=value` adds them. The built
+# models' `text` and `vision` sections take any of the builder's size keys (e.g. intermediate).
+OPTIONAL_SETTINGS = ("model.lora_leaves", "model.text.*", "model.vision.*")
+_GROUPS = ("model", "peft", "dataset", "prompt", "partitioner", "scenario", "aggregator", "server_stage", "train",
+           "logger", "experiment", "cell")
+
+
+def _compose(overrides: list[str]) -> dict[str, Any]:
+    """Hydra's composition of the packaged config (no validation); ConfigError on Hydra's errors."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -29,7 +95,6 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides)
     gh = GlobalHydra.instance()
     was_initialized = gh.is_initialized()
     try:
@@ -43,7 +108,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
         if not was_initialized:
             GlobalHydra.instance().clear()
     data.pop("hydra", None)
-    return validate(data)
+    return data
 
 
 def _explain(err: Exception, overrides: list[str]) -> str:
@@ -169,26 +234,6 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if align.get("enabled"):
         need(align.get("rounds") in ("all", "last"),
              f"server_stage.align.rounds={align.get('rounds')!r}: choose all or last")
-    client = cfg["aggregator"].get("client") or {}
-    algo = client.get("algorithm", "standard")
-    from fedmllm.strategies.protocol import ALGORITHMS
-
-    need(algo in ALGORITHMS, f"aggregator.client.algorithm={algo!r}: choose one of {list(ALGORITHMS)}")
-    if algo != "standard":
-        need(not align.get("enabled"),
-             f"server_stage.align trains the whole adapter on the server, which aggregator={cfg['aggregator'].get('name')} "
-             "does not share; use server_stage=pretrain or a standard aggregator")
-    if algo == "flora":
-        ranks = list(client.get("ranks") or [])
-        need(all(isinstance(r, int) and r >= 1 for r in ranks),
-             f"aggregator.client.ranks={ranks!r} must be integers >= 1 (e.g. [8,16])")
-        need(isinstance(client.get("max_rank"), int) and client["max_rank"] >= max(ranks + [1]),
-             f"aggregator.client.max_rank={client.get('max_rank')!r} must be an integer >= every client rank")
-    only = (cfg["aggregator"].get("client") or {}).get("only")
-    if only is not None:
-        need(integer(only) and 0 <= only < cfg["num_clients"],
-             f"aggregator.client.only={only!r} must be a partition id in 0..{cfg['num_clients'] - 1} "
-             f"(num_clients={cfg['num_clients']}); sweep it with aggregator.client.only=0,1,...")
     reg = cfg["train"].get("adaptive_reg") or {}
     if reg:
         need(isinstance(reg.get("s_layer"), int) and reg["s_layer"] >= 0,
@@ -207,10 +252,17 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         need(p.get("topup", "all") in ("all", "first"),
              f"partitioner.topup={p.get('topup')!r}: choose all (FedMLLM's Hateful Memes script) or first (its CrisisMMD script)")
     _validate_scenarios(cfg, need)
+    from fedmllm.algorithms import algorithm_of
     from fedmllm.models.adapter import peft_problem
 
-    problem = peft_problem(cfg["peft"], algo)
+    problem = peft_problem(cfg["peft"])
     need(problem is None, str(problem))
+    try:
+        algorithm = algorithm_of(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for problem in algorithm.problems(cfg):
+        need(False, problem)
     need(cfg["peft"].get("r", 1) >= 1, f"peft.r={cfg['peft'].get('r')!r} must be >= 1")
     ev = cfg.get("eval") or {}
     need(ev.get("mode") in ("score", "generate"), f"eval.mode={ev.get('mode')!r}: choose score or generate")

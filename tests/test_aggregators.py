@@ -208,13 +208,13 @@ def test_check_reply_free_rank_accepts_other_ranks_only_for_lora():
 
 def test_heterogeneous_ranks_need_flora():
     from fedmllm.config import compose
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import algorithm_of
 
     cfg = compose(tiny_overrides())
     with pytest.raises(ValueError, match="aggregator=flora"):
-        peft_for(cfg, rank=cfg["peft"]["r"] * 2)
+        algorithm_of(cfg).client_peft(cfg, 0, cfg["peft"]["r"] * 2)
     flora = compose(tiny_overrides("aggregator=flora", "aggregator.client.max_rank=32"))
-    peft = peft_for(flora, rank=8)
+    peft = algorithm_of(flora).client_peft(flora, 0, 8)
     assert peft["r"] == 40 and peft["alpha"] / peft["r"] == pytest.approx(cfg["peft"]["alpha"] / cfg["peft"]["r"])
 
 
@@ -243,20 +243,20 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, aggregator):
 
 
 def test_adaptive_reg_covers_only_the_middle_llm_layers(tiny_lm):
-    from fedmllm.client.algorithms import ClientStore, LocalRound
+    from fedmllm.algorithms import algorithm_class
+    from fedmllm.client.local import ClientStore, LocalRound
     from fedmllm.models.adapter import adapter_state, llm_layer_index
-    from fedmllm.strategies.protocol import ClientSpec
 
     lm, cfg = tiny_lm
     arrays = adapter_state(lm.model)
     n = lm.model.config.get_text_config().num_hidden_layers  # 2
     for s_layer, layers in [(0, {0, 1}), (1, set())]:
-        local = LocalRound(ClientSpec(), lm.model, arrays, {}, ClientStore(), 0, 0,
+        local = LocalRound(algorithm_class("fedavg")(), lm.model, arrays, {}, ClientStore(), 0, 0,
                            adaptive_reg={"mu": 0.01, "mu_w": 0.1, "s_layer": s_layer}, num_llm_layers=n)
         local.prepare()
         assert {llm_layer_index(k) for k in local.regularized_keys()} == layers
         assert local.has_penalty == bool(layers)
-    local = LocalRound(ClientSpec(), lm.model, arrays, {}, ClientStore(), 0, 0,
+    local = LocalRound(algorithm_class("fedavg")(), lm.model, arrays, {}, ClientStore(), 0, 0,
                        adaptive_reg={"mu": 0.01, "mu_w": 0.1, "s_layer": 0}, num_llm_layers=n)
     local.prepare()
     import torch

@@ -78,8 +78,8 @@ def test_fast_option_scoring_equals_full_sequence_scoring(tiny_lm):
 
 
 def test_proximal_term_keeps_the_adapter_near_the_global_one(tiny_lm):
-    from fedmllm.client.algorithms import ClientStore, LocalRound
-    from fedmllm.strategies.protocol import ClientSpec
+    from fedmllm.algorithms import algorithm_class
+    from fedmllm.client.local import ClientStore, LocalRound
     from fedmllm.training import train_steps
 
     lm, cfg = tiny_lm
@@ -88,7 +88,7 @@ def test_proximal_term_keeps_the_adapter_near_the_global_one(tiny_lm):
     start = adapter_state(lm.model)
     drift = {}
     for mu in (0.0, 100.0):
-        local = LocalRound(ClientSpec(), lm.model, start, {}, ClientStore(), 0, 0, proximal_mu=mu)
+        local = LocalRound(algorithm_class("fedprox")(), lm.model, start, {}, ClientStore(), 0, 0, proximal_mu=mu)
         local.prepare()  # loads the global adapter, anchors the proximal term at it
         train_steps(lm.model, col, train[:32], dict(cfg["train"], local_steps=4, lr=1e-2), seed=0,
                     penalty=local.penalty if local.has_penalty else None)

@@ -122,13 +122,14 @@ def test_unsupported_combinations_name_the_setting_and_the_fix(overrides, names)
 @pytest.mark.parametrize("variant", ["rslora", "lora"])
 def test_flora_keeps_the_scale_of_every_rank(variant):
     from fedmllm.config import compose
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import algorithm_of
 
     cfg = compose(tiny_overrides(f"peft={variant}", "peft.r=4", "peft.alpha=8", "aggregator=flora",
                                  "aggregator.client.max_rank=16"))
     root = 0.5 if variant == "rslora" else 1.0
+    flora = algorithm_of(cfg)
     for rank in (None, 2, 8):
-        p = peft_for(cfg, rank)
+        p = flora.client_peft(cfg, 0, rank) if rank else flora.server_peft(cfg)
         assert p["alpha"] / p["r"] ** root == pytest.approx(8 / 4**root)
         assert p["r"] == 16 + (rank or 0)
 

@@ -183,11 +183,11 @@ def _server_model(cfg):
 
     from fedmllm.models import clear_cache, get_model
     from fedmllm.models.stage1 import model_config
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     clear_cache()
     torch.manual_seed(cfg["seed"])
-    return get_model(model_config(cfg), peft_for(cfg))
+    return get_model(model_config(cfg), server_peft(cfg))
 
 
 def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_model(fresh_cache):

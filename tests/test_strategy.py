@@ -1,11 +1,13 @@
-"""AdapterFedAvg: bad replies are dropped with a reason, good ones averaged by num-examples."""
+"""aggregator=fedavg's strategy (AdapterFedAvg): bad replies are dropped with a reason, good ones averaged by num-examples."""
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedmllm.records import from_record, to_record
-from fedmllm.strategies import AdapterFedAvg
+from fedmllm.algorithms import algorithm_class
+
+AdapterFedAvg = algorithm_class("fedavg")().strategy_class()
 
 
 @pytest.fixture(autouse=True)

@@ -59,10 +59,10 @@ def request(cfg_overrides: list[str], node_config: dict, server_round: int = 1):
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
     from fedmllm.models.stage1 import model_config
-    from fedmllm.strategies.protocol import peft_for
+    from fedmllm.algorithms import server_peft
 
     cfg = compose(cfg_overrides)
-    arrays = {k: np.array(v) for k, v in adapter_state(get_model(model_config(cfg), peft_for(cfg)).model).items()}
+    arrays = {k: np.array(v) for k, v in adapter_state(get_model(model_config(cfg), server_peft(cfg)).model).items()}
     return TrainRequest(run_config={"overrides": " ".join(cfg_overrides)}, node_config=node_config, arrays=arrays,
                         config={"server-round": server_round})
 

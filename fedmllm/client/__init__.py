@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmllm.algorithms import adaptive_reg_settings, algorithm_of
 from fedmllm.config import NodeIdentity
 from fedmllm.models import get_model
 from fedmllm.models.stage1 import model_config
@@ -30,7 +31,7 @@ class TrainRequest:
 
 def train_request(req: TrainRequest):
     """Compose the config, run the client's round: (adapter, metrics, extra records, state to keep)."""
-    from fedmllm.client.algorithms import ClientStore, client_state_path
+    from fedmllm.client.local import ClientStore, client_state_path
     from fedmllm.config import from_run_config, node_identity
 
     ident = node_identity(req.node_config)
@@ -49,10 +50,9 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     from fedmllm.data import load_task
     from fedmllm.partitioning import client_partition
     from fedmllm.partitioning.materialise import read_client
-    from fedmllm.strategies.protocol import client_spec
 
     task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
-    ids = range(ident.num_partitions) if client_spec(cfg).pooled else [ident.partition_id]
+    ids = range(ident.num_partitions) if algorithm_of(cfg).pooled else [ident.partition_id]
     if ident.data_dir:
         return task, [s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions)]
     return task, [s for i in ids for s in client_partition(pool, cfg, i, ident.num_partitions)]
@@ -92,38 +92,36 @@ def train_round(
 
     `extra` holds the message's other array records (SCAFFOLD's server control variate), and the
     returned extra the reply's (SCAFFOLD's dc, FedSA-LoRA's B for evaluation); `store` is what
-    this client keeps across rounds (fedmllm.client.algorithms.ClientStore).
+    this client keeps across rounds (fedmllm.client.local.ClientStore).
     Every client replies with the same metric keys (Flower rejects inconsistent replies).
     """
     import time
 
     from tqdm.auto import tqdm
 
-    from fedmllm.strategies.protocol import adaptive_reg_settings, client_rank, client_spec, peft_for
-
     t0 = time.perf_counter()
-    spec = client_spec(cfg)
-    if spec.sits_out(ident.partition_id):  # local/centralized baseline: another partition trains
-        print(f"client {ident.partition_id}: sits out (aggregator={cfg['aggregator']['name']} trains partition "
-              f"{spec.only} alone); replying num-examples 0", file=sys.stderr, flush=True)
+    algorithm = algorithm_of(cfg)
+    if algorithm.sits_out(ident.partition_id):  # local/centralized baseline: another partition trains
+        print(f"client {ident.partition_id}: sits out (aggregator={algorithm.name} trains another partition "
+              "alone); replying num-examples 0", file=sys.stderr, flush=True)
         return arrays, sit_out_metrics(ident.partition_id), {}
 
-    from fedmllm.client.algorithms import ClientStore, LocalRound, client_state_path
+    from fedmllm.client.local import ClientStore, LocalRound, client_state_path
     from fedmllm.data.collate import Collator
     from fedmllm.training import optimizer_steps, round_lr, round_seed, train_steps
 
-    rank = client_rank(cfg, ident.partition_id, ident.lora_rank)
-    lm = get_model(model_config(cfg), peft_for(cfg, rank if spec.algorithm == "flora" else ident.lora_rank))
+    rank = algorithm.client_rank(cfg, ident.partition_id, ident.lora_rank)
+    lm = get_model(model_config(cfg), algorithm.client_peft(cfg, ident.partition_id, ident.lora_rank))
     if store is None:
         store = ClientStore(path=client_state_path(cfg, ident.partition_id), server_round=server_round)
     seed = round_seed(cfg["seed"], server_round, ident.partition_id)
-    local = LocalRound(spec, lm.model, arrays, extra or {}, store, cfg["seed"], seed, proximal_mu,
-                       adaptive_reg_settings(cfg), lm.model.config.get_text_config().num_hidden_layers)
+    local = LocalRound(algorithm, lm.model, arrays, extra or {}, store, cfg["seed"], seed, proximal_mu,
+                       adaptive_reg_settings(cfg, algorithm), lm.model.config.get_text_config().num_hidden_layers)
     local.prepare()
     task, samples = local_data(cfg, ident)
     collator = Collator(lm.processor, lm.family, task)
     train_cfg = round_lr(cfg["train"], server_round, cfg["num_rounds"])  # the round's lr (round_schedule)
-    if spec.pooled and not train_cfg.get("local_epochs"):  # centralized: the federation's steps per round
+    if algorithm.pooled and not train_cfg.get("local_epochs"):  # centralized: the federation's steps per round
         train_cfg = {**train_cfg, "local_steps": int(train_cfg["local_steps"]) * int(cfg["clients_per_round"])}
     steps = optimizer_steps(train_cfg, len(samples))
     t_setup = time.perf_counter() - t0

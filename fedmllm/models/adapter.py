@@ -12,20 +12,14 @@ from fedmllm.models.registry import MODULE_GROUPS, Family
 # peft=<variant>: the PEFT method behind each config file in conf/peft/.
 METHODS = ("lora", "dora", "rslora", "ia3")
 PROJECTOR_POLICIES = ("frozen", "lora", "full")
-# Aggregators that work on LoRA's A and B factors, and the methods each accepts. DoRA's magnitude
-# vector travels with the factors (role "other", averaged), which FFA-LoRA and FedSA-LoRA allow;
-# FLoRA sums B_k A_k across clients, which DoRA's column normalisation ||W + s BA|| does not allow.
-LORA_AGGREGATORS = {"ffa_lora": ("lora", "dora", "rslora"), "fedsa_lora": ("lora", "dora", "rslora"),
-                    "flora": ("lora", "rslora")}
-
-
 def method_of(peft_cfg: dict[str, Any]) -> str:
     """The PEFT method of a `peft` config section (`name`, default lora)."""
     return str(peft_cfg.get("name", "lora"))
 
 
-def peft_problem(peft_cfg: dict[str, Any], algorithm: str = "standard") -> str | None:
-    """What is wrong with a `peft` section under the aggregator's client `algorithm`, or None."""
+def peft_problem(peft_cfg: dict[str, Any]) -> str | None:
+    """What is wrong with a `peft` section, or None (what an aggregator needs of it: its
+    algorithm's `problems`, fedmllm.algorithms)."""
     method = method_of(peft_cfg)
     if method not in METHODS:
         return f"peft={method!r}: choose one of {list(METHODS)}"
@@ -53,12 +47,6 @@ def peft_problem(peft_cfg: dict[str, Any], algorithm: str = "standard") -> str |
         if extra:
             return (f"peft.feedforward={ff!r} names layers not in peft.leaves={peft_cfg.get('leaves')!r}; "
                     "IA3 scales the inputs of feed-forward layers among its targets, so add them to peft.leaves")
-    allowed = LORA_AGGREGATORS.get(algorithm)
-    if allowed is not None and method not in allowed:
-        why = ("stacks LoRA factors B_k A_k across clients, which DoRA's magnitude normalisation breaks"
-               if method == "dora" else f"works on LoRA's A and B factors, which peft={method} does not have")
-        return (f"aggregator={algorithm} {why}; use peft={' or peft='.join(allowed)} with it, "
-                f"or a standard aggregator (e.g. aggregator=fedavg) with peft={method}")
     return None
 
 

@@ -74,12 +74,12 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
     """What one client holds, trains and exchanges per round, for a composed config.
 
     Bytes are fp32 tensors (the payload contract). Up/down follow the aggregator's protocol
-    (fedmllm.strategies.protocol): FFA-LoRA never sends A; FedSA-LoRA sends A down but A and B up
+    (its algorithm's `traffic`, fedmllm.algorithms): FFA-LoRA never sends A; FedSA-LoRA sends A down but A and B up
     (B only for the server's evaluation); SCAFFOLD adds a control variate of the adapter's size
     each way; FLoRA sends the client's own rank-r factors up and the rank-max_rank global down.
     """
+    from fedmllm.algorithms import algorithm_of
     from fedmllm.models.adapter import method_of
-    from fedmllm.strategies.protocol import client_rank, client_spec, peft_for, travels
 
     model_cfg = cfg["model"]
     model, family = meta_model(model_cfg)
@@ -88,22 +88,19 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
         g = family.group_of(name) or "other"
         groups[g] = groups.get(g, 0) + p.numel()
     total = sum(groups.values())
-    algo = client_spec(cfg).algorithm
-    sizes, trainable_groups = _adapter_sizes(model, family, peft_for(cfg))
-    shared = sum(n for k, n in sizes.items() if travels(algo, k))
-    up = down = shared
-    if algo == "scaffold":
-        up = down = 2 * shared
-    elif algo == "fedsa_lora":
-        up = sum(sizes.values())
-    elif algo == "flora":
-        r = client_rank(cfg, 0)
-        own, _ = _adapter_sizes(*meta_model(model_cfg), dict(cfg["peft"], r=r))  # the fresh factors alone
-        up = sum(own.values())
+    algorithm = algorithm_of(cfg)
+    sizes, trainable_groups = _adapter_sizes(model, family, algorithm.server_peft(cfg))
+    shared = sum(n for k, n in sizes.items() if algorithm.travels(k))
+
+    def own() -> int:  # a client's own rank-r adapter (FLoRA's fresh factors)
+        r = algorithm.client_rank(cfg, 0)
+        return sum(_adapter_sizes(*meta_model(model_cfg), dict(cfg["peft"], r=r))[0].values())
+
+    up, down = algorithm.traffic(shared, sum(sizes.values()), own)
     return {
         "preset": model_cfg.get("name"),
         "peft": method_of(cfg["peft"]),
-        "aggregator": cfg["aggregator"].get("name", algo),
+        "aggregator": algorithm.name,
         "groups": groups,
         "total_params": total,
         "trainable_params": sum(sizes.values()),

@@ -50,7 +50,7 @@ def adapter_dir(cfg: dict[str, Any]) -> Path | None:
     PEFT settings and aggregator algorithm (FFA-LoRA freezes A), the model preset (quantization
     included), the task (dataset, template, prompt) and the seed."""
     from fedmllm.models.build import cache_root
-    from fedmllm.strategies.protocol import client_spec, peft_for
+    from fedmllm.algorithms import algorithm_of
 
     base = stage1_dir(cfg)
     lora = ((cfg.get("server_stage") or {}).get("pretrain") or {}).get("lora") or {}
@@ -61,8 +61,8 @@ def adapter_dir(cfg: dict[str, Any]) -> Path | None:
             "v": ADAPTER_VERSION,
             "stage1": base.name,
             "lora": {k: v for k, v in lora.items() if k != "enabled"},
-            "peft": peft_for(cfg),
-            "algorithm": client_spec(cfg).algorithm,
+            "peft": algorithm_of(cfg).server_peft(cfg),
+            "algorithm": algorithm_of(cfg).stage_key,
             "model": cfg["model"],
             "dataset": {k: v for k, v in cfg["dataset"].items() if k != "eval_samples"},
             "prompt": cfg.get("prompt"),

@@ -32,12 +32,13 @@ def save_predictions(run_dir: Path, server_round: int, samples, arrays) -> Path:
 
 
 def build_strategy(cfg: dict[str, Any]):
-    """Instantiate `aggregator._target_` with its kwargs; the sampled fraction follows clients_per_round."""
-    from hydra.utils import instantiate
+    """The algorithm's strategy with the `aggregator` section's settings; the sampled fraction
+    follows clients_per_round."""
+    from fedmllm.algorithms import algorithm_of, strategy_settings
 
-    agg = {k: v for k, v in cfg["aggregator"].items() if k not in ("name", "client")}
-    agg.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
-    return instantiate(agg)
+    kwargs = strategy_settings(cfg["aggregator"])
+    kwargs.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
+    return algorithm_of(cfg).strategy_class()(**kwargs)
 
 
 def run_server(grid, cfg: dict[str, Any]) -> Path:
@@ -51,9 +52,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.partitioning.scenarios import apply_eval_scenario
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
-    from fedmllm.models.adapter import init_lora_a
     from fedmllm.server.checkpoint import latest_state, save_checkpoint, save_strategy_state, write_manifest
-    from fedmllm.strategies.protocol import client_spec, peft_for, shared_payload
+    from fedmllm.algorithms import algorithm_of
     from fedmllm.server.evaluate import eval_options, evaluate
     from fedmllm.server.stages import (Aligner, ensure_adapter_pretrained, ensure_pretrained, format_adapter_summary,
                                        format_summary)
@@ -80,20 +80,19 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     # A fresh model per run: a sweep runs its jobs in this one process, and a cached model would
     # hand the next job the last job's adapter as its "initial" one.
     clear_cache()
-    spec = client_spec(cfg)
-    lm = get_model(model_config(cfg), peft_for(cfg))
+    algorithm = algorithm_of(cfg)
+    lm = get_model(model_config(cfg), algorithm.server_peft(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])  # default: full modality
     collator = Collator(lm.processor, lm.family, task)
-    if spec.algorithm == "ffa_lora":
-        init_lora_a(lm.model, cfg["seed"])  # the frozen A every client derives from the same seed
+    algorithm.prepare_server_model(lm.model, cfg["seed"])  # FFA-LoRA: the A every client derives from the seed
     adapter = None if cfg.get("resume") else ensure_adapter_pretrained(cfg, lm, collator)
     if adapter is not None:
         (run_dir / "stage1_adapter.json").write_text(json.dumps(adapter, indent=1))
         if adapter["cached"]:
             print(f"stage 1 adapter: cached ({adapter['dir']}); {format_adapter_summary(adapter)}", flush=True)
     full = adapter_state(lm.model)
-    initial = shared_payload(spec.algorithm, full)
+    initial = algorithm.shared_payload(full)
     strategy = build_strategy(cfg)
     strategy.fixed = {k: v for k, v in full.items() if k not in initial}  # FFA: A; FedSA: B (until clients report)
     done = 0

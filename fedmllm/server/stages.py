@@ -35,7 +35,6 @@ from fedmllm.training import PLAIN_LOOP
 # Aggregators whose clients start from the server's whole adapter (FFA-LoRA: its B; A is derived
 # from the seed everywhere and stays frozen). FedSA-LoRA's clients keep their own B from zero, so
 # a pre-trained B would never reach them: the stage is skipped there, with a line saying so.
-ADAPTER_PRETRAIN_ALGORITHMS = ("standard", "scaffold", "ffa_lora", "flora")
 # The adapter stage's check gate reads the answer accuracy of the last 5 training batches (80
 # questions at batch 16): on the plateau their mean stayed within 0.42-0.61, and after the crossing it was 0.91.
 GATE_BATCHES = 5
@@ -306,18 +305,18 @@ def _caption_objective(model, processor, family, train, val):
 
 def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> dict[str, Any] | None:
     """Load the pre-trained initial adapter into `lm.model` (the server's model, built with
-    `peft_for(cfg)`), training and caching it first unless cached; returns its summary (`seconds`
+    `algorithm.server_peft(cfg)`), training and caching it first unless cached; returns its summary (`seconds`
     0 and `cached` true when it was there), or None when `server_stage.pretrain.lora` is off or
     the aggregator cannot use it."""
-    from fedmllm.strategies.protocol import client_spec
+    from fedmllm.algorithms import algorithm_of
 
-    algorithm = client_spec(cfg).algorithm
+    algorithm = algorithm_of(cfg)
     out = adapter_dir(cfg)
     if out is None:
         return None
-    if algorithm not in ADAPTER_PRETRAIN_ALGORITHMS:
-        log(f"stage 1 adapter: skipped, aggregator={cfg['aggregator']['name']} keeps each client's B "
-            "local from zero, so a pre-trained adapter would not reach the clients")
+    if not algorithm.adapter_stage:
+        log(f"stage 1 adapter: skipped, aggregator={algorithm.name} does not start its clients from the "
+            "server's adapter (FedSA-LoRA keeps each client's B local from zero), so it would not reach them")
         return None
     from safetensors.numpy import load_file, save_file
 
@@ -353,14 +352,12 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     on_cpu = model_device(lm.model).type == "cpu"
     train_cfg = {**cfg["train"], **PLAIN_LOOP, "batch_size": lora["batch_size"], "lr": lora["lr"],
                  "local_steps": steps, "share_prefix": on_cpu}
-    frozen = []
-    if algorithm == "ffa_lora":  # the clients' A is derived from the seed and frozen: train B only
-        from fedmllm.models.adapter import adapter_params
-        from fedmllm.strategies.aggregate import lora_role
+    from fedmllm.models.adapter import adapter_params
 
-        frozen = [p for k, p in adapter_params(lm.model).items() if lora_role(k) == "A" and p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
+    # FFA-LoRA: the clients' A is derived from the seed and frozen, so the stage trains B only
+    frozen = [p for k, p in adapter_params(lm.model).items() if algorithm.frozen_in_adapter_stage(k) and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, desc="stage 1 adapter", unit="step", file=sys.stderr, mininterval=2.0)

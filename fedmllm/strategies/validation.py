@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from logging import WARNING
 from typing import Iterable, NamedTuple
 
@@ -355,3 +356,15 @@ class FusedAverage(FedAvg):
             return None, None
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return buffer.seal(), metrics
+
+
+@functools.cache
+def adapter_strategy(flower_strategy: type) -> type:
+    """Flower's `flower_strategy` (FedAvg or a subclass: FedAvgM, FedProx, FedAdam, ...) over the
+    adapter: AdapterReplies (reply checks) + Flower's class + FusedAverage (the weighted average
+    in one pass over the already decoded replies). One class per Flower class."""
+    bases = (AdapterReplies, FusedAverage) if flower_strategy is FedAvg else (AdapterReplies, flower_strategy, FusedAverage)
+    return type(f"Adapter{flower_strategy.__name__}", bases, {
+        "__module__": __name__,
+        "__doc__": f"Flower's {flower_strategy.__name__} over the adapter tensors (replies checked first).",
+    })

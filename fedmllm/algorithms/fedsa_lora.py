@@ -1,0 +1,67 @@
+"""FedSA-LoRA: only A (and the projector) is shared and averaged; each client keeps its own B
+across rounds (its ClientStore, from zero). Clients also upload B in record `lora-b`, used only to
+complete the adapter for the server's centralized evaluation (its average is never sent back)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fedmllm.algorithms.base import Algorithm, register
+from fedmllm.strategies.aggregate import lora_role
+
+
+@register
+class FedSALoRA(Algorithm):
+    name = "fedsa_lora"
+    peft_methods = ("lora", "dora", "rslora")
+    adapter_stage = False  # each client's B starts local from zero: a pre-trained B would not reach them
+    align = False
+    stage_key = "fedsa_lora"
+
+    def travels(self, key: str) -> bool:
+        return lora_role(key) != "B"
+
+    def traffic(self, shared, total, own):
+        return total, shared  # B goes up too, for the server's evaluation
+
+    def strategy_class(self) -> type:
+        return _strategy()
+
+    def prepare(self, r) -> None:
+        from fedmllm.models.adapter import load_adapter_state
+
+        own_b = r.store.get("lora_b") or {
+            k: np.zeros(tuple(p.shape), np.float32) for k, p in r.params.items() if lora_role(k) == "B"
+        }
+        load_adapter_state(r.model, {**r.arrays, **own_b})
+
+    def finish(self, r, state):
+        own_b = {k: v for k, v in state.items() if lora_role(k) == "B"}
+        r.store.put("lora_b", own_b)
+        return state, {"lora-b": own_b}  # for the server's centralized evaluation only; never sent back
+
+
+@functools.cache
+def _strategy() -> type:
+    from flwr.app import Message
+
+    from fedmllm.strategies.aggregate import InvalidReply, weighted_average
+    from fedmllm.strategies.validation import AdapterReplies, FusedAverage, ValidReplies
+
+    class AdapterFedSALoRA(AdapterReplies, FusedAverage):
+        """Averages the shared A; keeps the average of the clients' B for evaluation (`fixed`)."""
+
+        state_attrs = ()
+
+        def check_extra(self, extra: dict) -> None:
+            super().check_extra(extra)
+            if "lora-b" not in extra:
+                raise InvalidReply("no 'lora-b' record: the client does not run aggregator=fedsa_lora")
+
+        def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies):
+            self.fixed = weighted_average([e["lora-b"] for e in decoded.extras], decoded.weights)
+            return super().aggregate_replies(server_round, valid, decoded)
+
+    return AdapterFedSALoRA
