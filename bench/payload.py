@@ -23,8 +23,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="*", default=sorted(f.stem for f in (CONF / "model").glob("*.yaml")))
     p.add_argument("--variants", nargs="*", default=sorted(f.stem for f in (CONF / "peft").glob("*.yaml")))
     args = p.parse_args()
-    print(f"| preset | peft | params | trainable | trainable % | MB up per client per round | "
-          f"MB up+down | full model fp32 MB | adapter / full |")
+    print("| preset | peft | params | trainable | trainable % | MB up per client per round | "
+          "MB up+down | full model fp32 MB | adapter / full |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         for variant in args.variants:

@@ -36,7 +36,7 @@ def _run(argv: list[str]) -> None:
 
     from fedmllm.config import ConfigError, compose
     from fedmllm.data import DataError
-    from fedmllm.models.build import MissingAssetError
+    from fedmllm.common import MissingAssetError
     from fedmllm.server.run import ResumeError
 
     failed: list[str] = []  # a sweep's failed jobs: the sweep goes on, and exits 2 at its end
@@ -193,7 +193,7 @@ def preflight(cfg: dict) -> None:
 
 def _partition(argv: list[str]) -> None:
     from fedmllm.config import ConfigError, compose
-    from fedmllm.models.build import MissingAssetError
+    from fedmllm.common import MissingAssetError
     from fedmllm.partitioning.materialise import format_stats, warn_empty, write_partitions
 
     outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
@@ -214,7 +214,7 @@ def _partition(argv: list[str]) -> None:
 
 def _inspect(argv: list[str]) -> None:
     from fedmllm.config import ConfigError, compose
-    from fedmllm.models.build import MissingAssetError
+    from fedmllm.common import MissingAssetError
     from fedmllm.models.inspection import footprint, format_footprint
 
     bad = [a for a in argv if "=" not in a]

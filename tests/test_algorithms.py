@@ -171,3 +171,18 @@ def test_an_algorithm_registered_outside_the_package_runs_end_to_end(tmp_path, o
         assert shared and all(".lora_A." in k or ".lora_B." in k for k in shared)
         assert any(k.startswith("state/momentum_vector/") for k in z.files)  # FedAvgM's server state
     assert all(r["bytes_up"] > 0 for r in rows[1:])
+
+
+def test_a_run_from_before_the_algorithm_modules_still_resumes(tmp_path):
+    """Its config.yaml names the strategy class (`_target_`) and has no `module`."""
+    import yaml
+
+    from fedmllm.server.run import ResumeError, check_resumable
+
+    cfg = compose(tiny_overrides("aggregator=fedadam"))
+    old = {**cfg, "aggregator": {k: v for k, v in cfg["aggregator"].items() if k != "module"}}
+    old["aggregator"]["_target_"] = "fedmllm.strategies.AdapterFedAdam"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resumable(tmp_path, cfg)
+    with pytest.raises(ResumeError, match=r"aggregator.eta: 0.001 -> 0.01"):
+        check_resumable(tmp_path, compose(tiny_overrides("aggregator=fedadam", "aggregator.eta=0.01")))

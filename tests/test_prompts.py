@@ -106,7 +106,7 @@ def test_load_task_applies_prompt_group_and_template_override():
 
 def _processor(preset: str):
     from fedmllm.config import compose
-    from fedmllm.models.build import MissingAssetError
+    from fedmllm.common import MissingAssetError
     from fedmllm.models.load import resolve_path
     from fedmllm.models.registry import get_family
 

@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 @pytest.fixture()
 def fresh_cache(tmp_path, monkeypatch):
     """An empty $FEDMLLM_CACHE whose models dir links to the user's (no tiny rebuild)."""
-    from fedmllm.models.build import cache_root
+    from fedmllm.common import cache_root
 
     models = cache_root() / "models"
     models.mkdir(parents=True, exist_ok=True)

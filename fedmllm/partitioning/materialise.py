@@ -11,7 +11,7 @@ from typing import Any
 
 from fedmllm.config import ConfigError
 from fedmllm.data.schema import Sample, Task, modality
-from fedmllm.models.build import write_atomically
+from fedmllm.common import write_atomically
 from fedmllm.partitioning import client_partition, label_partition
 from fedmllm.partitioning.scenarios import scenario_tag
 

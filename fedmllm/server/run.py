@@ -205,6 +205,8 @@ def check_resumable(run_dir: Path, cfg: dict[str, Any]) -> None:
         for name, (old, new) in _differences(saved.get(key), cfg.get(key), key).items():
             if name.endswith(".eval_samples"):
                 continue  # the held-out sample count may change between runs
+            if name == "aggregator._target_" or (name == "aggregator.module" and old is None):
+                continue  # a run from before fedmllm.algorithms: its name selected the same strategy
             diffs.append(f"{name}: {old!r} -> {new!r}")
     if diffs:
         raise ResumeError(f"resume={run_dir} ran with other settings; resuming would mix them: {'; '.join(diffs[:4])}"

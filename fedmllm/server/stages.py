@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,9 +32,9 @@ from fedmllm.models.quantize import dequantized
 from fedmllm.models.stage1 import ADAPTER, SUMMARY, WEIGHTS, adapter_dir, stage1_dir
 from fedmllm.training import PLAIN_LOOP
 
-# Aggregators whose clients start from the server's whole adapter (FFA-LoRA: its B; A is derived
-# from the seed everywhere and stays frozen). FedSA-LoRA's clients keep their own B from zero, so
-# a pre-trained B would never reach them: the stage is skipped there, with a line saying so.
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 # The adapter stage's check gate reads the answer accuracy of the last 5 training batches (80
 # questions at batch 16): on the plateau their mean stayed within 0.42-0.61, and after the crossing it was 0.91.
 GATE_BATCHES = 5
@@ -66,7 +66,7 @@ def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
     summary["seconds"] = round(time.time() - t0, 1)
     from safetensors.torch import save_file
 
-    from fedmllm.models.build import write_atomically
+    from fedmllm.common import write_atomically
 
     prefixes = tuple(p + "." for g in ("vision_encoder", "projector") for p in family.module_groups[g])
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
@@ -426,7 +426,7 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / ADAPTER))
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
 
-    from fedmllm.models.build import write_atomically
+    from fedmllm.common import write_atomically
 
     write_atomically(out, fill)
     log(f"stage 1 adapter: done in {summary['seconds']:.0f} s; {format_adapter_summary(summary)}")
