@@ -19,7 +19,8 @@ commands:
                             (meta device: no weights read or downloaded; e.g. fedmllm inspect
                             model=llava-1.5-7b peft=dora; aggregator=... shows its protocol's bytes)
   report RUN_DIR            print a run's metrics table and (re)draw its plot
-  report MULTIRUN_DIR       a sweep's results table (report.md, report.csv) and plot (report.png);
+  report MULTIRUN_DIR...    a sweep's results table (report.md, report.csv) and plot (report.png);
+                            several sweep dirs make one report (--out DIR: where it goes);
                             --metric NAME picks the plotted metric (default accuracy)
 """
 
@@ -72,6 +73,8 @@ def _run(argv: list[str]) -> None:
             _fail(str(err))
         from fedmllm.simulation import run_simulation
 
+        print(f"run dir: {out_dir}  (full log: {Path(out_dir) / 'run.log'}"
+              f"{'' if cfg.get('verbose') else '; verbose=true shows it here'})", flush=True)
         stop_on_signals(out_dir)
         try:
             run_simulation(cfg, overrides)
@@ -200,6 +203,8 @@ def _partition(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith("out=")]
     if len(outs) != 1 or not outs[0]:
         _fail("fedmllm partition needs one out=DIR (e.g. fedmllm partition scenario=missing out=data)")
+    if _override(overrides, "clients_per_round") is None:  # a run setting: no bound on num_clients here
+        overrides.append("clients_per_round=${num_clients}")
     try:
         cfg = compose(overrides)
         target, stats = write_partitions(cfg, outs[0])
@@ -220,6 +225,8 @@ def _inspect(argv: list[str]) -> None:
     bad = [a for a in argv if "=" not in a]
     if bad:
         _fail(f"fedmllm inspect takes Hydra overrides only (e.g. model=smol-llava peft=dora), got {bad}")
+    if _override(argv, "clients_per_round") is None:  # a run setting inspect does not use
+        argv = [*argv, "clients_per_round=${num_clients}"]
     try:
         print(format_footprint(footprint(compose(argv))), flush=True)
     except (ConfigError, MissingAssetError, FileNotFoundError, ValueError) as err:
@@ -233,16 +240,31 @@ def _report(argv: list[str]) -> None:
     from fedmllm.tracking.report import is_multirun, write_report
 
     p = argparse.ArgumentParser(prog="fedmllm report")
-    p.add_argument("run_dir", type=Path, help="a run dir, or a sweep's multirun dir (its jobs in 0/, 1/, ...)")
+    p.add_argument("run_dir", type=Path, nargs="+",
+                   help="a run dir, or a sweep's multirun dir (its jobs in 0/, 1/, ...); several sweep dirs "
+                        "(e.g. one grid's seeds swept apart) make one report")
     p.add_argument("--metric", default="accuracy", help="sweep: metric of the plot and the best-round column")
+    p.add_argument("--out", type=Path, default=None, help="sweeps: where the report goes (default: the first dir)")
     args = p.parse_args(argv)
+    if len(args.run_dir) > 1:
+        bad = [str(d) for d in args.run_dir if not is_multirun(d)]
+        if bad:
+            _fail(f"{', '.join(bad)}: not a sweep dir (no job subdirs 0/, 1/, ...); several dirs make one sweep report")
+        try:
+            markdown, paths = write_report(args.run_dir, args.metric, args.out)
+        except ValueError as err:
+            _fail(str(err))
+        print(markdown)
+        print(f"table: {paths['md']}\ncsv: {paths['csv']}\nplot: {paths['png']}")
+        return
+    args.run_dir = args.run_dir[0]
     if (args.run_dir / "metrics.jsonl").is_file():
         for row in read_metrics(args.run_dir):
             print(format_round(row))
         print(f"plot: {plot_run(args.run_dir)}")
     elif is_multirun(args.run_dir):
         try:
-            markdown, paths = write_report(args.run_dir, args.metric)
+            markdown, paths = write_report(args.run_dir, args.metric, args.out)
         except ValueError as err:
             _fail(str(err))
         print(markdown)

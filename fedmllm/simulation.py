@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -30,22 +32,70 @@ def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
     from fedmllm.client.app import make_client_app
     from fedmllm.server.app import make_server_app
 
+    verbose = bool(cfg.get("verbose", False))
+    init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, cfg["client_cpus"])}
+    if not verbose:  # the clients' output stays in Ray's session logs, Ray's own in run.log
+        init_args.update(log_to_driver=False, logging_level=logging.ERROR)
     backend = {
         "client_resources": {"num_cpus": cfg["client_cpus"], "num_gpus": cfg["client_gpus"]},
-        "init_args": {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, cfg["client_cpus"])},
+        "init_args": init_args,
     }
     flwr_logger = logging.getLogger("flwr")
     hide = _HideDeprecation()
     flwr_logger.addFilter(hide)  # run_simulation's notice points users at `flwr run`; `fedmllm run` is ours
+    # flwr.simulation.run_simulation is deprecated for `flwr run`, which has no in-process form: it
+    # starts a SuperLink and reads the app from a FAB. `fedmllm run` needs one process that composes
+    # the config, runs Hydra sweeps and stops on Ctrl-C, so it keeps the in-process simulation.
     try:
-        flwr_run_simulation(
-            server_app=make_server_app(overrides),
-            client_app=make_client_app(overrides),
-            num_supernodes=cfg["num_clients"],
-            backend_config=backend,
-        )
+        with run_log(cfg.get("out_dir"), verbose):
+            flwr_run_simulation(
+                server_app=make_server_app(overrides),
+                client_app=make_client_app(overrides),
+                num_supernodes=cfg["num_clients"],
+                backend_config=backend,
+            )
     finally:
         flwr_logger.removeFilter(hide)
+
+
+LOGGERS = ("flwr", "ray", "py.warnings")  # whose records run.log keeps
+
+
+@contextlib.contextmanager
+def run_log(run_dir: str | None, verbose: bool = False):
+    """Flower's and Ray's log and every Python warning go to `<run dir>/run.log`; the console
+    keeps our round lines, progress bars and errors, unless `verbose` (everything there too)."""
+    if not run_dir:
+        yield None
+        return
+    path = Path(run_dir) / "run.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.level, lg.propagate, [(h, h.level) for h in lg.handlers]))
+        lg.addHandler(handler)
+        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+            lg.setLevel(logging.INFO)
+        if not verbose:
+            for h in lg.handlers:
+                if h is not handler:
+                    h.setLevel(logging.ERROR)  # Flower's console handler: errors only
+            lg.propagate = False  # a warning is not also printed by Python's last-resort handler
+    logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger -> run.log
+    try:
+        yield path
+    finally:
+        logging.captureWarnings(False)
+        for lg, level, propagate, handlers in saved:
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+            for h, h_level in handlers:
+                h.setLevel(h_level)
+        handler.close()
 
 
 class _HideDeprecation(logging.Filter):

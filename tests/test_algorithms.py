@@ -186,3 +186,4 @@ def test_a_run_from_before_the_algorithm_modules_still_resumes(tmp_path):
     check_resumable(tmp_path, cfg)
     with pytest.raises(ResumeError, match=r"aggregator.eta: 0.001 -> 0.01"):
         check_resumable(tmp_path, compose(tiny_overrides("aggregator=fedadam", "aggregator.eta=0.01")))
+

@@ -49,3 +49,19 @@ def test_flwr_run_with_overrides_completes_and_leaves_nothing_running(tmp_path):
         if pid_file.exists():  # the script died before its trap: stop its SuperLink by PID
             subprocess.run(["kill", "-KILL", "--", f"-{pid_file.read_text().strip()}"])
     assert_none_left(before)
+
+
+def test_flwr_build_ships_the_package_and_nothing_else(tmp_path):
+    """The FAB every SuperNode installs holds fedmllm/ (code, conf, hub configs) and the project
+    files, no tests, benchmarks, docs or deployment files (pyproject's fab-exclude)."""
+    import zipfile
+
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    flwr = str(Path(sys.executable).parent / "flwr")
+    proc = subprocess.run([flwr, "build", "--app", str(ROOT)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert {n.split("/")[0] for n in names} == {"fedmllm", "pyproject.toml", "README.md", ".info"}
+    assert "fedmllm/conf/config.yaml" in names and "fedmllm/server/app.py" in names

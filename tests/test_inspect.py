@@ -91,3 +91,13 @@ def test_cli_inspect_names_a_missing_config(capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "model=llava-1.5-7b", "model.hf_config=nope.json"])
     assert "model.hf_config='nope.json'" in capsys.readouterr().err
+
+
+def test_partition_and_inspect_ignore_a_run_setting_they_do_not_use(tmp_path, capsys):
+    """clients_per_round bounds a run's sampling; `fedmllm partition` and `inspect` do not sample."""
+    from fedmllm.cli import main
+
+    main(["partition", "num_clients=2", "dataset=easyvqa", "partitioner=iid", f"out={tmp_path}"])
+    assert "partition dir:" in capsys.readouterr().out
+    main(["inspect", "model=tiny-llava", "num_clients=2"])
+    assert "model tiny-llava" in capsys.readouterr().out

@@ -110,6 +110,9 @@ def test_table_has_one_row_per_job_with_final_and_best_metrics(sweep):
     assert r2["status"] == "incomplete (round 1 of 2)" and r2["accuracy"] == 0.55
     assert r3["status"] == "failed (no metrics.jsonl)" and r3["accuracy"] is None and r3["best_accuracy"] is None
     assert r3["aggregator"] == "fedprox"
+    # round 0 (the untrained adapter) is never the best round, even when it scored highest
+    best0 = load_job(make_job(sweep / "x", 0, cfg=config("fedavg", 0.1), rows=rounds([0.9, 0.6, 0.7])))
+    assert results_table([best0])[1][0]["best_round"] == 2
 
 
 def test_metric_is_selectable_and_an_unknown_one_is_named(sweep):
@@ -239,3 +242,14 @@ def test_write_report_adds_the_grouped_and_grid_tables(grid):
     assert "## Over seeds" in text and "## Scenarios x methods" in text
     assert "0.850 ± 0.050 (3)" in markdown
     assert paths["grid_csv"].read_text().splitlines()[0] == "scenario,fedavg,fedavg+aug,local"
+
+
+def test_several_sweep_dirs_make_one_report_grouped_over_their_seeds(tmp_path):
+    """A grid's seeds swept on different days: one table, jobs named <sweep>/<job>, seeds grouped."""
+    from fedmllm.tracking.report import write_report
+
+    for sweep, seed, accs in (("day1", 42, [0.5, 0.6, 0.7]), ("day2", 43, [0.5, 0.6, 0.9])):
+        make_job(tmp_path / sweep, 0, [f"seed={seed}", "aggregator=fedavg"], config("fedavg", 0.1), rounds(accs))
+    markdown, paths = write_report([tmp_path / "day1", tmp_path / "day2"], out=tmp_path / "both")
+    assert paths["md"].parent == tmp_path / "both" and "day1/0" in markdown and "day2/0" in markdown
+    assert "0.800 ± 0.141 (2)" in markdown  # the two seeds' final accuracy, grouped

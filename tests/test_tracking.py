@@ -1,6 +1,7 @@
 """Metrics log, plot, wandb offline logging and missing-asset errors."""
 
 import json
+import time
 
 import pytest
 
@@ -30,6 +31,41 @@ def test_wandb_logger_runs_offline_without_an_api_key(tmp_path, monkeypatch):
     log.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_wandb_groups_a_sweeps_jobs_and_logs_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    job = tmp_path / "grid" / "3"
+    (job / "checkpoints/round-2").mkdir(parents=True)
+    (job / "checkpoints/round-2/adapter_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "grid" / "multirun.yaml").write_text("{}")
+    log = MetricsLog(job, {"name": "wandb", "project": "fedmllm-test", "mode": "offline", "tags": ["seed42"]}, {})
+    assert (log.wandb.name, log.wandb.group, tuple(log.wandb.tags)) == ("grid/3", "grid", ("seed42",))
+    log.log({"round": 2, "accuracy": 0.7, "checkpoint": "checkpoints/round-2"})
+    run_id = log.wandb.id
+    log.close()
+    record = b""
+    for _ in range(100):  # wandb's service process writes the run's records; finish() may return first
+        record = next((job / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+        if f"adapter-{run_id}".encode() in record:
+            break
+        time.sleep(0.1)
+    assert f"adapter-{run_id}".encode() in record and b"adapter_model.safetensors" in record
+
+
+def test_round_zero_is_marked_untrained_and_the_plot_shows_the_majority_class(tmp_path):
+    import numpy as np
+
+    from fedmllm.tracking import majority_accuracy
+
+    assert "round   0 (untrained) |" in format_round({"round": 0, "accuracy": 0.5})
+    assert majority_accuracy(tmp_path) is None
+    (tmp_path / "predictions").mkdir()
+    np.savez(tmp_path / "predictions/round-2.npz", labels=np.array([1, 1, 1, 0]))
+    np.savez(tmp_path / "predictions/round-10.npz", labels=np.array([1, 1, 0, 0, 0]))
+    assert majority_accuracy(tmp_path) == pytest.approx(0.6)  # the latest round's held-out labels
 
 
 def test_missing_smollm2_names_the_pip_command(monkeypatch):

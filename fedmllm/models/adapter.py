@@ -159,7 +159,10 @@ def load_adapter_state(model, arrays: dict[str, np.ndarray], partial: bool = Fal
             p = params[k]
             if tuple(p.shape) != np.shape(v):
                 raise ValueError(f"{k}: payload shape {np.shape(v)} != model shape {tuple(p.shape)}")
-            p.copy_(torch.from_numpy(np.asarray(v)).to(p.dtype))
+            src = np.asarray(v)
+            if not src.flags.writeable:  # a zero-copy view of a Flower message's bytes (read-only)
+                src = src.copy()  # torch.from_numpy needs writable memory; the adapter is small
+            p.copy_(torch.from_numpy(src).to(p.dtype))
 
 
 def payload_key(param_name: str) -> str:

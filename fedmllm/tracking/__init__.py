@@ -16,6 +16,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         self.wandb = _init_wandb(logger_cfg, config, run_dir) if logger_cfg.get("name") == "wandb" else None
+        self.log_checkpoint = bool(logger_cfg.get("log_checkpoint", True))
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -26,7 +27,21 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.wandb is not None:
+            self._log_checkpoint()
             self.wandb.finish()
+
+    def _log_checkpoint(self) -> None:
+        """The last round's checkpoint (adapter, its config, the server state) as a wandb model
+        artifact, unless logger.log_checkpoint is false."""
+        last = next((r["checkpoint"] for r in reversed(self.rows) if r.get("checkpoint")), None)
+        if not self.log_checkpoint or last is None or not (self.path.parent / last).is_dir():
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"adapter-{self.wandb.id}", type="model",
+                                  metadata={"round": self.rows[-1].get("round")})
+        artifact.add_dir(str(self.path.parent / last))
+        self.wandb.log_artifact(artifact, aliases=["latest", f"round-{self.rows[-1].get('round')}"])
 
 
 def _init_wandb(logger_cfg: dict[str, Any], config: dict[str, Any], run_dir: Path):
@@ -36,12 +51,19 @@ def _init_wandb(logger_cfg: dict[str, Any], config: dict[str, Any], run_dir: Pat
     if mode == "auto":
         has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
         mode = "online" if has_key else "offline"
+    run_dir = Path(run_dir)
+    sweep = run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None  # a job of `fedmllm run -m`
+    group = logger_cfg.get("group") or (sweep.name if sweep is not None else None)
+    name = logger_cfg.get("run_name") or (f"{sweep.name}/{run_dir.name}" if sweep is not None else run_dir.name)
     return wandb.init(
         project=logger_cfg.get("project", "fedmllm"),
         entity=logger_cfg.get("entity"),
         mode=mode,
         dir=str(run_dir),
         config=config,
+        name=name,
+        group=group,
+        tags=list(logger_cfg.get("tags") or []),
     )
 
 
@@ -65,8 +87,13 @@ def plot_run(run_dir: Path) -> Path:
         pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax1.plot(*zip(*pts), style, label=key)
-    ax1.set(xlabel="round", ylabel="held-out", title="centralized evaluation", ylim=(0, 1))
-    ax1.legend()
+    majority = majority_accuracy(run_dir)
+    if majority is not None:  # what always answering the most frequent label scores
+        ax1.axhline(majority, color="grey", lw=1, ls="-.", label=f"majority class ({majority:.2f})")
+    if any(r.get("auroc") is not None for r in rows):
+        ax1.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance AUROC (0.50)")
+    ax1.set(xlabel="round", ylabel="held-out", title="centralized evaluation (round 0: untrained)", ylim=(0, 1))
+    ax1.legend(fontsize=8)
     pts = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     if pts:
         ax2.plot(*zip(*pts), "o-")
@@ -80,6 +107,22 @@ def plot_run(run_dir: Path) -> Path:
     return out
 
 
+def majority_accuracy(run_dir: Path) -> float | None:
+    """The held-out accuracy of always answering the most frequent label (from the latest
+    predictions/round-N.npz), or None when the run saved no predictions."""
+    import numpy as np
+
+    files = sorted(Path(run_dir).glob("predictions/round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
+    if not files:
+        return None
+    with np.load(files[-1]) as z:
+        labels = z["labels"]
+    if not len(labels):
+        return None
+    _, counts = np.unique(labels, return_counts=True)
+    return float(counts.max() / len(labels))
+
+
 def format_round(row: dict[str, Any]) -> str:
     """One human line per round."""
 
@@ -87,8 +130,9 @@ def format_round(row: dict[str, Any]) -> str:
         v = row.get(key)
         return "-" if v is None else format(v, fmt)
 
+    untrained = " (untrained)" if row["round"] == 0 else ""  # the initial adapter, before round 1
     return (
-        f"round {row['round']:>3} | train loss {f('train_loss', '.4f')} | acc {f('accuracy', '.3f')} "
+        f"round {row['round']:>3}{untrained} | train loss {f('train_loss', '.4f')} | acc {f('accuracy', '.3f')} "
         f"(no image {f('accuracy_no_image', '.3f')}) | auroc {f('auroc', '.3f')} | "
         + (f"unparsed {row['unparsed']}/{row.get('eval_samples', '?')} | " if "unparsed" in row else "")
         + f"up {_mb(row.get('bytes_up'))}{_per_client(row)} down {_mb(row.get('bytes_down'))} | "

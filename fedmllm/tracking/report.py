@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def metric_columns(jobs: list[Job], metric: str) -> list[str]:
 
 def results_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, one row per job): job, swept settings, status, rounds, final-round metrics,
-    total bytes uploaded, and the best value of `metric` over rounds with its round."""
+    total bytes uploaded, and the best value of `metric` over the trained rounds (>= 1) with its round."""
     logged = {k for j in jobs for r in j.rows for k in r}
     if logged and metric not in logged:
         numeric = sorted({k for j in jobs for r in j.rows for k, v in r.items()
@@ -131,7 +131,8 @@ def results_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str],
     table = []
     for j, setting in zip(jobs, values):
         final = final_row(j.rows)
-        scored = [r for r in j.rows if isinstance(r.get(metric), (int, float))]
+        # round 0 is the untrained initial adapter: never the best round of a run
+        scored = [r for r in j.rows if isinstance(r.get(metric), (int, float)) and r.get("round", 0) > 0]
         best = max(scored, key=lambda r: r[metric]) if scored else {}
         row: dict[str, Any] = {"job": j.name, **setting}
         row["status"] = j.status if not j.note else f"{j.status} ({j.note})"
@@ -331,13 +332,22 @@ def is_multirun(path: Path) -> bool:
     return path.is_dir() and ((path / "multirun.yaml").is_file() or bool(job_dirs(path)))
 
 
-def write_report(multirun_dir: Path, metric: str = "accuracy") -> tuple[str, dict[str, Path]]:
-    """Write report.md, report.csv and report.png into `multirun_dir`; return (markdown, paths)."""
-    multirun_dir = Path(multirun_dir)
-    dirs = job_dirs(multirun_dir) if multirun_dir.is_dir() else []
-    if not dirs:
-        raise ValueError(f"{multirun_dir} has no job subdirs (0/, 1/, ...); pass the dir `fedmllm run -m` swept into")
-    jobs = [load_job(d) for d in dirs]
+def write_report(multirun_dir: Path | list[Path], metric: str = "accuracy",
+                 out: Path | None = None) -> tuple[str, dict[str, Path]]:
+    """Write report.md, report.csv and report.png into `out` (default: the first sweep dir);
+    return (markdown, paths). Several sweep dirs (e.g. the same grid's seeds swept on different
+    days) make one report, their jobs named <sweep dir name>/<job>."""
+    sweeps = [Path(d) for d in (multirun_dir if isinstance(multirun_dir, (list, tuple)) else [multirun_dir])]
+    jobs = []
+    for sweep in sweeps:
+        dirs = job_dirs(sweep) if sweep.is_dir() else []
+        if not dirs:
+            raise ValueError(f"{sweep} has no job subdirs (0/, 1/, ...); pass the dir `fedmllm run -m` swept into")
+        loaded = [load_job(d) for d in dirs]
+        jobs += loaded if len(sweeps) == 1 else [replace(j, name=f"{sweep.name}/{j.name}") for j in loaded]
+    multirun_dir = Path(out) if out is not None else sweeps[0]
+    multirun_dir.mkdir(parents=True, exist_ok=True)
+    title = ", ".join(str(d) for d in sweeps)
     columns, table = results_table(jobs, metric)
     markdown = to_markdown(columns, table)
     paths = {
@@ -345,7 +355,7 @@ def write_report(multirun_dir: Path, metric: str = "accuracy") -> tuple[str, dic
         "csv": write_csv(multirun_dir / "report.csv", columns, table),
         "png": plot_sweep(jobs, metric, multirun_dir / "report.png"),
     }
-    text = f"# Sweep report: {multirun_dir}\n\nFinal round; best `{metric}` over rounds.\n\n" + markdown
+    text = f"# Sweep report: {title}\n\nFinal round; best `{metric}` over the trained rounds (round 0 is the untrained initial adapter).\n\n" + markdown
     grouped = seed_table(jobs, metric)
     if grouped is not None:
         part = to_markdown(*grouped)
