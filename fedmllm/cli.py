@@ -246,32 +246,22 @@ def _report(argv: list[str]) -> None:
     p.add_argument("--metric", default="accuracy", help="sweep: metric of the plot and the best-round column")
     p.add_argument("--out", type=Path, default=None, help="sweeps: where the report goes (default: the first dir)")
     args = p.parse_args(argv)
-    if len(args.run_dir) > 1:
-        bad = [str(d) for d in args.run_dir if not is_multirun(d)]
-        if bad:
-            _fail(f"{', '.join(bad)}: not a sweep dir (no job subdirs 0/, 1/, ...); several dirs make one sweep report")
-        try:
-            markdown, paths = write_report(args.run_dir, args.metric, args.out)
-        except ValueError as err:
-            _fail(str(err))
-        print(markdown)
-        print(f"table: {paths['md']}\ncsv: {paths['csv']}\nplot: {paths['png']}")
-        return
-    args.run_dir = args.run_dir[0]
-    if (args.run_dir / "metrics.jsonl").is_file():
-        for row in read_metrics(args.run_dir):
+    dirs = args.run_dir
+    if len(dirs) == 1 and (dirs[0] / "metrics.jsonl").is_file():
+        for row in read_metrics(dirs[0]):
             print(format_round(row))
-        print(f"plot: {plot_run(args.run_dir)}")
-    elif is_multirun(args.run_dir):
-        try:
-            markdown, paths = write_report(args.run_dir, args.metric, args.out)
-        except ValueError as err:
-            _fail(str(err))
-        print(markdown)
-        print(f"table: {paths['md']}\ncsv: {paths['csv']}\nplot: {paths['png']}")
-    else:
-        _fail(f"{args.run_dir} has no metrics.jsonl and no job subdirs (0/, 1/, ...); pass the 'run dir:' "
-              "a run printed, or the sweep dir of `fedmllm run -m` (multirun/<date>/<time>)")
+        print(f"plot: {plot_run(dirs[0])}")
+        return
+    bad = [str(d) for d in dirs if not is_multirun(d)]
+    if bad:
+        _fail(f"{', '.join(bad)}: no metrics.jsonl and no job subdirs (0/, 1/, ...); pass the 'run dir:' a run "
+              "printed, or sweep dirs of `fedmllm run -m` (multirun/<date>/<time>)")
+    try:
+        markdown, paths = write_report(dirs if len(dirs) > 1 else dirs[0], args.metric, args.out)
+    except ValueError as err:
+        _fail(str(err))
+    print(markdown)
+    print(f"table: {paths['md']}\ncsv: {paths['csv']}\nplot: {paths['png']}")
 
 
 def main(argv: list[str] | None = None) -> None:
