@@ -1,6 +1,7 @@
 """`flwr run .` with Hydra overrides through run_config, on a SuperLink the test starts and stops."""
 
 import os
+import time
 import socket
 import subprocess
 import sys
@@ -65,3 +66,39 @@ def test_flwr_build_ships_the_package_and_nothing_else(tmp_path):
     names = zipfile.ZipFile(fab).namelist()
     assert {n.split("/")[0] for n in names} == {"fedmllm", "pyproject.toml", "README.md", ".info"}
     assert "fedmllm/conf/config.yaml" in names and "fedmllm/server/app.py" in names
+
+
+def test_flwr_run_dot_with_flowers_managed_local_superlink(tmp_path):
+    """What a Flower user types: `flwr run .` with a fresh FLWR_HOME starts Flower's managed local
+    SuperLink (simulation), runs the apps with the overrides, and leaves that SuperLink running,
+    as the README says; the test stops it by PID."""
+    flwr_home = tmp_path / "flwr-home"
+    outdir = tmp_path / "run"
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    overrides = (f"model=tiny-llava num_clients=2 clients_per_round=2 num_rounds=2 train.local_steps=2 "
+                 f"train.batch_size=4 dataset.eval_samples=16 server_stage=none out_dir={outdir}")
+    before = ray_processes()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    try:
+        proc = subprocess.run([str(Path(venv_bin) / "flwr"), "run", ".", "--run-config", f"overrides='{overrides}'",
+                               "--federation-config", "num-supernodes=2", "--stream"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        rows = (outdir / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 3, log[-4000:]
+        assert superlink_processes(flwr_home)  # Flower's managed SuperLink outlives the command
+        assert (ROOT / "pyproject.toml").read_text() == pyproject
+    finally:
+        for line in superlink_processes(flwr_home):
+            subprocess.run(["kill", "-TERM", line.split()[0]])
+        deadline = time.time() + 30
+        while superlink_processes(flwr_home) and time.time() < deadline:
+            time.sleep(0.5)
+        for line in superlink_processes(flwr_home):
+            subprocess.run(["kill", "-KILL", line.split()[0]])
+    assert not superlink_processes(flwr_home)
+    assert_none_left(before)

@@ -105,15 +105,15 @@ def test_post_aggregate_hook_replaces_the_global_adapter_and_server_state(name):
     from fedmllm.config import compose
     from fedmllm.server.run import build_strategy
 
-    strategy = build_strategy(compose(["aggregator=" + name, "num_clients=2", "clients_per_round=2",
-                                       "aggregator.min_available_nodes=2", "aggregator.min_train_nodes=2"]))
     calls = []
 
     def align(rnd, arrays):
         calls.append((rnd, arrays["lora_A"].copy()))
         return {k: v + 10.0 for k, v in arrays.items()}, {"align_seconds": 0.5, "align_loss": 0.25}
 
-    strategy.post_aggregate = align
+    strategy = build_strategy(compose(["aggregator=" + name, "num_clients=2", "clients_per_round=2",
+                                       "aggregator.min_available_nodes=2", "aggregator.min_train_nodes=2"]),
+                              post_aggregate=align)
     global_arrays = {"lora_A": np.zeros((2, 3), np.float32)}
     sent = list(strategy.configure_train(1, to_record(global_arrays), ConfigRecord(), FakeGrid()))[:2]
     arrays, _ = strategy.aggregate_train(1, [reply(m, {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, i)

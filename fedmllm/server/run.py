@@ -31,14 +31,15 @@ def save_predictions(run_dir: Path, server_round: int, samples, arrays) -> Path:
     return out
 
 
-def build_strategy(cfg: dict[str, Any]):
-    """The algorithm's strategy with the `aggregator` section's settings; the sampled fraction
-    follows clients_per_round."""
+def build_strategy(cfg: dict[str, Any], **settings):
+    """The algorithm's strategy with the `aggregator` section's settings and `settings` (fixed,
+    round_offset, post_aggregate: validation.AdapterReplies); the sampled fraction follows
+    clients_per_round."""
     from fedmllm.algorithms import algorithm_of, strategy_settings
 
     kwargs = strategy_settings(cfg["aggregator"])
     kwargs.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
-    return algorithm_of(cfg).strategy_class()(**kwargs)
+    return algorithm_of(cfg).strategy_class()(**kwargs, **settings)
 
 
 def run_server(grid, cfg: dict[str, Any]) -> Path:
@@ -93,17 +94,17 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             print(f"stage 1 adapter: cached ({adapter['dir']}); {format_adapter_summary(adapter)}", flush=True)
     full = adapter_state(lm.model)
     initial = algorithm.shared_payload(full)
-    strategy = build_strategy(cfg)
-    strategy.fixed = {k: v for k, v in full.items() if k not in initial}  # FFA: A; FedSA: B (until clients report)
-    done = 0
+    fixed = {k: v for k, v in full.items() if k not in initial}  # FFA: A; FedSA: B (until clients report)
+    done, state = 0, None
     if resumed is not None:
         done, initial, state = resumed
-        strategy.load_state_arrays(state)
-        strategy.round_offset = done
         print(f"resuming {cfg['resume']} after round {done} of {cfg['num_rounds']}", flush=True)
         keep_rows_until(run_dir, done)  # a round logged after the last intact checkpoint runs again
-    if cfg["server_stage"]["align"].get("enabled"):
-        strategy.post_aggregate = Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
+    aligner = (Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
+               if cfg["server_stage"]["align"].get("enabled") else None)
+    strategy = build_strategy(cfg, fixed=fixed, round_offset=done, post_aggregate=aligner)
+    if state is not None:
+        strategy.load_state_arrays(state)  # the stopped run's server state (optimizer moments, c, fixed)
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
     t0 = time.time()
     n_rounds = cfg["num_rounds"]

@@ -38,17 +38,19 @@ class AdapterReplies:
     num-examples, unreadable arrays, other metric keys than the round's other replies, more than
     one MetricRecord, an update norm above `max_update_norm`) is dropped with its reason logged; the round fails only if fewer than `min_train_nodes` valid replies remain.
     `round_stats` holds bytes down/up and per-client bytes of the last round, for logging.
-    `post_aggregate(server_round, arrays) -> (arrays, stats)`, when set, transforms the aggregate
-    before it becomes the global adapter (the server's global alignment); its stats join round_stats.
+    Settings beside the aggregator's: `fixed` (adapter tensors that do not travel but complete the
+    global adapter: FFA-LoRA's A, FedSA-LoRA's B), `round_offset` (rounds a resumed run had done),
+    `post_aggregate(server_round, arrays) -> (arrays, stats)` (transforms the aggregate before it
+    becomes the global adapter: the server's global alignment; its stats join round_stats).
     """
 
-    post_aggregate = None
     free_rank = False  # replies may differ from the global adapter in LoRA rank (FLoRA)
     # Server state saved with every checkpoint and restored by `fedmllm run resume=<run dir>`:
     # Flower's optimizer moments (FedOpt m_t, v_t; FedAvgM momentum_vector) and ours.
     state_attrs: tuple[str, ...] = ("m_t", "v_t", "momentum_vector")
 
-    def __init__(self, max_update_norm: float | None = None, max_num_examples: int | None = None, **kwargs):
+    def __init__(self, max_update_norm: float | None = None, max_num_examples: int | None = None, *,
+                 fixed: dict | None = None, round_offset: int = 0, post_aggregate=None, **kwargs):
         for name, value in (("max_update_norm", max_update_norm), ("max_num_examples", max_num_examples)):
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"aggregator.{name}={value!r} must be null or a number > 0")
@@ -59,10 +61,11 @@ class AdapterReplies:
         self._reference: dict | None = None
         self.round_stats: dict = {}
         self.dropped: list[tuple[int, str]] = []
-        self.round_offset = 0  # rounds already done before a resume
+        self.round_offset = int(round_offset)  # rounds already done before a resume
         self.rounds_aggregated = 0  # rounds whose replies were aggregated (a run with none fails)
         self.empty_nodes: set[int] = set()  # nodes that reported an empty partition: never sampled again
-        self.fixed: dict = {}  # adapter tensors that do not travel but complete the global adapter
+        self.fixed: dict = dict(fixed or {})  # adapter tensors that do not travel but complete the global adapter
+        self.post_aggregate = post_aggregate
 
     def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
         """Array records sent to every client besides the adapter (SCAFFOLD: the control variate)."""
