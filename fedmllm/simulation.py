@@ -37,7 +37,7 @@ def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
     if not verbose:  # the clients' output stays in Ray's session logs, Ray's own in run.log
         init_args.update(log_to_driver=False, logging_level=logging.ERROR)
     backend = {
-        "client_resources": {"num_cpus": cfg["client_cpus"], "num_gpus": cfg["client_gpus"]},
+        "client_resources": {"num_cpus": cfg["client_cpus"], "num_gpus": client_gpus(cfg)},
         "init_args": init_args,
     }
     flwr_logger = logging.getLogger("flwr")
@@ -56,6 +56,16 @@ def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
             )
     finally:
         flwr_logger.removeFilter(hide)
+
+
+def client_gpus(cfg: dict[str, Any]) -> float:
+    """GPUs Ray gives each simulated client: `client_gpus`, or when it is null 1.0 if CUDA devices
+    are visible (one client per GPU; with 0, Ray hides the GPUs and clients train on the CPU)."""
+    if cfg.get("client_gpus") is not None:
+        return float(cfg["client_gpus"])
+    import torch
+
+    return 1.0 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 0.0
 
 
 LOGGERS = ("flwr", "ray", "py.warnings")  # whose records run.log keeps

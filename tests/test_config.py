@@ -107,3 +107,35 @@ def test_fedmllm_experiments_use_fedmllms_regime_and_evaluation(scenario):
     assert cfg["scenario"]["name"] == scenario
     hm = compose([f"+experiment=fedmllm_{scenario}", "dataset=hateful_memes", "dataset.root=/nowhere"])
     assert hm["partitioner"]["topup"] == "all" and hm["dataset"]["fedmllm_letters"] == "A-G"
+
+
+def test_hub_presets_default_to_no_server_stage_and_gradient_checkpointing():
+    """A hub preset's vision tower is trained (no stage 1 on toy images) and a 7B client's
+    activations dominate its memory; both stay overridable."""
+    import subprocess
+    import sys
+
+    cfg = compose(["model=llava-1.5-7b"])
+    assert (cfg["server_stage"]["name"], cfg["train"]["gradient_checkpointing"]) == ("none", True)
+    cfg = compose(["model=qwen2.5-vl-7b", "train=default", "server_stage=pretrain", "dataset.public_fraction=0.5"])
+    assert (cfg["server_stage"]["name"], cfg["train"]["gradient_checkpointing"]) == ("pretrain", False)
+    assert compose([])["server_stage"]["name"] == "pretrain"  # the offline default keeps its stages
+    out = subprocess.run([sys.executable, "-m", "fedmllm.cli", "run", "model=llava-1.5-7b", "--cfg", "job"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gradient_checkpointing: true" in out.stdout and "\nserver_stage:\n  name: none" in out.stdout
+
+
+def test_client_gpus_follows_the_visible_gpus_unless_set(monkeypatch):
+    import torch
+
+    from fedmllm.simulation import client_gpus
+
+    assert client_gpus({"client_gpus": 0.5}) == 0.5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert client_gpus({"client_gpus": None}) == 1.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert client_gpus({"client_gpus": None}) == 0.0
+    with pytest.raises(ConfigError, match="client_gpus=-1"):
+        compose(["client_gpus=-1"])
