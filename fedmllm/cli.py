@@ -43,21 +43,22 @@ def _run(argv: list[str]) -> None:
     failed: list[str] = []  # a sweep's failed jobs: the sweep goes on, and exits 2 at its end
 
     @hydra.main(version_base="1.3", config_path="pkg://fedmllm.conf", config_name="config")
-    def job(_: DictConfig) -> None:
+    def job(_: DictConfig) -> float | None:
+        """One run; returns its final held-out accuracy (what a Hydra sweeper such as Optuna's maximizes)."""
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
         out_dir = hc.runtime.output_dir
         if hc.mode == RunMode.MULTIRUN:
             try:
-                one_job(hc, out_dir)
+                return one_job(hc, out_dir)
             except SystemExit as stop:  # _fail printed the reason; the other jobs still run
                 if stop.code:
                     failed.append(f"{hc.job.num} ({out_dir})")
-            return
-        one_job(hc, out_dir)
+            return None
+        return one_job(hc, out_dir)
 
-    def one_job(hc, out_dir: str) -> None:
+    def one_job(hc, out_dir: str) -> float | None:
         overrides = tuple(hc.overrides.task)
         resume = _override(overrides, "resume")
         if resume:
@@ -85,6 +86,7 @@ def _run(argv: list[str]) -> None:
             print(f"run dir: {out_dir} (incomplete{resume_hint(out_dir, cause)})", flush=True)
             _fail(f"the run failed: {type(cause).__name__}: {cause}")
         print(f"run dir: {out_dir}", flush=True)
+        return final_accuracy(out_dir)
 
     from fedmllm.config import unknown_setting
 
@@ -109,6 +111,18 @@ def _run(argv: list[str]) -> None:
     if failed:
         _fail(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)}; the others finished "
               "(fedmllm report <sweep dir> marks the failed ones)")
+
+
+def final_accuracy(run_dir: str) -> float | None:
+    """The last evaluated round's held-out accuracy of a run, or None."""
+    from fedmllm.tracking import read_metrics
+
+    try:
+        rows = read_metrics(Path(run_dir))
+    except (OSError, ValueError):
+        return None
+    scored = [r["accuracy"] for r in rows if isinstance(r.get("accuracy"), (int, float))]
+    return float(scored[-1]) if scored else None
 
 
 def stop_on_signals(run_dir: str) -> None:

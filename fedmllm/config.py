@@ -54,7 +54,7 @@ def unknown_setting(overrides: list[str] | tuple[str, ...]) -> str | None:
 
     chosen = [first(o) for o in parsed if o.key_or_group in groups and not o.is_delete()]
     keys = [o for o in parsed if o.key_or_group not in groups and not o.is_delete()
-            and not o.key_or_group.startswith("hydra.") and o.key_or_group != "hydra"
+            and not o.key_or_group.startswith(("hydra.", "hydra/")) and o.key_or_group != "hydra"
             and not any(fnmatch.fnmatchcase(o.key_or_group, pattern) for pattern in OPTIONAL_SETTINGS)]
     if not keys:
         return None

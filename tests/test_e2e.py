@@ -65,6 +65,20 @@ def test_run_writes_metrics_checkpoints_plot_and_ends_with_run_dir(tiny_run):
     assert "round   2 |" in proc.stdout
 
 
+def test_console_shows_our_lines_and_run_log_keeps_flowers_log_and_the_warnings(tiny_run):
+    """By default: the run dir first, one line per round, progress bars; Flower's INFO records,
+    Ray's and Python warnings go to <run dir>/run.log."""
+    out, proc, _ = tiny_run
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith(f"run dir: {out}  (full log: {out / 'run.log'}")
+    assert sum(line.startswith("round ") for line in lines) == 3
+    console = proc.stdout + proc.stderr
+    for noise in ("Warning:", "warnings.warn", "INFO ", "fraction_evaluate", "ClientAppActor"):
+        assert noise not in console, (noise, console[-3000:])
+    log = (out / "run.log").read_text()
+    assert "INFO flwr:" in log and "fraction_evaluate" in log
+
+
 def test_each_client_sends_exactly_its_trainable_adapter_bytes(tiny_run):
     out, proc, quant = tiny_run
     from fedmllm.config import compose

@@ -253,3 +253,11 @@ def test_several_sweep_dirs_make_one_report_grouped_over_their_seeds(tmp_path):
     markdown, paths = write_report([tmp_path / "day1", tmp_path / "day2"], out=tmp_path / "both")
     assert paths["md"].parent == tmp_path / "both" and "day1/0" in markdown and "day2/0" in markdown
     assert "0.800 ± 0.141 (2)" in markdown  # the two seeds' final accuracy, grouped
+
+
+def test_a_runs_final_accuracy_is_what_a_sweeper_maximizes(tmp_path):
+    from fedmllm.cli import final_accuracy
+
+    assert final_accuracy(str(tmp_path)) is None  # no metrics.jsonl
+    make_job(tmp_path, 0, rows=rounds([0.5, 0.6, 0.7]) + [{"round": 3, "train_loss": 0.1}])
+    assert final_accuracy(str(tmp_path / "0")) == 0.7  # the last evaluated round
