@@ -18,6 +18,10 @@ commands:
   inspect [overrides]       parameters per module group, trainable adapter, MB per client per round
                             (meta device: no weights read or downloaded; e.g. fedmllm inspect
                             model=llava-1.5-7b peft=dora; aggregator=... shows its protocol's bytes)
+  evaluate RUN_DIR [round=N] [overrides]
+                            evaluate a run's checkpoint (default: its last intact round) on its
+                            held-out split, as the run did or with overrides (e.g. eval.mode=generate
+                            dataset.eval_samples=500); writes RUN_DIR/eval/round-N.json
   report RUN_DIR            print a run's metrics table and (re)draw its plot
   report MULTIRUN_DIR...    a sweep's results table (report.md, report.csv) and plot (report.png);
                             several sweep dirs make one report (--out DIR: where it goes);
@@ -247,6 +251,28 @@ def _inspect(argv: list[str]) -> None:
         _fail(str(err))
 
 
+def _evaluate(argv: list[str]) -> None:
+    from fedmllm.common import MissingAssetError
+    from fedmllm.config import ConfigError
+    from fedmllm.server.evaluate import evaluate_checkpoint
+    from fedmllm.tracking import format_round
+
+    dirs = [a for a in argv if "=" not in a]
+    if len(dirs) != 1:
+        _fail("fedmllm evaluate takes one run dir (and optionally round=N and key=value overrides), "
+              f"got {dirs or 'none'}")
+    rnd = _override(argv, "round")
+    overrides = [a for a in argv if "=" in a and not a.startswith("round=")]
+    if rnd is not None and not rnd.isdigit():
+        _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
+    try:
+        result = evaluate_checkpoint(dirs[0], None if rnd is None else int(rnd), overrides)
+    except (ConfigError, MissingAssetError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    print(format_round(result))
+    print(f"metrics: {Path(dirs[0]) / 'eval' / ('round-%d.json' % result['round'])}", flush=True)
+
+
 def _report(argv: list[str]) -> None:
     from pathlib import Path
 
@@ -295,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         _inspect(rest)
     elif cmd == "report":
         _report(rest)
+    elif cmd == "evaluate":
+        _evaluate(rest)
     else:
         _fail(f"unknown command {cmd!r}\n{USAGE}")
 

@@ -1,0 +1,50 @@
+"""`fedmllm evaluate RUN_DIR`: a run's checkpoint scores on its held-out split what the run logged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from inprocess import run_in_process
+
+    out = tmp_path_factory.mktemp("run")
+    run_in_process(tiny_overrides("server_stage=none", "dataset.eval_samples=16", "aggregator=ffa_lora",
+                                  f"out_dir={out}"))
+    return out
+
+
+def test_evaluate_reproduces_the_runs_metrics_for_the_last_and_a_given_round(finished_run, capsys):
+    from fedmllm.cli import main
+    from fedmllm.tracking import read_metrics
+
+    rows = {r["round"]: r for r in read_metrics(finished_run)}
+    main(["evaluate", str(finished_run)])  # the last round (2); FFA-LoRA: its fixed A comes from the state
+    assert "round   2 |" in capsys.readouterr().out
+    last = json.loads((finished_run / "eval/round-2.json").read_text())
+    for key in ("accuracy", "auroc", "macro_f1", "accuracy_no_image"):
+        assert last[key] == pytest.approx(rows[2][key], abs=1e-9), key
+    main(["evaluate", str(finished_run), "round=1"])
+    first = json.loads((finished_run / "eval/round-1.json").read_text())
+    assert first["accuracy"] == pytest.approx(rows[1]["accuracy"], abs=1e-9)
+    assert (finished_run / "eval/round-1.npz").is_file()
+
+
+def test_evaluate_takes_other_eval_settings_and_names_bad_input(finished_run, capsys):
+    from fedmllm.cli import main
+
+    main(["evaluate", str(finished_run), "eval.mode=generate", "dataset.eval_samples=8"])
+    result = json.loads((finished_run / "eval/round-2.json").read_text())
+    assert result["eval_samples"] == 8 and "unparsed" in result
+    assert result["overrides"] == ["eval.mode=generate", "dataset.eval_samples=8"]
+    for argv, fragment in [([str(finished_run), "eval.modee=score"], "eval.modee"),
+                           ([str(finished_run), "round=7"], "checkpoints/round-7"),
+                           ([str(finished_run.parent / "nowhere")], "has no config.yaml")]:
+        with pytest.raises(SystemExit):
+            main(["evaluate", *argv])
+        assert fragment in capsys.readouterr().err
