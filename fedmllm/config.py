@@ -136,6 +136,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("num_clients", "num_rounds", "clients_per_round", "eval_every"):
         need(integer(cfg.get(key, 1)) and cfg.get(key, 1) >= 1, f"{key}={cfg.get(key)!r} must be an integer >= 1")
     need(integer(cfg.get("seed")), f"seed={cfg.get('seed')!r} must be an integer (e.g. seed=42)")
+    keep = cfg.get("keep_checkpoints")
+    need(keep is None or (integer(keep) and keep >= 1),
+         f"keep_checkpoints={keep!r} must be null (keep every round) or an integer >= 1")
     gpus = cfg.get("client_gpus")
     need(gpus is None or (isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0),
          f"client_gpus={gpus!r} must be null (1 per client when CUDA is visible, else 0) or a number >= 0 (e.g. 0.5)")

@@ -48,3 +48,16 @@ def test_evaluate_takes_other_eval_settings_and_names_bad_input(finished_run, ca
         with pytest.raises(SystemExit):
             main(["evaluate", *argv])
         assert fragment in capsys.readouterr().err
+
+
+def test_keep_checkpoints_keeps_the_newest_rounds_and_resume_still_works(tmp_path):
+    from inprocess import run_in_process
+
+    from fedmllm.tracking import read_metrics
+
+    common = tiny_overrides("server_stage=none", "dataset.eval_samples=8", "keep_checkpoints=2", f"out_dir={tmp_path}")
+    run_in_process([*common, "num_rounds=3"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-2", "round-3"]
+    run_in_process([*common, "num_rounds=4", f"resume={tmp_path}"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-3", "round-4"]
+    assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]

@@ -123,3 +123,16 @@ def latest_state(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict[str, n
         print(f"checkpoints/round-{server_round} cannot be resumed from: {problem}; trying the round before",
               file=sys.stderr, flush=True)
     raise FileNotFoundError(f"{run_dir} has no intact checkpoint to resume from ({'; '.join(problems)})")
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> list[int]:
+    """Remove all but the newest `keep` rounds' checkpoint dirs (None: keep all); returns the
+    rounds removed. The newest ones stay, so a resume or `fedmllm evaluate` still finds them."""
+    if keep is None:
+        return []
+    rounds = sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoints/round-*")
+                    if p.is_dir() and p.name.split("-")[1].isdigit())
+    gone = rounds[: max(0, len(rounds) - int(keep))]
+    for r in gone:
+        shutil.rmtree(Path(run_dir) / "checkpoints" / f"round-{r}", ignore_errors=True)
+    return gone

@@ -53,7 +53,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.partitioning.scenarios import apply_eval_scenario
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
-    from fedmllm.server.checkpoint import latest_state, save_checkpoint, save_strategy_state, write_manifest
+    from fedmllm.server.checkpoint import (latest_state, prune_checkpoints, save_checkpoint, save_strategy_state,
+                                           write_manifest)
     from fedmllm.algorithms import algorithm_of
     from fedmllm.server.evaluate import eval_options, evaluate
     from fedmllm.server.stages import (Aligner, ensure_adapter_pretrained, ensure_pretrained, format_adapter_summary,
@@ -143,6 +144,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         ckpt = save_checkpoint(lm.model, payload, run_dir, server_round)
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
         write_manifest(ckpt)  # last: resume trusts a round only when its files match it
+        prune_checkpoints(run_dir, cfg.get("keep_checkpoints"))
         row["checkpoint"] = str(ckpt.relative_to(run_dir))
         row["seconds"] = round(time.time() - t0, 2)
         mlog.log(row)
