@@ -9,6 +9,10 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process this test session starts inherits the tag (Ray's daemons and workers too), so the
+# tests that check for or stop leftover Ray processes touch only their own, never another run's
+# on the same machine (a grid running beside the suite, another CI job).
+os.environ.setdefault("FEDMLLM_TEST_SESSION", f"{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def tiny_overrides(*extra: str) -> list[str]:

@@ -15,11 +15,21 @@ pytestmark = pytest.mark.slow
 
 
 def ray_processes() -> dict[int, str]:
-    """{pid: args} of Ray processes (raylet, GCS, workers) on this machine (by PID: an actor's
-    title changes while it works, e.g. `ray::ClientAppActor` -> `ray::ClientAppActor.run`)."""
+    """{pid: args} of the Ray processes (raylet, GCS, workers) this test session started (by PID:
+    an actor's title changes while it works, e.g. `ray::ClientAppActor` -> `ray::ClientAppActor.run`).
+    Ours carry the session's FEDMLLM_TEST_SESSION tag (conftest) in their environment."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     keys = ("raylet", "gcs_server", "ray::", "default_worker.py")
-    return {int(line.split()[0]): line.strip() for line in out.splitlines() if any(k in line for k in keys)}
+    found = {int(line.split()[0]): line.strip() for line in out.splitlines() if any(k in line for k in keys)}
+    return {pid: args for pid, args in found.items() if _started_here(pid)}
+
+
+def _started_here(pid: int) -> bool:
+    tag = f"FEDMLLM_TEST_SESSION={os.environ['FEDMLLM_TEST_SESSION']}".encode()
+    try:
+        return tag in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:  # gone, or another user's
+        return False
 
 
 def assert_none_left(before: dict[int, str], timeout: float = 20) -> None:
