@@ -101,3 +101,22 @@ def test_partition_and_inspect_ignore_a_run_setting_they_do_not_use(tmp_path, ca
     assert "partition dir:" in capsys.readouterr().out
     main(["inspect", "model=tiny-llava", "num_clients=2"])
     assert "model tiny-llava" in capsys.readouterr().out
+
+
+def test_inspect_reads_a_local_model_path_and_its_family(capsys):
+    """model.path=DIR (here the tiny llava build) wins over the default preset (smol-llava, whose
+    builder would otherwise be read): the tiny model's parameter count is printed."""
+    from fedmllm.cli import main
+    from fedmllm.config import compose
+    from fedmllm.models.build import ensure_built
+
+    def total_params(argv):
+        main(["inspect", *argv])
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("total"))
+        return line.split()[1]
+
+    tiny = ensure_built(compose(["model=tiny-llava"])["model"])
+    want = total_params(["model=tiny-llava"])
+    assert total_params([f"model.path={tiny}"]) == want  # the default preset, pointed at the tiny build
+    assert total_params(["model=tiny-qwen2_vl", f"model.path={tiny}"]) == want  # its config.json says llava
+    assert total_params([]) != want  # smol-llava itself

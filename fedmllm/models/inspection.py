@@ -2,9 +2,10 @@
 
 `fedmllm inspect model=<preset> peft=<variant>` and bench/payload.py read this. No weights are
 read or downloaded: the model is instantiated from its config on the meta device and the PEFT
-method applied there. The config comes from the preset's bundled `hf_config` file
+method applied there. The config comes from a local `model.path` directory's config.json (its
+`model_type` picks the family, as loading does), else the preset's bundled `hf_config` file
 (fedmllm/models/hub_configs/, hub presets), else the offline preset's build (built once on first
-use, as any run would), else a local `model.path` directory's config.json.
+use, as any run would).
 """
 
 from __future__ import annotations
@@ -18,11 +19,28 @@ HUB_CONFIGS = Path(__file__).parent / "hub_configs"
 MB = 1e6
 
 
-def hf_config(model_cfg: dict[str, Any]):
-    """The Hugging Face config of a preset, without weights (see the module docstring for the order)."""
+def local_checkpoint(model_cfg: dict[str, Any]) -> Path | None:
+    """`model.path` when it is a local checkpoint directory (with config.json), else None."""
+    path = model_cfg.get("path")
+    return Path(str(path)) if path and (Path(str(path)) / "config.json").is_file() else None
+
+
+def family_of_preset(model_cfg: dict[str, Any]):
+    """The family that loads the preset: a local `model.path`'s config.json `model_type` decides
+    (as loading does), else `model.family`."""
+    from fedmllm.models.load import family_of
     from fedmllm.models.registry import get_family  # importing fedmllm.models registers the families
 
-    cls = get_family(model_cfg["family"]).model_cls().config_class
+    local = local_checkpoint(model_cfg)
+    return family_of(model_cfg, str(local)) if local is not None else get_family(model_cfg["family"])
+
+
+def hf_config(model_cfg: dict[str, Any]):
+    """The Hugging Face config of a preset, without weights (see the module docstring for the order)."""
+    local = local_checkpoint(model_cfg)
+    cls = family_of_preset(model_cfg).model_cls().config_class
+    if local is not None:  # model.path=DIR wins over the preset's bundled config or builder
+        return cls.from_pretrained(local)
     if model_cfg.get("hf_config"):
         path = HUB_CONFIGS / str(model_cfg["hf_config"])
         if not path.is_file():
@@ -34,9 +52,6 @@ def hf_config(model_cfg: dict[str, Any]):
         from fedmllm.models.build import ensure_built
 
         return cls.from_pretrained(ensure_built(model_cfg))
-    local = Path(str(model_cfg.get("path") or "")) / "config.json"
-    if model_cfg.get("path") and local.is_file():
-        return cls.from_pretrained(local.parent)
     raise ValueError(
         f"preset {model_cfg.get('name')!r} has no config available offline: add `hf_config: <preset>.json` "
         f"to its yaml with the checkpoint's config.json in {HUB_CONFIGS}, or set model.path=DIR to a local copy")
@@ -46,9 +61,7 @@ def meta_model(model_cfg: dict[str, Any]):
     """(model on the meta device, family): shapes and names only, no memory, no weights."""
     import torch
 
-    from fedmllm.models.registry import get_family
-
-    family = get_family(model_cfg["family"])
+    family = family_of_preset(model_cfg)
     config = hf_config(model_cfg)
     with torch.device("meta"):
         return family.model_cls()(config), family
