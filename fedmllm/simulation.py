@@ -68,13 +68,11 @@ def client_gpus(cfg: dict[str, Any]) -> float:
     return 1.0 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 0.0
 
 
-LOGGERS = ("flwr", "ray", "py.warnings")  # whose records run.log keeps
-
-
 @contextlib.contextmanager
 def run_log(run_dir: str | None, verbose: bool = False):
-    """Flower's and Ray's log and every Python warning go to `<run dir>/run.log`; the console
-    keeps our round lines, progress bars and errors, unless `verbose` (everything there too)."""
+    """Every log record (Flower's, Ray's, the libraries') and every Python warning go to
+    `<run dir>/run.log`; the console keeps our round lines, progress bars and errors, unless
+    `verbose` (Flower's console output and the warnings on the console too)."""
     if not run_dir:
         yield None
         return
@@ -82,29 +80,24 @@ def run_log(run_dir: str | None, verbose: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    saved = []
-    for name in LOGGERS:
-        lg = logging.getLogger(name)
-        saved.append((lg, lg.level, lg.propagate, [(h, h.level) for h in lg.handlers]))
+    # the root logger collects what propagates (flwr, py.warnings, bitsandbytes, ...); Ray's does not propagate
+    targets = [logging.getLogger(), logging.getLogger("ray")]
+    for lg in targets:
         lg.addHandler(handler)
-        if lg.level == logging.NOTSET or lg.level > logging.INFO:
-            lg.setLevel(logging.INFO)
-        if not verbose:
-            for h in lg.handlers:
-                if h is not handler:
-                    h.setLevel(logging.ERROR)  # Flower's console handler: errors only
-            lg.propagate = False  # a warning is not also printed by Python's last-resort handler
-    logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger -> run.log
+    flwr_console = [h for h in logging.getLogger("flwr").handlers if not isinstance(h, logging.FileHandler)]
+    levels = [(h, h.level) for h in flwr_console]
+    if not verbose:
+        for h in flwr_console:
+            h.setLevel(logging.ERROR)  # Flower's console handler: errors only
+        logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger -> run.log only
     try:
         yield path
     finally:
         logging.captureWarnings(False)
-        for lg, level, propagate, handlers in saved:
+        for lg in targets:
             lg.removeHandler(handler)
-            lg.setLevel(level)
-            lg.propagate = propagate
-            for h, h_level in handlers:
-                h.setLevel(h_level)
+        for h, level in levels:
+            h.setLevel(level)
         handler.close()
 
 
