@@ -34,7 +34,7 @@ def free_port_block(n: int = 40) -> int:
 
 def process_groups() -> dict[int, list[str]]:
     """{pgid: [`pid args`, ...]} of every process on this machine."""
-    out = subprocess.run(["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout
     groups: dict[int, list[str]] = {}
     for line in out.splitlines():
         pid, pgid, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (*line.split(), "")

@@ -18,7 +18,7 @@ def ray_processes() -> dict[int, str]:
     """{pid: args} of the Ray processes (raylet, GCS, workers) this test session started (by PID:
     an actor's title changes while it works, e.g. `ray::ClientAppActor` -> `ray::ClientAppActor.run`).
     Ours carry the session's FEDMLLM_TEST_SESSION tag (conftest) in their environment."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     keys = ("raylet", "gcs_server", "ray::", "default_worker.py")
     found = {int(line.split()[0]): line.strip() for line in out.splitlines() if any(k in line for k in keys)}
     return {pid: args for pid, args in found.items() if _started_here(pid)}

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def superlink_processes(flwr_home: Path) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "flower-superlink" in line and str(flwr_home) in line]
 
 
