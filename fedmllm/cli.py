@@ -221,8 +221,7 @@ def _partition(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith("out=")]
     if len(outs) != 1 or not outs[0]:
         _fail("fedmllm partition needs one out=DIR (e.g. fedmllm partition scenario=missing out=data)")
-    if _override(overrides, "clients_per_round") is None:  # a run setting: no bound on num_clients here
-        overrides.append("clients_per_round=${num_clients}")
+    overrides = _without_run_bounds(overrides)
     try:
         cfg = compose(overrides)
         target, stats = write_partitions(cfg, outs[0])
@@ -243,12 +242,19 @@ def _inspect(argv: list[str]) -> None:
     bad = [a for a in argv if "=" not in a]
     if bad:
         _fail(f"fedmllm inspect takes Hydra overrides only (e.g. model=smol-llava peft=dora), got {bad}")
-    if _override(argv, "clients_per_round") is None:  # a run setting inspect does not use
-        argv = [*argv, "clients_per_round=${num_clients}"]
+    argv = _without_run_bounds(argv)
     try:
         print(format_footprint(footprint(compose(argv))), flush=True)
     except (ConfigError, MissingAssetError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
+
+
+def _without_run_bounds(overrides: list[str]) -> list[str]:
+    """`overrides` for a command that samples no clients (partition, inspect): clients_per_round,
+    a run setting, is then kept from exceeding a smaller num_clients."""
+    if _override(overrides, "clients_per_round") is not None:
+        return list(overrides)
+    return [*overrides, "clients_per_round=${num_clients}"]
 
 
 def _evaluate(argv: list[str]) -> None:

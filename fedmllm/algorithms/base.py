@@ -35,10 +35,12 @@ class Algorithm:
     peft_methods: ClassVar[tuple[str, ...] | None] = None  # PEFT methods it works with; None: any
     adapter_stage: ClassVar[bool] = True  # server_stage.pretrain.lora can give it its initial adapter
     align: ClassVar[bool] = True  # server_stage.align applies (it retrains the whole shared adapter)
-    free_rank: ClassVar[bool] = False  # replies may differ from the global adapter in LoRA rank
     # What the pre-trained adapter's cache key records about the algorithm: the frozen tensors of
     # the adapter stage are all that depends on it (kept equal to the key the caches were built with).
     stage_key: ClassVar[str] = "standard"
+    # The Flower strategy (a class in flwr.serverapp.strategy) that `strategy_class` puts over the
+    # adapter; an algorithm with its own aggregation overrides `strategy_class` instead.
+    flower_strategy: ClassVar[str] = "FedAvg"
 
     def __init__(self, section: dict[str, Any] | None = None):
         self.section = dict(section or {})
@@ -110,12 +112,13 @@ class Algorithm:
 
     # --- server ----------------------------------------------------------------------------------
     def strategy_class(self) -> type:
-        """The Flower strategy over adapter tensors (imports flwr)."""
-        from flwr.serverapp.strategy import FedAvg
+        """`flower_strategy` over adapter tensors: reply checks + Flower's class + the fused average
+        (imports flwr)."""
+        from flwr.serverapp import strategy as flower
 
         from fedmllm.strategies.validation import adapter_strategy
 
-        return adapter_strategy(FedAvg)
+        return adapter_strategy(getattr(flower, self.flower_strategy))
 
     def prepare_server_model(self, model, seed: int) -> None:
         """Put the server's model into the state every client starts from (before the adapter stage)."""

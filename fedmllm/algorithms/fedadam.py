@@ -8,10 +8,4 @@ from fedmllm.algorithms.base import Algorithm, register
 @register
 class FedAdam(Algorithm):
     name = "fedadam"
-
-    def strategy_class(self) -> type:
-        from flwr.serverapp.strategy import FedAdam as Flower
-
-        from fedmllm.strategies.validation import adapter_strategy
-
-        return adapter_strategy(Flower)
+    flower_strategy = "FedAdam"

@@ -8,10 +8,4 @@ from fedmllm.algorithms.base import Algorithm, register
 @register
 class FedAvgM(Algorithm):
     name = "fedavgm"
-
-    def strategy_class(self) -> type:
-        from flwr.serverapp.strategy import FedAvgM as Flower
-
-        from fedmllm.strategies.validation import adapter_strategy
-
-        return adapter_strategy(Flower)
+    flower_strategy = "FedAvgM"

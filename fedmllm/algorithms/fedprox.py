@@ -9,10 +9,4 @@ from fedmllm.algorithms.base import Algorithm, register
 @register
 class FedProx(Algorithm):
     name = "fedprox"
-
-    def strategy_class(self) -> type:
-        from flwr.serverapp.strategy import FedProx as Flower
-
-        from fedmllm.strategies.validation import adapter_strategy
-
-        return adapter_strategy(Flower)
+    flower_strategy = "FedProx"

@@ -8,10 +8,4 @@ from fedmllm.algorithms.base import Algorithm, register
 @register
 class FedYogi(Algorithm):
     name = "fedyogi"
-
-    def strategy_class(self) -> type:
-        from flwr.serverapp.strategy import FedYogi as Flower
-
-        from fedmllm.strategies.validation import adapter_strategy
-
-        return adapter_strategy(Flower)
+    flower_strategy = "FedYogi"

@@ -24,7 +24,6 @@ class FLoRA(Algorithm):
     # FLoRA sums B_k A_k across clients, which DoRA's column normalisation ||W + s BA|| does not allow.
     peft_methods = ("lora", "rslora")
     align = False
-    free_rank = True
     stage_key = "flora"
 
     @property

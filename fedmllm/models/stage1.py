@@ -57,13 +57,14 @@ def adapter_dir(cfg: dict[str, Any]) -> Path | None:
     lora = ((cfg.get("server_stage") or {}).get("pretrain") or {}).get("lora") or {}
     if base is None or not lora.get("enabled", False):
         return None
+    algorithm = algorithm_of(cfg)
     key = json.dumps(
         {
             "v": ADAPTER_VERSION,
             "stage1": base.name,
             "lora": {k: v for k, v in lora.items() if k != "enabled"},
-            "peft": algorithm_of(cfg).server_peft(cfg),
-            "algorithm": algorithm_of(cfg).stage_key,
+            "peft": algorithm.server_peft(cfg),
+            "algorithm": algorithm.stage_key,
             "model": cfg["model"],
             "dataset": {k: v for k, v in cfg["dataset"].items() if k != "eval_samples"},
             "prompt": cfg.get("prompt"),

@@ -87,17 +87,28 @@ def check_round(ckpt_dir: Path) -> str | None:
     return None
 
 
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    """The rounds whose checkpoint dir (checkpoints/round-<N>) a run has, in order."""
+    return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoints/round-*")
+                  if p.is_dir() and p.name.split("-")[1].isdigit())
+
+
+def read_state(path: Path) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(round, global payload, strategy state) of one round's state file."""
+    with np.load(path) as z:
+        payload = {k[len("global/"):]: z[k] for k in z.files if k.startswith("global/")}
+        state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
+        return int(z["round"]), payload, state
+
+
 def latest_state(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(round, global payload, strategy state) of the last round a run checkpointed completely.
 
     A round whose files fail their manifest, or whose state file cannot be read, is skipped with
     a line naming it and why, for the round before it."""
-    rounds = sorted(
-        ((int(p.parent.name.split("-")[1]), p)
-         for p in Path(run_dir).glob(f"checkpoints/round-*/{STATE_FILE}")
-         if p.parent.name.split("-")[1].isdigit()),
-        reverse=True,
-    )
+    ckpts = Path(run_dir) / "checkpoints"
+    rounds = [(r, ckpts / f"round-{r}" / STATE_FILE) for r in reversed(checkpoint_rounds(run_dir))
+              if (ckpts / f"round-{r}" / STATE_FILE).is_file()]
     if not rounds:
         raise FileNotFoundError(
             f"{run_dir} has no checkpoints/round-<N>/{STATE_FILE}; pass the run dir of a fedmllm run "
@@ -108,10 +119,7 @@ def latest_state(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict[str, n
         problem = check_round(path.parent)
         if problem is None:
             try:
-                with np.load(path) as z:
-                    payload = {k[len("global/"):]: z[k] for k in z.files if k.startswith("global/")}
-                    state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
-                    saved_round = int(z["round"])
+                saved_round, payload, state = read_state(path)
                 if saved_round != server_round:
                     raise ValueError(f"it says round {saved_round}")
                 if not payload:
@@ -130,8 +138,7 @@ def prune_checkpoints(run_dir: Path, keep: int | None) -> list[int]:
     rounds removed. The newest ones stay, so a resume or `fedmllm evaluate` still finds them."""
     if keep is None:
         return []
-    rounds = sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoints/round-*")
-                    if p.is_dir() and p.name.split("-")[1].isdigit())
+    rounds = checkpoint_rounds(run_dir)
     gone = rounds[: max(0, len(rounds) - int(keep))]
     for r in gone:
         shutil.rmtree(Path(run_dir) / "checkpoints" / f"round-{r}", ignore_errors=True)

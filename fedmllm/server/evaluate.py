@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,12 +87,20 @@ def predictions(model, collator: Collator, samples: list[Sample], batch_size: in
     return score_options(model, collator, samples, batch_size)
 
 
+def save_predictions(out_dir, server_round: int, samples, arrays) -> Path:
+    """Held-out predictions of a round: `<out_dir>/round-<N>.npz` with ids, labels and the
+    evaluation's arrays (`scores` in eval.mode=score; `answers` and `pred` in eval.mode=generate)."""
+    out = Path(out_dir) / f"round-{server_round}.npz"
+    out.parent.mkdir(exist_ok=True)
+    np.savez(out, ids=np.array([s["id"] for s in samples]), labels=np.array([s["label"] for s in samples]),
+             **arrays)
+    return out
+
+
 def run_config(run_dir, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The config a run used (its config.yaml, fully resolved) with `overrides` (key=value, e.g.
     eval.mode=generate dataset.eval_samples=500) applied and validated; a key the run's config
     does not have fails naming it."""
-    from pathlib import Path
-
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -117,17 +126,15 @@ def evaluate_checkpoint(run_dir, server_round: int | None = None, overrides: lis
     with `round` and `checkpoint`."""
     import json
     import sys
-    from pathlib import Path
 
     from tqdm.auto import tqdm
 
-    from fedmllm.algorithms import algorithm_of
+    from fedmllm.algorithms import server_peft
     from fedmllm.data import load_task
     from fedmllm.models import get_model
-    from fedmllm.models.stage1 import model_config, stage1_dir
-    from fedmllm.models.stage1 import WEIGHTS
+    from fedmllm.models.stage1 import WEIGHTS, model_config, stage1_dir
     from fedmllm.partitioning.scenarios import apply_eval_scenario
-    from fedmllm.server.checkpoint import STATE_FILE, check_round, latest_state
+    from fedmllm.server.checkpoint import STATE_FILE, check_round, checkpoint_rounds, latest_state, read_state
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, overrides)
@@ -137,30 +144,22 @@ def evaluate_checkpoint(run_dir, server_round: int | None = None, overrides: lis
         ckpt = run_dir / "checkpoints" / f"round-{server_round}"
         problem = check_round(ckpt) if (ckpt / STATE_FILE).is_file() else f"no {STATE_FILE}"
         if problem:
-            kept = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoints/round-*")
-                          if p.name.split("-")[1].isdigit())
             raise FileNotFoundError(f"checkpoints/round-{server_round} of {run_dir} cannot be evaluated: {problem} "
-                                    f"(rounds kept: {kept})")
-        with np.load(ckpt / STATE_FILE) as z:
-            payload = {k[len("global/"):]: z[k] for k in z.files if k.startswith("global/")}
-            state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
+                                    f"(rounds kept: {checkpoint_rounds(run_dir)})")
+        _, payload, state = read_state(ckpt / STATE_FILE)
     fixed = {k[len("fixed/"):]: v for k, v in state.items() if k.startswith("fixed/")}
     stage1 = stage1_dir(cfg)
     if stage1 is not None and not (stage1 / WEIGHTS).is_file():
         raise FileNotFoundError(f"the run's base model is its server's stage-1 result, {stage1}, which is not in "
                                 "this machine's cache; evaluate where the run ran (or rerun it to rebuild the stage)")
-    lm = get_model(model_config(cfg), algorithm_of(cfg).server_peft(cfg))
+    lm = get_model(model_config(cfg), server_peft(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])
     bar = tqdm(total=len(heldout) * 2, desc=f"evaluate round {server_round}", file=sys.stderr, disable=not progress)
     metrics = evaluate(lm.model, Collator(lm.processor, lm.family, task), heldout, {**fixed, **payload},
                        cfg["train"]["eval_batch_size"], bar, **eval_options(cfg))
     bar.close()
-    saved = metrics.pop("_predictions")
-    out = run_dir / "eval" / f"round-{server_round}.json"
-    out.parent.mkdir(exist_ok=True)
-    np.savez(out.with_suffix(".npz"), ids=np.array([s["id"] for s in heldout]),
-             labels=np.array([s["label"] for s in heldout]), **saved)
+    out = save_predictions(run_dir / "eval", server_round, heldout, metrics.pop("_predictions")).with_suffix(".json")
     result = {"round": server_round, "checkpoint": f"checkpoints/round-{server_round}",
               "overrides": list(overrides), **metrics}
     out.write_text(json.dumps(result, indent=1, default=float))

@@ -19,18 +19,6 @@ def default_run_dir() -> Path:
     return Path.cwd() / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
 
 
-def save_predictions(run_dir: Path, server_round: int, samples, arrays) -> Path:
-    """Held-out predictions of a round: `predictions/round-<N>.npz` with ids, labels and the
-    evaluation's arrays (`scores` in eval.mode=score; `answers` and `pred` in eval.mode=generate)."""
-    import numpy as np
-
-    out = run_dir / "predictions" / f"round-{server_round}.npz"
-    out.parent.mkdir(exist_ok=True)
-    np.savez(out, ids=np.array([s["id"] for s in samples]), labels=np.array([s["label"] for s in samples]),
-             **arrays)
-    return out
-
-
 def build_strategy(cfg: dict[str, Any], **settings):
     """The algorithm's strategy with the `aggregator` section's settings and `settings` (fixed,
     round_offset, post_aggregate: validation.AdapterReplies); the sampled fraction follows
@@ -56,7 +44,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.server.checkpoint import (latest_state, prune_checkpoints, save_checkpoint, save_strategy_state,
                                            write_manifest)
     from fedmllm.algorithms import algorithm_of
-    from fedmllm.server.evaluate import eval_options, evaluate
+    from fedmllm.server.evaluate import eval_options, evaluate, save_predictions
     from fedmllm.server.stages import (Aligner, ensure_adapter_pretrained, ensure_pretrained, format_adapter_summary,
                                        format_summary)
     from fedmllm.tracking import MetricsLog, format_round, plot_run
@@ -139,7 +127,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar,
                                **eval_options(cfg))
             ebar.close()
-            save_predictions(run_dir, server_round, heldout, metrics.pop("_predictions"))
+            save_predictions(run_dir / "predictions", server_round, heldout, metrics.pop("_predictions"))
             row.update(metrics)
         ckpt = save_checkpoint(lm.model, payload, run_dir, server_round)
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
