@@ -130,31 +130,92 @@ def final_accuracy(run_dir: str) -> float | None:
 
 
 def stop_on_signals(run_dir: str) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM end the run within seconds: a line saying what is kept, Ray
-    shut down (no worker left behind), exit 128 + the signal. Flower's simulation runs the server
-    in a thread, so a KeyboardInterrupt in the main thread alone left the process running.
-    Every round that was checkpointed stays (checkpoints and metrics rows are written whole)."""
+    """SIGINT (Ctrl-C) and SIGTERM end the run within seconds: a line saying what is kept, Ray's
+    processes stopped (no worker left behind), exit 128 + the signal. Flower's simulation runs the
+    server in a thread, so a KeyboardInterrupt in the main thread alone left the process running.
+    Every round that was checkpointed stays (checkpoints and metrics rows are written whole).
+
+    Ray is not shut down from inside: while `ray.shutdown()` ran, Flower's thread could still call
+    into Ray, whose core worker then ends the process itself with exit 1. The handler instead
+    hands the PIDs of every process this run started (Ray's daemons and workers) to a small
+    reaper, exits at once, and the reaper kills them when this process is gone. The reaper keeps
+    stdout/stderr open, so a caller that reads them to the end also waits for the cleanup."""
     import os
     import signal
-    import threading
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
         print(f"\n{name}: stopping; the rounds checkpointed so far stay in {run_dir}"
               f"{resume_hint(run_dir, KeyboardInterrupt())}", file=sys.stderr, flush=True)
+        if not os.path.isdir("/proc"):  # no process tree to read (macOS): Ray's own shutdown, racy as it is
+            _shutdown_ray()
         try:
-            import ray
+            pids = descendants(os.getpid())
+            if pids:
+                import subprocess
 
-            if ray.is_initialized():
-                t = threading.Thread(target=ray.shutdown, daemon=True)
-                t.start()
-                t.join(15)
+                subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
         except Exception:  # noqa: BLE001 - best effort on the way out; the exit below happens regardless
             pass
         os._exit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+
+
+def _shutdown_ray() -> None:
+    import threading
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            t = threading.Thread(target=ray.shutdown, daemon=True)
+            t.start()
+            t.join(15)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+# Waits (at most 30 s) until its parent has exited, then SIGKILLs the PIDs it was given.
+_REAPER = """
+import os, signal, sys, time
+parent, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+deadline = time.time() + 30
+while os.getppid() == parent and time.time() < deadline:
+    time.sleep(0.01)
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (children, their children, ...), read from /proc; [] where
+    there is no /proc."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def resume_hint(run_dir: str, cause: BaseException) -> str:
