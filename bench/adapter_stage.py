@@ -25,9 +25,10 @@ def main() -> None:
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.server.evaluate import evaluate
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
     from fedmllm.algorithms import server_peft
 
     if {"-h", "--help"} & set(sys.argv[1:]):

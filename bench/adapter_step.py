@@ -24,12 +24,14 @@ def main() -> None:
     import torch
 
     from fedmllm.config import compose
-    from fedmllm.data import load_public_captioned, load_task
+    from fedmllm.data import load_task
+    from fedmllm.stages.captions import load_public_captioned
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
     from fedmllm.models.quantize import dequantized
-    from fedmllm.models.stage1 import model_config
-    from fedmllm.server.stages import _text_accuracy, ensure_pretrained
+    from fedmllm.stages.cache import model_config
+    from fedmllm.stages.vision import ensure_pretrained
+    from fedmllm.stages.adapter import _text_accuracy
     from fedmllm.algorithms import server_peft
     from fedmllm.training import answer_loss
 

@@ -5,7 +5,7 @@
 Adapters of LLaVA-1.5-7B's language model (Vicuna-7B: 32 layers, hidden 4096, MLP 11008):
 `r8-qv` is LoRA r=8 on q,v (4.2M parameters, 16.8 MB per client); `r64-all` is r=64 on every
 linear layer (160M parameters, 640 MB per client). Both timings aggregate the same 10 replies
-in this process: "strategy" is AdapterFedAvg.aggregate_train on Flower Messages (decoding every
+in this process: "strategy" is aggregator=fedavg's AdapterStrategy.aggregate_train on Flower Messages (decoding every
 ArrayRecord, checking each reply, averaging, metrics), "numpy" the weighted sum of the already
 decoded arrays (sum_k w_k x_k in float32). To fit memory, the 10 replies share 3 distinct
 payloads (the work is the same as for 10 distinct ones).
@@ -61,7 +61,9 @@ def bench_size(size: str, clients: int, repeats: int) -> dict:
     from fedmllm.records import from_record, to_record
     from fedmllm.algorithms import algorithm_class
 
-    AdapterFedAvg = algorithm_class("fedavg")().strategy_class()
+    from fedmllm.strategies.wrapper import AdapterStrategy
+
+    FedAvg = algorithm_class("fedavg")().strategy_class()
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     shapes = adapter_shapes(size)
@@ -78,7 +80,7 @@ def bench_size(size: str, clients: int, repeats: int) -> dict:
 
     t_strategy, t_numpy = [], []
     for _ in range(repeats):
-        strategy = AdapterFedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_train=1.0)
+        strategy = AdapterStrategy(FedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_train=1.0))
         sent = list(strategy.configure_train(1, to_record(glob), ConfigRecord(), Nodes()))
         replies = [Message(RecordDict({"arrays": records[i % 3],
                                        "metrics": MetricRecord({"num-examples": weights[i], "partition-id": i})}),

@@ -71,7 +71,7 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.records import to_record
     from fedmllm.algorithms import server_peft
 
@@ -125,7 +125,7 @@ def fill_quantized_cache(overrides: list[str], adapter: Path) -> None:
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.algorithms import server_peft
 
     cfg = compose(overrides)

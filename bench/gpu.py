@@ -94,8 +94,9 @@ def server_side(cfg, quiet: bool = False):
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.stage1 import model_config
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.stages.cache import model_config
+    from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
     from fedmllm.algorithms import server_peft
 
     say = (lambda _: None) if quiet else log
@@ -136,7 +137,7 @@ def check(quick: bool) -> dict[str, Any]:
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models import clear_cache, get_model
     from fedmllm.models.adapter import load_adapter_state
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.server.evaluate import evaluate
     from fedmllm.strategies.aggregate import weighted_average
     from fedmllm.algorithms import server_peft
@@ -241,11 +242,13 @@ def timing(quick: bool) -> dict[str, Any]:
     import torch
 
     from fedmllm.config import compose
-    from fedmllm.data import load_public_captioned, load_task
+    from fedmllm.data import load_task
+    from fedmllm.stages.captions import load_public_captioned
     from fedmllm.data.collate import Collator
     from fedmllm.models import clear_cache, get_model
-    from fedmllm.models.stage1 import model_config
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.stages.cache import model_config
+    from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
     from fedmllm.algorithms import server_peft
 
     # Random weights never reach the stop accuracy, so the adapter stage runs to a cap: 100 steps,

@@ -30,9 +30,9 @@ def centralized(overrides: list[str]) -> None:
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.server.evaluate import evaluate
-    from fedmllm.server.stages import ensure_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
 
     cfg = compose(overrides)
     ensure_pretrained(cfg)  # the same stage-1 base as the federated run (cached)

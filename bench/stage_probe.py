@@ -55,8 +55,8 @@ def main() -> None:
     from fedmllm.data.easyvqa import YESNO, yesno_samples
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models import get_model
-    from fedmllm.models.stage1 import model_config
-    from fedmllm.server.stages import ensure_pretrained
+    from fedmllm.stages.cache import model_config
+    from fedmllm.stages.vision import ensure_pretrained
     from fedmllm.algorithms import server_peft
     from fedmllm.training import train_steps
 

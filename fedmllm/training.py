@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -184,6 +185,71 @@ def shared_prefix_logits(model, inputs: dict[str, Any], keep: int, min_prefix: i
                  logits_to_keep=keep, **{cache_arg: cache}).logits
 
 
+class StepBar:
+    """A progress bar over optimizer steps (on stderr) that keeps every step's loss: `bar(step, loss)`
+    after each step; every `every` steps it shows the mean of the last `every` losses and `extra()`."""
+
+    def __init__(self, desc: str, total: int, every: int, extra: Callable[[], dict] | None = None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0)
+        self.every, self.extra = every, extra
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        self.bar.update(1)
+        if step % self.every == 0:
+            self.show()
+
+    def show(self, **more) -> None:
+        extra = self.extra() if self.extra is not None else {}
+        self.bar.set_postfix(loss=f"{np.mean(self.losses[-self.every:]):.3f}", **{**extra, **more})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def optimize(opt, params: list, steps: int, micro_loss: Callable[[int], Any], *, accum: int = 1,
+             lr_at: Callable[[int], float] | None = None, max_grad_norm: float | None = None,
+             after_backward: Callable[[], None] | None = None, on_step: Callable[[int, float], None] | None = None,
+             stop: Callable[[], bool] | None = None, what: str = "local step") -> list[float]:
+    """The one optimization loop (clients' rounds, the server's stages): for each of `steps` steps,
+    set every param group's lr to its `initial_lr` x `lr_at(step)`, sum the gradients of `accum`
+    losses `micro_loss(step)` (each divided by accum; a non-finite one raises FloatingPointError
+    naming `what` and the step), run `after_backward()`, clip `params` to `max_grad_norm`, step,
+    then `on_step(step, loss)` and `stop()` (True ends training). Returns each step's loss."""
+    import torch
+
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    losses: list[float] = []
+    for step in range(steps):
+        if lr_at is not None:
+            factor = lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(accum):
+            loss = micro_loss(step)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at {what} {step}")
+            (loss / accum).backward()
+            total += loss.item() / accum
+        if after_backward is not None:
+            after_backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm))
+        opt.step()
+        losses.append(total)
+        if on_step is not None:
+            on_step(step, total)
+        if stop is not None and stop():
+            break
+    return losses
+
+
 def train_steps(
     model,
     collator: Collator,
@@ -226,39 +292,29 @@ def train_steps(
     model.train()
     opt = make_optimizer(model, train_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses = []
     stream = batches(samples, bs, steps * accum, seed)
+    share_prefix = bool(train_cfg.get("share_prefix"))
+    right: list[float] = []  # this step's batch answer accuracies (on_answers)
+
+    def micro_loss(step: int):
+        stats: dict[str, float] | None = {} if on_answers is not None else None
+        loss = answer_loss(model, collator.train_batch(next(stream)), share_prefix=share_prefix, stats=stats)
+        if stats is not None:
+            right.append(stats["answer_accuracy"])
+        return loss + penalty() if penalty is not None else loss
+
+    def stepped(step: int, loss: float) -> None:
+        if on_answers is not None:
+            on_answers(step, float(np.mean(right)))
+            right.clear()
+        if on_step is not None:
+            on_step(step, loss)
+
     try:
-        for step in range(steps):
-            factor = lr_factor(step, steps, schedule, warmup)
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * factor
-            opt.zero_grad(set_to_none=True)
-            total, right = 0.0, []
-            for _ in range(accum):
-                inputs = collator.train_batch(next(stream))
-                stats: dict[str, float] | None = {} if on_answers is not None else None
-                loss = answer_loss(model, inputs, share_prefix=bool(train_cfg.get("share_prefix")), stats=stats)
-                if penalty is not None:
-                    loss = loss + penalty()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
-                (loss / accum).backward()
-                total += loss.item() / accum
-                if stats is not None:
-                    right.append(stats["answer_accuracy"])
-            if after_backward is not None:
-                after_backward()
-            if train_cfg.get("max_grad_norm"):
-                torch.nn.utils.clip_grad_norm_(params, float(train_cfg["max_grad_norm"]))
-            opt.step()
-            losses.append(total)
-            if on_answers is not None:
-                on_answers(step, float(np.mean(right)))
-            if on_step is not None:
-                on_step(step, losses[-1])
-            if stop is not None and stop():
-                break
+        losses = optimize(opt, params, steps, micro_loss, accum=accum,
+                          lr_at=lambda step: lr_factor(step, steps, schedule, warmup),
+                          max_grad_norm=train_cfg.get("max_grad_norm"), after_backward=after_backward,
+                          on_step=stepped, stop=stop)
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()

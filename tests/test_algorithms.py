@@ -121,9 +121,9 @@ class ProjectorStaysHome(Algorithm):
     def strategy_class(self):
         from flwr.serverapp.strategy import FedAvgM
 
-        from fedmllm.strategies.validation import adapter_strategy
+        from fedmllm.strategies.fused import fused
 
-        return adapter_strategy(FedAvgM)
+        return fused(FedAvgM)
 
     def prepare(self, r):
         from fedmllm.models.adapter import load_adapter_state

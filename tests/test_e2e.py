@@ -114,7 +114,7 @@ def test_checkpoint_loads_with_peft_and_reproduces_server_predictions(tiny_run):
     from fedmllm.data.collate import Collator
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models.load import load_model
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
 
     cfg = compose(tiny_overrides(f"model.quantization={quant}"))
     # the adapter sits on the run's base: the preset + the server's cached stage-1 tower/projector

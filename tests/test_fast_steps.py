@@ -13,7 +13,7 @@ from fedmllm.models.families import FAMILIES
 def _setup(family: str, quant: str = "4bit"):
     """A tiny model of `family` with LoRA (B non-zero), its collator, and six captioned public
     questions (text only, as in the adapter pre-training)."""
-    from fedmllm.data import load_public_captioned
+    from fedmllm.stages.captions import load_public_captioned
 
     model, collator, cfg = tiny_lora(family, quant)
     return model, collator, load_public_captioned(cfg["dataset"], cfg["seed"])[:6]

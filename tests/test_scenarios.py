@@ -334,7 +334,7 @@ def test_an_empty_client_replies_its_adapter_unchanged_with_zero_examples(tiny_c
     import fedmllm.client as client
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.strategies.aggregate import InvalidReply, check_reply
 
     monkeypatch.setattr(client, "local_data", lambda cfg, ident: (TASK, []))

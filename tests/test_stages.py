@@ -29,8 +29,8 @@ def test_stage1_objective_decreases_and_is_cached(fresh_cache, objective):
 
     from fedmllm.config import compose
     from fedmllm.models.load import load_model
-    from fedmllm.models.stage1 import WEIGHTS, model_config, stage1_dir
-    from fedmllm.server.stages import ensure_pretrained
+    from fedmllm.stages.cache import WEIGHTS, model_config, stage1_dir
+    from fedmllm.stages.vision import ensure_pretrained
 
     steps = 60 if objective == "embed" else 150
     cfg = compose(tiny_overrides(f"server_stage.pretrain.objective={objective}",
@@ -63,7 +63,7 @@ def test_stage1_objective_decreases_and_is_cached(fresh_cache, objective):
 
 def test_stage1_cache_key_follows_settings():
     from fedmllm.config import compose
-    from fedmllm.models.stage1 import stage1_dir
+    from fedmllm.stages.cache import stage1_dir
 
     base = stage1_dir(compose(tiny_overrides()))
     assert base == stage1_dir(compose(tiny_overrides()))
@@ -76,7 +76,8 @@ def test_stage1_cache_key_follows_settings():
 
 
 def test_public_captions_come_from_public_images_only():
-    from fedmllm.data import load_public, load_public_captions, load_task
+    from fedmllm.data import load_public, load_task
+    from fedmllm.stages.captions import load_public_captions
 
     cfg = {"name": "easyvqa", "balanced": True, "public_fraction": 0.5, "eval_samples": 0}
     captions = load_public_captions(cfg, 42)
@@ -118,7 +119,7 @@ def test_run_with_pretrain_and_align_logs_both(tmp_path):
     # the pre-trained adapter is the initial global adapter: round 0's checkpoint holds it
     from safetensors.numpy import load_file
 
-    from fedmllm.models.stage1 import ADAPTER
+    from fedmllm.stages.cache import ADAPTER
     from fedmllm.server.checkpoint import STATE_FILE
 
     adapter = json.loads((out / "stage1_adapter.json").read_text())
@@ -137,9 +138,9 @@ def test_stage1_embed_trains_every_family_and_the_model_carries_it(fresh_cache, 
 
     from fedmllm.config import compose
     from fedmllm.models.load import load_model
-    from fedmllm.models.stage1 import WEIGHTS, model_config, stage1_dir
+    from fedmllm.stages.cache import WEIGHTS, model_config, stage1_dir
 
-    from fedmllm.server.stages import ensure_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
 
     cfg = compose(tiny_overrides(f"model=tiny-{family}", "model.quantization=none",
                                  "server_stage.pretrain.steps=30", "server_stage.pretrain.lr=1e-2"))
@@ -153,7 +154,8 @@ def test_stage1_embed_trains_every_family_and_the_model_carries_it(fresh_cache, 
 
 
 def test_public_captioned_samples_are_the_public_questions_with_their_caption_as_text():
-    from fedmllm.data import load_public, load_public_captioned, load_public_captions, load_task
+    from fedmllm.data import load_public, load_task
+    from fedmllm.stages.captions import load_public_captioned, load_public_captions
 
     cfg = {"name": "easyvqa", "balanced": True, "public_fraction": 0.5, "eval_samples": 0}
     captioned = load_public_captioned(cfg, 42)
@@ -182,7 +184,7 @@ def _server_model(cfg):
     import torch
 
     from fedmllm.models import clear_cache, get_model
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.algorithms import server_peft
 
     clear_cache()
@@ -194,8 +196,9 @@ def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_
     from fedmllm.data.collate import Collator
     from fedmllm.data.easyvqa import YESNO
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.stage1 import ADAPTER, adapter_dir
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.stages.cache import ADAPTER, adapter_dir
+    from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
 
     cfg = _adapter_cfg()
     ensure_pretrained(cfg, log=lambda _: None)
@@ -224,7 +227,8 @@ def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_
 def test_adapter_pretrain_stops_once_held_out_accuracy_is_reached(fresh_cache):
     from fedmllm.data.collate import Collator
     from fedmllm.data.easyvqa import YESNO
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
 
     def build(*extra):
         cfg = _adapter_cfg("server_stage.pretrain.lora.steps=6", "server_stage.pretrain.lora.eval_every=2",
@@ -266,7 +270,8 @@ def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):
     from fedmllm.data.collate import Collator
     from fedmllm.data.easyvqa import YESNO
     from fedmllm.models.adapter import adapter_state, init_lora_a
-    from fedmllm.server.stages import ensure_adapter_pretrained, ensure_pretrained
+    from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.vision import ensure_pretrained
 
     cfg = _adapter_cfg("aggregator=ffa_lora", "server_stage.pretrain.lora.steps=3")
     ensure_pretrained(cfg, log=lambda _: None)
@@ -289,7 +294,7 @@ def test_adapter_pretrain_keeps_ffa_lora_a_and_skips_fedsa_lora(fresh_cache):
 
 def test_adapter_cache_key_follows_what_shapes_the_adapter():
     from fedmllm.config import compose
-    from fedmllm.models.stage1 import adapter_dir, stage1_dir
+    from fedmllm.stages.cache import adapter_dir, stage1_dir
 
     def key(*extra):
         return adapter_dir(compose(tiny_overrides(*extra)))

@@ -1,13 +1,24 @@
-"""aggregator=fedavg's strategy (AdapterFedAvg): bad replies are dropped with a reason, good ones averaged by num-examples."""
+"""aggregator=fedavg's strategy (Flower's FedAvg with the fused average, inside the AdapterStrategy
+wrapper): bad replies are dropped with a reason, good ones averaged by num-examples."""
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedmllm.records import from_record, to_record
 from fedmllm.algorithms import algorithm_class
+from fedmllm.records import from_record, to_record
+from fedmllm.strategies.wrapper import AdapterStrategy, RoundStats
 
-AdapterFedAvg = algorithm_class("fedavg")().strategy_class()
+FedAvg = algorithm_class("fedavg")().strategy_class()
+
+
+def AdapterFedAvg(max_update_norm=None, max_num_examples=None, **flower):
+    """aggregator=fedavg's strategy as a run builds it; `.stats`: the RoundStats it reported."""
+    stats: list[RoundStats] = []
+    strategy = AdapterStrategy(FedAvg(**flower), max_update_norm=max_update_norm,
+                               max_num_examples=max_num_examples, on_round=stats.append)
+    strategy.stats = stats
+    return strategy
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +67,10 @@ def test_bad_replies_are_dropped_and_the_rest_weighted_by_examples():
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.5)
     assert metrics["train-loss"] == (10 * 1.0 + 30 * 2.0) / 40
     assert len(strategy.dropped) == 1 and "non-finite" in strategy.dropped[0][1]
-    assert strategy.round_stats["bytes_up_per_client"] == {0: 24, 1: 24}
-    assert strategy.round_stats["bytes_down"] == 3 * 24
+    [stats] = strategy.stats
+    assert stats.bytes_up_per_client == {0: 24, 1: 24} and stats.bytes_up == 48
+    assert stats.bytes_down == 3 * 24 and stats.train_loss == metrics["train-loss"] and stats.aggregated
+    assert stats.dropped == ["lora_A: non-finite values"]
 
 
 def test_round_fails_when_fewer_valid_replies_than_min_train_nodes():
@@ -70,6 +83,7 @@ def test_round_fails_when_fewer_valid_replies_than_min_train_nodes():
     strategy, (arrays, metrics) = run_round(replies)
     assert arrays is None and metrics is None
     assert "shape" in strategy.dropped[0][1]
+    assert len(strategy.stats) == 1 and not strategy.stats[0].aggregated  # reported all the same
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
@@ -105,7 +119,7 @@ def test_post_aggregate_hook_replaces_the_global_adapter_and_server_state(name):
     from fedmllm.config import compose
     from fedmllm.server.run import build_strategy
 
-    calls = []
+    calls, reported = [], []
 
     def align(rnd, arrays):
         calls.append((rnd, arrays["lora_A"].copy()))
@@ -113,7 +127,7 @@ def test_post_aggregate_hook_replaces_the_global_adapter_and_server_state(name):
 
     strategy = build_strategy(compose(["aggregator=" + name, "num_clients=2", "clients_per_round=2",
                                        "aggregator.min_available_nodes=2", "aggregator.min_train_nodes=2"]),
-                              post_aggregate=align)
+                              post_aggregate=align, on_round=reported.append)
     global_arrays = {"lora_A": np.zeros((2, 3), np.float32)}
     sent = list(strategy.configure_train(1, to_record(global_arrays), ConfigRecord(), FakeGrid()))[:2]
     arrays, _ = strategy.aggregate_train(1, [reply(m, {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, i)
@@ -121,8 +135,10 @@ def test_post_aggregate_hook_replaces_the_global_adapter_and_server_state(name):
     out = from_record(arrays)["lora_A"]
     assert len(calls) == 1 and calls[0][0] == 1
     np.testing.assert_allclose(out, calls[0][1] + 10.0)
-    assert strategy.round_stats["align_seconds"] == 0.5
-    current = getattr(strategy, "current_arrays", None)
+    assert reported[0].extra == {"align_seconds": 0.5, "align_loss": 0.25}
+    # the next round starts from the aligned adapter, and so does the server optimizer's state
+    strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid())
+    current = getattr(strategy.strategy, "current_arrays", None)
     if current is not None:
         current = from_record(current) if not isinstance(current, dict) else current
         np.testing.assert_allclose(current["lora_A"], out)
@@ -145,7 +161,8 @@ def test_a_node_with_an_empty_partition_is_left_out_of_sampling():
     again = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid()))
     assert sorted(m.metadata.dst_node_id for m in again) == sorted(
         n for n in FakeGrid().get_node_ids() if n not in strategy.empty_nodes)
-    assert (strategy.min_train_nodes, strategy.min_available_nodes) == (3, 3)  # restored after sampling
+    inner = strategy.strategy
+    assert (inner.min_train_nodes, inner.min_available_nodes) == (3, 3)  # restored after sampling
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5, 0])
@@ -161,7 +178,7 @@ def test_a_non_finite_or_non_positive_weight_drops_the_reply_not_the_round(bad):
     strategy, (arrays, _) = run_round(replies)
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.5)
     assert len(strategy.dropped) == 1 and "num-examples" in strategy.dropped[0][1]
-    rows = strategy.round_stats["clients"]
+    rows = strategy.stats[0].clients
     assert [r["partition-id"] for r in rows] == [0, 1, 2]
     assert rows[0] == {"partition-id": 0, "num-examples": 10, "train-loss": 1.0, "bytes": 24}
     assert rows[2]["bytes"] == 0 and "num-examples" in rows[2]["dropped"]
@@ -225,7 +242,7 @@ def test_a_malformed_reply_is_dropped_with_its_reason_and_the_round_goes_on(spoi
     expected = {0: 3.0, 2: (10 * 1.0 + 30 * 3.0) / 40}[position]
     np.testing.assert_allclose(from_record(arrays)["lora_A"], expected)
     assert len(strategy.dropped) == 1 and re.search(reason, strategy.dropped[0][1])
-    row = [r for r in strategy.round_stats["clients"] if r["partition-id"] == position][0]
+    row = [r for r in strategy.stats[0].clients if r["partition-id"] == position][0]
     assert re.search(reason, row["dropped"]) and row["bytes"] == 0
 
 
@@ -257,3 +274,43 @@ def test_max_num_examples_drops_a_reply_that_claims_more_examples_than_any_clien
     arrays, _ = strategy.aggregate_train(1, replies(sent))
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 1.5)  # without the bound: 9.0 (weight 1e12)
     assert strategy.dropped[0][1] == "num-examples=1000000000000 > aggregator.max_num_examples=5000"
+
+
+def test_an_error_reply_is_dropped_with_its_code_and_the_round_goes_on():
+    """A client whose ClientApp raised: Flower delivers a Message with an Error; it is named in the
+    round's client rows and the valid replies still aggregate."""
+    from flwr.app import Error
+
+    def replies(sent):
+        return [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+                reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
+                Message(Error(code=0, reason="ClientApp raised ValueError"), reply_to=sent[2])]
+
+    strategy, (arrays, _) = run_round(replies)
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.5)
+    assert strategy.dropped == [(1, "error reply (code 0: ClientApp raised ValueError)")]
+    assert [r.get("dropped") for r in strategy.stats[0].clients] == [None, None, strategy.dropped[0][1]]
+
+
+def test_records_beside_the_adapter_go_only_to_a_strategy_that_checks_them():
+    """FedAvg reads the adapter alone: a reply's other records are removed before Flower's strategy
+    sees it (Flower expects one ArrayRecord); SCAFFOLD drops a reply without its `scaffold-dc`."""
+    from fedmllm.strategies.wrapper import AdapterStrategy
+
+    def replies(sent):
+        out = [reply(sent[i], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, i) for i in range(3)]
+        out[0].content["scaffold-dc"] = to_record({"lora_A": np.zeros((2, 3), np.float32)})
+        return out
+
+    strategy, (arrays, _) = run_round(replies)
+    np.testing.assert_allclose(from_record(arrays)["lora_A"], 1.0)
+    assert strategy.dropped == [] and strategy.stats[0].bytes_up_per_client == {0: 48, 1: 24, 2: 24}
+
+    scaffold = AdapterStrategy(algorithm_class("scaffold")().strategy_class()(
+        min_train_nodes=2, min_available_nodes=3, fraction_train=1.0))
+    sent = list(scaffold.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(),
+                                         FakeGrid()))
+    assert all("scaffold-c" in m.content.array_records for m in sent)
+    arrays, _ = scaffold.aggregate_train(1, replies(sent))
+    assert arrays is None  # one reply with dc, two without: fewer than min_train_nodes=2 valid
+    assert [r for _, r in scaffold.dropped] == ["no 'scaffold-dc' record: the client does not run aggregator=scaffold"] * 2

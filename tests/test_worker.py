@@ -58,7 +58,7 @@ def request(cfg_overrides: list[str], node_config: dict, server_round: int = 1):
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.models.stage1 import model_config
+    from fedmllm.stages.cache import model_config
     from fedmllm.algorithms import server_peft
 
     cfg = compose(cfg_overrides)

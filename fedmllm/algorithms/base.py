@@ -2,7 +2,8 @@
 follow from it. No flwr, no torch at import (the client's worker and bench/gpu.py import it).
 
 An algorithm decides, for one aggregator config (`aggregator=<name>`):
-- the server strategy (`strategy_class`, loaded on use: it needs flwr);
+- the server strategy (`strategy_class`, loaded on use: it needs flwr; the run wraps it in
+  strategies.wrapper.AdapterStrategy, which checks the replies);
 - what travels (`travels(key)`: which adapter tensors are in the exchanged payload);
 - the client's round (`prepare`, `after_backward`, `finish`, called by fedmllm.client.local.LocalRound);
 - the PEFT it needs (`peft_methods`, `peft`), its config check (`problems`), the bytes it moves
@@ -41,6 +42,7 @@ class Algorithm:
     # The Flower strategy (a class in flwr.serverapp.strategy) that `strategy_class` puts over the
     # adapter; an algorithm with its own aggregation overrides `strategy_class` instead.
     flower_strategy: ClassVar[str] = "FedAvg"
+    free_rank: ClassVar[bool] = False  # replies may differ from the global adapter in LoRA rank (FLoRA)
 
     def __init__(self, section: dict[str, Any] | None = None):
         self.section = dict(section or {})
@@ -112,13 +114,13 @@ class Algorithm:
 
     # --- server ----------------------------------------------------------------------------------
     def strategy_class(self) -> type:
-        """`flower_strategy` over adapter tensors: reply checks + Flower's class + the fused average
-        (imports flwr)."""
+        """The Flower strategy class the run's strategies.wrapper.AdapterStrategy wraps:
+        `flower_strategy` over the fused weighted average (imports flwr)."""
         from flwr.serverapp import strategy as flower
 
-        from fedmllm.strategies.validation import adapter_strategy
+        from fedmllm.strategies.fused import fused
 
-        return adapter_strategy(getattr(flower, self.flower_strategy))
+        return fused(getattr(flower, self.flower_strategy))
 
     def prepare_server_model(self, model, seed: int) -> None:
         """Put the server's model into the state every client starts from (before the adapter stage)."""

@@ -45,23 +45,27 @@ class FedSALoRA(Algorithm):
 
 @functools.cache
 def _strategy() -> type:
-    from flwr.app import Message
-
+    from fedmllm.records import from_record
     from fedmllm.strategies.aggregate import InvalidReply, weighted_average
-    from fedmllm.strategies.validation import AdapterReplies, FusedAverage, ValidReplies
+    from fedmllm.strategies.fused import FusedAverage
 
-    class AdapterFedSALoRA(AdapterReplies, FusedAverage):
+    class FedSALoRAStrategy(FusedAverage):
         """Averages the shared A; keeps the average of the clients' B for evaluation (`fixed`)."""
 
         state_attrs = ()
 
-        def check_extra(self, extra: dict) -> None:
-            super().check_extra(extra)
-            if "lora-b" not in extra:
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.fixed: dict = {}  # the clients' average B: completes the global adapter, never sent
+
+        def check_extras(self, reference: dict, extras: dict) -> None:
+            if "lora-b" not in extras:
                 raise InvalidReply("no 'lora-b' record: the client does not run aggregator=fedsa_lora")
 
-        def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies):
-            self.fixed = weighted_average([e["lora-b"] for e in decoded.extras], decoded.weights)
-            return super().aggregate_replies(server_round, valid, decoded)
+        def aggregate_train(self, server_round: int, replies):
+            valid = list(replies)
+            weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
+            self.fixed = weighted_average([from_record(m.content["lora-b"]) for m in valid], weights)
+            return super().aggregate_train(server_round, valid)
 
-    return AdapterFedSALoRA
+    return FedSALoRAStrategy

@@ -24,6 +24,7 @@ class FLoRA(Algorithm):
     # FLoRA sums B_k A_k across clients, which DoRA's column normalisation ||W + s BA|| does not allow.
     peft_methods = ("lora", "rslora")
     align = False
+    free_rank = True
     stage_key = "flora"
 
     @property
@@ -103,27 +104,35 @@ class FLoRA(Algorithm):
 
 @functools.cache
 def _strategy() -> type:
-    from flwr.app import Message
-    from flwr.serverapp.strategy import FedAvg
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp import Grid
 
-    from fedmllm.records import to_record
+    from fedmllm.records import from_record, to_record
     from fedmllm.strategies.aggregate import flora_merge, flora_stack
-    from fedmllm.strategies.validation import AdapterReplies, ValidReplies
+    from fedmllm.strategies.fused import FusedAverage
 
-    class AdapterFLoRA(AdapterReplies, FedAvg):
-        """Stacks the clients' factors and folds them into the rank-max_rank global update."""
+    class FLoRAStrategy(FusedAverage):
+        """Stacks the clients' factors and folds them into the rank-max_rank global update; reports
+        the fold's truncation error as the metric `flora_truncation_error`."""
 
-        free_rank = True
+        state_attrs = ()
 
         def __init__(self, max_rank: int = 64, **kwargs):
             super().__init__(**kwargs)
             self.max_rank = int(max_rank)
-            self.truncation_error = 0.0
+            self.reference: dict = {}  # the global update this round started from
 
-        def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies):
-            stacked = flora_stack(decoded.payloads, decoded.weights)
-            merged, self.truncation_error = flora_merge(self._reference, stacked, self.max_rank)
-            self.round_stats["flora_truncation_error"] = self.truncation_error
-            return to_record(merged), self.train_metrics(valid)
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+            self.reference = from_record(arrays)
+            return super().configure_train(server_round, arrays, config, grid)
 
-    return AdapterFLoRA
+        def aggregate_train(self, server_round: int, replies):
+            valid = list(replies)
+            payloads = [from_record(m.content[self.arrayrecord_key]) for m in valid]
+            weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
+            merged, error = flora_merge(self.reference, flora_stack(payloads, weights), self.max_rank)
+            metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+            metrics["flora_truncation_error"] = float(error)
+            return to_record(merged), metrics
+
+    return FLoRAStrategy

@@ -60,43 +60,52 @@ class Scaffold(Algorithm):
 
 @functools.cache
 def _strategy() -> type:
-    from flwr.app import ArrayRecord, Message
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+    from flwr.serverapp import Grid
 
-    from fedmllm.records import to_record
+    from fedmllm.records import from_record, to_record
     from fedmllm.strategies.aggregate import InvalidReply, scaffold_server_update
-    from fedmllm.strategies.validation import AdapterReplies, FusedAverage, ValidReplies
+    from fedmllm.strategies.fused import FusedAverage
 
-    class AdapterScaffold(AdapterReplies, FusedAverage):
+    class ScaffoldStrategy(FusedAverage):
         """SCAFFOLD's server: sends c with the adapter, steps x and c from the replies."""
 
         state_attrs = ("server_c",)
-        fused_average = False  # check finiteness per reply: the control-variate step uses every reply's y_k
 
         def __init__(self, server_learning_rate: float = 1.0, num_clients: int | None = None, **kwargs):
             super().__init__(**kwargs)
             self.server_learning_rate = float(server_learning_rate)
             self.num_clients = num_clients
             self.server_c: dict[str, np.ndarray] | None = None
+            self.x: dict[str, np.ndarray] = {}  # the global adapter this round started from
 
-        def extra_records(self, server_round: int) -> dict[str, ArrayRecord]:
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+            self.x = from_record(arrays)
             if self.server_c is None:
-                self.server_c = {k: np.zeros_like(v) for k, v in self._reference.items()}
-            return {"scaffold-c": to_record(self.server_c)}
+                self.server_c = {k: np.zeros_like(v) for k, v in self.x.items()}
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            c = to_record(self.server_c)
+            for msg in messages:
+                msg.content["scaffold-c"] = c
+            return messages
 
-        def check_extra(self, extra: dict) -> None:
-            super().check_extra(extra)
-            dc = extra.get("scaffold-dc")
+        def check_extras(self, reference: dict, extras: dict) -> None:
+            dc = extras.get("scaffold-dc")
             if dc is None:
                 raise InvalidReply("no 'scaffold-dc' record: the client does not run aggregator=scaffold")
-            for k, ref in (self._reference or {}).items():
+            for k, ref in reference.items():
                 if k not in dc or np.shape(dc[k]) != np.shape(ref):
                     raise InvalidReply(f"scaffold-dc/{k}: missing or shaped {np.shape(dc.get(k))} != {np.shape(ref)}")
 
-        def aggregate_replies(self, server_round: int, valid: list[Message], decoded: ValidReplies):
-            x, ys = self._reference, decoded.payloads  # x: the global adapter this round started from
+        def aggregate_train(self, server_round: int, replies):
+            valid: list[Message] = list(replies)
+            x = self.x
+            ys = [from_record(m.content[self.arrayrecord_key]) for m in valid]
+            dcs = [from_record(m.content["scaffold-dc"]) for m in valid]
+            weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
             new_x, self.server_c = scaffold_server_update(
-                x, self.server_c, [{k: y[k] - x[k] for k in x} for y in ys], [e["scaffold-dc"] for e in decoded.extras],
-                decoded.weights, max(self.num_clients or len(ys), len(ys)), self.server_learning_rate)
-            return to_record(new_x), self.train_metrics(valid)
+                x, self.server_c, [{k: y[k] - x[k] for k in x} for y in ys], dcs,
+                weights, max(self.num_clients or len(ys), len(ys)), self.server_learning_rate)
+            return to_record(new_x), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
 
-    return AdapterScaffold
+    return ScaffoldStrategy

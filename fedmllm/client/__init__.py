@@ -11,7 +11,7 @@ import numpy as np
 from fedmllm.algorithms import adaptive_reg_settings, algorithm_of
 from fedmllm.config import NodeIdentity
 from fedmllm.models import get_model
-from fedmllm.models.stage1 import model_config
+from fedmllm.stages.cache import model_config
 from fedmllm.models.adapter import payload_bytes, trainable_bytes
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
-__all__ = ["DataError", "Sample", "Task", "check_source", "load_public", "load_public_captioned", "load_public_captions",
+__all__ = ["DataError", "Sample", "Task", "check_source", "load_public", 
            "load_task"]
 
 
@@ -144,43 +144,6 @@ def load_public(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
     full = load_task({**dataset_cfg, "public_fraction": 0.0, "eval_samples": 0}, seed)[1]
     public_images = _public_images(full, frac, seed)
     return [s for s in full if s["image"] in public_images]
-
-
-def load_public_captions(dataset_cfg: dict[str, Any], seed: int = 42) -> list[tuple[str, tuple[str, ...]]]:
-    """The public pool's images with their caption words, for the server's stage-1 alignment:
-    `(image path, (word, ...))`, the same images as `load_public`, sorted by path.
-
-    easy-vqa captions are `(colour, shape)`, read off the dataset's own open questions.
-    """
-    images = {s["image"] for s in load_public(dataset_cfg, seed)}
-    return sorted((p, words) for p, words in _caption_words(dataset_cfg).items() if p in images)
-
-
-def load_public_captioned(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
-    """The public pool's task samples with the image replaced by its caption as text, for the
-    server's adapter pre-training (`server_stage.pretrain.lora`): "The image shows a red circle.
-    <question>", no image. Samples whose image has no caption are left out."""
-    words = _caption_words(dataset_cfg)
-    return [
-        Sample(id=s["id"] + "-captioned", image=None, text=f"The image shows a {' '.join(words[s['image']])}. {s['text']}",
-               label=s["label"])
-        for s in load_public(dataset_cfg, seed)
-        if s["image"] in words
-    ]
-
-
-def _caption_words(dataset_cfg: dict[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Caption words of every training image that has them: {image path: (colour, shape)}."""
-    from fedmllm.data import easyvqa
-
-    name = dataset_cfg["name"]
-    if name not in ("easyvqa", "easyvqa_caption", "easyvqa_flag"):
-        raise ValueError(
-            f"dataset.name={name!r} has no image captions for server_stage.pretrain; "
-            "use server_stage=none or an easy-vqa dataset"
-        )
-    paths = easyvqa._image_paths("train")
-    return {paths[i]: (color, shape) for i, (shape, color) in easyvqa.image_attributes("train").items()}
 
 
 def _public_images(samples: list[Sample], fraction: float, seed: int) -> set[str]:

@@ -51,6 +51,12 @@ def _image_paths(split: str) -> dict[int, str]:
     return ev.get_train_image_paths() if split == "train" else ev.get_test_image_paths()
 
 
+def caption_words(split: str = "train") -> dict[str, tuple[str, ...]]:
+    """{image path: (colour, shape)} of every image of a split: its caption words."""
+    paths = _image_paths(split)
+    return {paths[i]: (color, shape) for i, (shape, color) in image_attributes(split).items()}
+
+
 def yesno_samples(split: str, balanced: bool = False, seed: int = 42) -> list[Sample]:
     """easy-vqa's yes/no questions of a split (`train` or `test`).
 

@@ -132,7 +132,7 @@ def evaluate_checkpoint(run_dir, server_round: int | None = None, overrides: lis
     from fedmllm.algorithms import server_peft
     from fedmllm.data import load_task
     from fedmllm.models import get_model
-    from fedmllm.models.stage1 import WEIGHTS, model_config, stage1_dir
+    from fedmllm.stages.cache import WEIGHTS, model_config, stage1_dir
     from fedmllm.partitioning.scenarios import apply_eval_scenario
     from fedmllm.server.checkpoint import STATE_FILE, check_round, checkpoint_rounds, latest_state, read_state
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmllm.models import clear_cache, get_model
-from fedmllm.models.stage1 import model_config
+from fedmllm.stages.cache import model_config
 from fedmllm.models.adapter import adapter_state
 
 
@@ -20,14 +20,18 @@ def default_run_dir() -> Path:
 
 
 def build_strategy(cfg: dict[str, Any], **settings):
-    """The algorithm's strategy with the `aggregator` section's settings and `settings` (fixed,
-    round_offset, post_aggregate: validation.AdapterReplies); the sampled fraction follows
-    clients_per_round."""
+    """The algorithm's Flower strategy, with the `aggregator` section's settings and the sampled
+    fraction following clients_per_round, inside strategies.wrapper.AdapterStrategy (reply checks;
+    `settings`: its fixed, round_offset, post_aggregate, on_round)."""
     from fedmllm.algorithms import algorithm_of, strategy_settings
+    from fedmllm.strategies.wrapper import AdapterStrategy
 
+    algorithm = algorithm_of(cfg)
     kwargs = strategy_settings(cfg["aggregator"])
+    checks = {k: kwargs.pop(k) for k in ("max_update_norm", "max_num_examples") if k in kwargs}
     kwargs.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
-    return algorithm_of(cfg).strategy_class()(**kwargs, **settings)
+    kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
+    return AdapterStrategy(algorithm.strategy_class()(**kwargs), free_rank=algorithm.free_rank, **checks, **settings)
 
 
 def run_server(grid, cfg: dict[str, Any]) -> Path:
@@ -45,8 +49,9 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
                                            write_manifest)
     from fedmllm.algorithms import algorithm_of
     from fedmllm.server.evaluate import eval_options, evaluate, save_predictions
-    from fedmllm.server.stages import (Aligner, ensure_adapter_pretrained, ensure_pretrained, format_adapter_summary,
-                                       format_summary)
+    from fedmllm.stages.adapter import ensure_adapter_pretrained, format_adapter_summary
+    from fedmllm.stages.align import Aligner
+    from fedmllm.stages.vision import ensure_pretrained, format_summary
     from fedmllm.tracking import MetricsLog, format_round, plot_run
 
     run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
@@ -91,7 +96,9 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         keep_rows_until(run_dir, done)  # a round logged after the last intact checkpoint runs again
     aligner = (Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
                if cfg["server_stage"]["align"].get("enabled") else None)
-    strategy = build_strategy(cfg, fixed=fixed, round_offset=done, post_aggregate=aligner)
+    last = {}  # the RoundStats of the round being evaluated (the wrapper reports it before evaluate_fn)
+    strategy = build_strategy(cfg, fixed=fixed, round_offset=done, post_aggregate=aligner,
+                              on_round=lambda stats: last.update(stats=stats))
     if state is not None:
         strategy.load_state_arrays(state)  # the stopped run's server state (optimizer moments, c, fixed)
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
@@ -106,22 +113,22 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         shared = from_record(arrays)
         payload = strategy.full_payload(shared)
         row: dict[str, Any] = {"round": server_round}
-        stats = getattr(strategy, "round_stats", {}) if server_round > 0 else {}
-        row.update(
-            train_loss=stats.get("train_loss"),
-            bytes_up=stats.get("bytes_up", 0),
-            bytes_down=stats.get("bytes_down", 0),
-            bytes_up_per_client={str(k): v for k, v in stats.get("bytes_up_per_client", {}).items()},
-            clients=stats.get("clients", []),  # per reply: partition-id, num-examples, train-loss, bytes
-        )
+        stats = last.pop("stats", None) if server_round > 0 else None
+        if stats is not None:
+            row.update(
+                train_loss=stats.train_loss,
+                bytes_up=stats.bytes_up,
+                bytes_down=stats.bytes_down,
+                bytes_up_per_client={str(k): v for k, v in stats.bytes_up_per_client.items()},
+                clients=stats.clients,  # per reply: partition-id, num-examples, train-loss, bytes, dropped
+                **stats.extra,  # flora_truncation_error; align_seconds, align_loss
+            )
+        else:
+            row.update(train_loss=None, bytes_up=0, bytes_down=0, bytes_up_per_client={}, clients=[])
         if server_round == 0 and stage1 is not None:
             row.update(pretrain_seconds=stage1["seconds"], pretrain_cached=stage1["cached"])
             if adapter is not None:
                 row.update(pretrain_adapter_seconds=adapter["seconds"], pretrain_adapter_cached=adapter["cached"])
-        if "flora_truncation_error" in stats:
-            row["flora_truncation_error"] = stats["flora_truncation_error"]
-        if "align_seconds" in stats:
-            row.update(align_seconds=stats["align_seconds"], align_loss=stats["align_loss"])
         if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
             ebar = tqdm(total=len(heldout) * 2, desc=f"eval round {server_round}", leave=False, file=sys.stderr)
             metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar,

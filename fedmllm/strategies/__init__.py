@@ -1,3 +1,4 @@
 """The server side of aggregation over adapter tensors: aggregate.py holds the pure math (no
-flwr), validation.py the reply checks mixed into Flower's strategies (`adapter_strategy`). Each
+flwr), wrapper.py the wrapper that checks replies before the algorithm's Flower strategy sees them,
+fused.py Flower's strategies over the one-pass weighted average (`fused`). Each
 aggregator's strategy is its algorithm's (fedmllm.algorithms)."""

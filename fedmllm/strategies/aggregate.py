@@ -98,6 +98,18 @@ def _axpy(a: np.float32, x: np.ndarray, y: np.ndarray) -> None:
         y += a * x.astype(np.float32, copy=False)
 
 
+def all_finite(arr: np.ndarray) -> bool:
+    """Whether every value is finite, in one read of the array: the float32 sum is finite unless
+    a value is NaN or infinite (or the sum of finite values overflows: then each value is checked)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind != "f":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(arr, dtype=arr.dtype)):
+            return True
+    return bool(np.isfinite(arr).all())
+
+
 def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.ndarray], num_examples,
                 free_rank: bool = False, finite: bool = True) -> None:
     """Raise InvalidReply unless the payload has the reference's keys, shapes, a float dtype,

@@ -1,0 +1,318 @@
+"""The strategy wrapper every run's server uses (Flower's wrapper style, as its
+`DifferentialPrivacyServerSideFixedClipping`): it holds the algorithm's Flower strategy in
+`self.strategy` and delegates to it, after checking and decoding every reply, and it reports each
+round as a typed `RoundStats` through a callback.
+
+    strategy = AdapterStrategy(fused(FedAvgM)(fraction_train=0.2, ...), max_update_norm=10.0,
+                               on_round=stats.append)
+    strategy.start(grid=grid, initial_arrays=..., num_rounds=3, evaluate_fn=...)
+
+A reply is dropped, with its reason logged and kept in `RoundStats.clients`, when it carries an
+error, other adapter keys or shapes, non-finite values, a non-finite or non-positive num-examples
+(or one above `max_num_examples`), unreadable arrays, other metric keys than the round's other
+replies, more than one MetricRecord, an update norm above `max_update_norm`, or other records that
+the strategy's `check_extras` rejects. The wrapped strategy sees only the valid replies.
+
+What the wrapped strategy may offer besides Flower's Strategy API (all optional):
+- `state_attrs`: names of its attributes that are server state, saved with every checkpoint and
+  restored by `fedmllm run resume=` (Flower's FedOpt m_t / v_t, FedAvgM momentum_vector, SCAFFOLD's c);
+- `check_extras(reference, extras)`: raise InvalidReply for a reply whose records beside the
+  adapter (SCAFFOLD's dc, FedSA-LoRA's B) are not what it needs;
+- `fixed`: adapter tensors it updates that complete the global adapter without travelling
+  (FedSA-LoRA's average B, for the server's evaluation);
+- `leave_out(node_id)`: never sample that node again (its partition is empty).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmllm.records import from_record, to_record
+from fedmllm.strategies.aggregate import InvalidReply, all_finite, check_reply
+
+# What decoding a malformed reply raises (corrupt .npy bytes, another stype, a missing record), on
+# top of our own InvalidReply: each drops that reply with its reason, never the round.
+REPLY_ERRORS = (InvalidReply, KeyError, StopIteration, ValueError, TypeError, EOFError, OSError, AttributeError)
+
+
+@dataclass
+class RoundStats:
+    """What one round moved and kept. `clients`: one row per reply (partition-id, num-examples,
+    train-loss, bytes accepted, `dropped` with the reason where it was left out); `extra`: numbers
+    the strategy or `post_aggregate` reported (FLoRA's truncation error, the global alignment's
+    seconds and loss), logged as they are named."""
+
+    round: int
+    bytes_down: int = 0
+    bytes_down_per_client: int = 0
+    bytes_up_per_client: dict[int, int] = field(default_factory=dict)
+    clients: list[dict] = field(default_factory=list)
+    train_loss: float | None = None
+    aggregated: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(self.bytes_up_per_client.values())
+
+    @property
+    def dropped(self) -> list[str]:
+        return [row["dropped"] for row in self.clients if "dropped" in row]
+
+
+class AdapterStrategy(Strategy):
+    """Flower's `strategy` over the adapter tensors, behind reply checks (see the module doc).
+
+    Settings: `max_update_norm` / `max_num_examples` (drop a reply above them; None: no bound),
+    `free_rank` (LoRA factors may come at another rank than the global adapter's: FLoRA), `fixed`
+    (adapter tensors that do not travel but complete the global adapter: FFA-LoRA's A),
+    `round_offset` (rounds a resumed run had done), `post_aggregate(server_round, arrays) ->
+    (arrays or None, stats)` (replaces the aggregate before it becomes the global adapter: the
+    server's global alignment), `on_round(RoundStats)` (called once per round, after aggregation).
+    """
+
+    def __init__(self, strategy: Strategy, *, max_update_norm: float | None = None,
+                 max_num_examples: int | None = None, free_rank: bool = False, fixed: dict | None = None,
+                 round_offset: int = 0, post_aggregate: Callable | None = None,
+                 on_round: Callable[[RoundStats], None] | None = None):
+        for name, value in (("max_update_norm", max_update_norm), ("max_num_examples", max_num_examples)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"aggregator.{name}={value!r} must be null or a number > 0")
+        self.strategy = strategy
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self.max_num_examples = max_num_examples
+        self.free_rank = free_rank
+        self.fixed: dict = dict(fixed or {})
+        self.round_offset = int(round_offset)
+        self.post_aggregate = post_aggregate
+        self.on_round = on_round
+        self.rounds_aggregated = 0  # rounds whose replies were aggregated (a run with none fails)
+        self.dropped: list[tuple[int, str]] = []  # (round, reason) of every dropped reply
+        self.empty_nodes: set[int] = set()  # nodes that reported an empty partition
+        self._reference: dict | None = None  # the global adapter sent this round
+        self._stats = RoundStats(0)
+
+    def __repr__(self) -> str:
+        return f"AdapterStrategy({self.strategy!r})"
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> adapter reply checks: max_update_norm=%s, max_num_examples=%s",
+            self.max_update_norm, self.max_num_examples)
+        self.strategy.summary()
+
+    # --- settings the run reads --------------------------------------------------------------------
+    @property
+    def min_train_nodes(self) -> int:
+        return int(getattr(self.strategy, "min_train_nodes", 1))
+
+    @property
+    def arrayrecord_key(self) -> str:
+        return getattr(self.strategy, "arrayrecord_key", "arrays")
+
+    @property
+    def weighted_by_key(self) -> str:
+        return getattr(self.strategy, "weighted_by_key", "num-examples")
+
+    def full_payload(self, arrays: dict) -> dict:
+        """The complete adapter for evaluation and checkpoints: the shared payload + `fixed`."""
+        return {**self.fixed, **getattr(self.strategy, "fixed", {}), **arrays}
+
+    def state_arrays(self) -> dict:
+        """Flat {"<attr>/<key>": array} of the server state: `fixed` and the wrapped strategy's
+        `state_attrs`."""
+        out = {f"fixed/{k}": v for k, v in {**self.fixed, **getattr(self.strategy, "fixed", {})}.items()}
+        for attr in getattr(self.strategy, "state_attrs", ()):
+            value = getattr(self.strategy, attr, None)
+            if isinstance(value, dict):
+                out.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+            elif isinstance(value, list):
+                out.update({f"{attr}/#{i}": np.asarray(v) for i, v in enumerate(value)})
+        return out
+
+    def load_state_arrays(self, flat: dict) -> None:
+        """Restore what `state_arrays` saved (`fixed` here; the rest on the wrapped strategy)."""
+        groups: dict[str, dict] = {}
+        for name, v in flat.items():
+            attr, key = name.split("/", 1)
+            groups.setdefault(attr, {})[key] = v
+        allowed = getattr(self.strategy, "state_attrs", ())
+        for attr, items in groups.items():
+            if attr == "fixed":
+                self.fixed = dict(items)
+                continue
+            if attr not in allowed:
+                raise KeyError(f"saved strategy state {attr!r} is not state of {type(self.strategy).__name__}")
+            value = [items[f"#{i}"] for i in range(len(items))] if all(k.startswith("#") for k in items) else dict(items)
+            self.strategy.load_state(attr, value)  # the strategy's own setter (fused.FusedAverage)
+
+    # --- training rounds -----------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        server_round += self.round_offset
+        self._reference = from_record(arrays)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        down = sum(sum(a.nbytes for a in from_record(rec).values())
+                   for rec in messages[0].content.array_records.values()) if messages else 0
+        self._stats = RoundStats(server_round, bytes_down=down * len(messages), bytes_down_per_client=down)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        stats = self._stats
+        replies = list(replies)
+        metric_keys = _usual_metric_keys(replies)  # the keys every client sends: the odd reply is dropped
+        valid: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._drop(server_round, stats, node, {"partition-id": int(node), "bytes": 0},
+                           f"error reply (code {msg.error.code}: {msg.error.reason})")
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            row = _client_row(metrics, node)
+            stats.clients.append(row)
+            if metrics.get("empty-partition"):
+                row["dropped"] = "empty partition"
+                log(WARNING, "round %s: node %s has nothing to train (an empty partition, or it sits out under "
+                    "aggregator=local/centralized); it is left out of sampling from now on", server_round, node)
+                self.empty_nodes.add(node)
+                if hasattr(self.strategy, "leave_out"):
+                    self.strategy.leave_out(node)
+                continue
+            try:
+                nbytes = self._check(msg, metric_keys)
+            except REPLY_ERRORS as err:
+                reason = str(err) if isinstance(err, InvalidReply) else f"unreadable reply ({type(err).__name__}: {err})"
+                self._drop(server_round, stats, node, row, reason)
+                continue
+            stats.bytes_up_per_client[row["partition-id"]] = row["bytes"] = nbytes
+            valid.append(msg)
+        stats.clients.sort(key=lambda c: c["partition-id"])
+        arrays, metrics = None, None
+        need = max(1, self.min_train_nodes - len(self.empty_nodes))
+        if len(valid) < need:
+            log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
+                server_round, len(valid), self.min_train_nodes)
+        else:
+            arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+        if arrays is not None:
+            arrays = _float32(arrays)
+            self.rounds_aggregated += 1
+            stats.aggregated = True
+            if metrics is not None:
+                if "train-loss" in metrics:
+                    stats.train_loss = float(metrics["train-loss"])
+                # what the strategy reports beyond the replies' metrics (FLoRA's truncation error)
+                stats.extra.update({k: float(v) for k, v in metrics.items()
+                                    if k not in (metric_keys or ()) and isinstance(v, (int, float))})
+            if self.post_aggregate is not None:
+                new, extra = self.post_aggregate(server_round, from_record(arrays))
+                if new is not None:
+                    arrays = to_record(new)
+                    stats.extra.update(extra)
+        if self.on_round is not None:
+            self.on_round(stats)
+        return arrays, metrics
+
+    def _check(self, msg: Message, metric_keys: set[str] | None) -> int:
+        """Raise InvalidReply (or a decoding error) unless the reply is one to aggregate; its bytes."""
+        records = list(msg.content.metric_records.values())
+        if len(records) != 1:
+            raise InvalidReply(f"{len(records)} MetricRecords, expected one")
+        metrics = records[0]
+        keys = set(metrics)
+        if metric_keys is not None and keys != metric_keys:
+            raise InvalidReply(f"metric keys differ from the round's other replies (unexpected "
+                               f"{sorted(keys - metric_keys)}, missing {sorted(metric_keys - keys)})")
+        arrays = from_record(msg.content[self.arrayrecord_key])
+        weight = metrics.get(self.weighted_by_key)
+        check_reply(self._reference or arrays, arrays, weight, free_rank=self.free_rank, finite=False)
+        for k, v in arrays.items():
+            if not all_finite(v):
+                raise InvalidReply(f"{k}: non-finite values")
+        self._check_norm(arrays)
+        if self.max_num_examples is not None and weight > self.max_num_examples:
+            raise InvalidReply(f"num-examples={weight!r} > aggregator.max_num_examples={self.max_num_examples}")
+        extras = {name: from_record(rec) for name, rec in msg.content.array_records.items()
+                  if name != self.arrayrecord_key}
+        for name, rec in extras.items():
+            for k, v in rec.items():
+                if not all_finite(v):
+                    raise InvalidReply(f"{name}/{k}: non-finite values")
+        if hasattr(self.strategy, "check_extras"):
+            self.strategy.check_extras(self._reference or arrays, extras)
+        else:  # a strategy that reads no other records gets the adapter alone, as Flower's expect
+            for name in extras:
+                del msg.content[name]
+        return sum(a.nbytes for a in arrays.values()) + sum(a.nbytes for e in extras.values() for a in e.values())
+
+    def _check_norm(self, arrays: dict) -> None:
+        """`max_update_norm`: drop a reply whose update (its adapter minus the global one sent)
+        has a larger L2 norm over all tensors, naming the norm."""
+        if self.max_update_norm is None or self._reference is None:
+            return
+        sq = 0.0
+        for k, v in arrays.items():
+            diff = v.astype(np.float64)
+            ref = self._reference.get(k)
+            if ref is not None and ref.shape == v.shape:  # FLoRA's other-rank factors count whole
+                diff -= ref
+            sq += float(np.vdot(diff, diff))
+        norm = float(np.sqrt(sq))
+        if not norm <= self.max_update_norm:
+            raise InvalidReply(f"update norm {norm:.4g} > aggregator.max_update_norm={self.max_update_norm:g}")
+
+    def _drop(self, server_round: int, stats: RoundStats, node: int, row: dict, reason: str) -> None:
+        log(WARNING, "round %s: dropped reply from node %s: %s", server_round, node, reason)
+        self.dropped.append((server_round, reason))
+        row["dropped"] = reason
+        if row not in stats.clients:
+            stats.clients.append(row)
+
+    # --- evaluation is centralized on the server: delegated as Flower's --------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def _float32(record: ArrayRecord) -> ArrayRecord:
+    """The global adapter in float32, as checkpoints store it and clients send it. Flower's FedOpt
+    strategies return float64 (their bias-corrected step size is a numpy float64): kept, the server
+    would continue from values a resumed run, reading the float32 checkpoint, does not have
+    (FedAdam's resumed adapters differed by 1e-6 two rounds later)."""
+    if all(a.dtype == "float32" for a in record.values()):
+        return record
+    return to_record({k: np.asarray(v, np.float32) for k, v in from_record(record).items()})
+
+
+def _usual_metric_keys(replies: list[Message]) -> set[str] | None:
+    """The metric keys most replies of a round carry (every client sends the same ones): a reply
+    with others is the odd one out, whichever order the replies came in."""
+    sets = Counter(frozenset(next(iter(m.content.metric_records.values()))) for m in replies
+                   if not m.has_error() and len(m.content.metric_records) == 1)
+    return set(sets.most_common(1)[0][0]) if sets else None
+
+
+def _client_row(metrics: Any, node_id: int) -> dict:
+    """A reply's row in metrics.jsonl's `clients`: partition-id, num-examples (its aggregation
+    weight), train-loss and bytes sent (0 until it is accepted)."""
+    def number(key):
+        value = metrics.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    pid = number("partition-id")
+    return {"partition-id": int(pid) if pid is not None and np.isfinite(pid) else int(node_id),
+            "num-examples": number("num-examples"), "train-loss": number("train-loss"), "bytes": 0}
