@@ -5,7 +5,8 @@
 
 `save` runs each aggregator (default: every yaml in fedmllm/conf/aggregator/) for 3 rounds on
 tiny-llava with the server and clients in this process (tests/inprocess.py) and keeps
-checkpoints/round-3/fedmllm-state.npz (the global adapter, the server state) as DIR/<name>.npz.
+the round-3 state (the global adapter, the server state: fedmllm-state.npz with what it leaves to
+the adapter file filled in) as DIR/<name>.npz.
 Run it on the old code (e.g. a `git worktree` of main, with PYTHONPATH set to it) and on the new,
 then `compare`. Runs are deterministic on one machine, so an unchanged behaviour compares as 0.
 """
@@ -40,7 +41,13 @@ def save(out: Path, names: list[str]) -> None:
             t0 = time.time()
             run_in_process(tiny_overrides("num_rounds=3", "server_stage=none", "dataset.eval_samples=8",
                                           f"out_dir={run}", f"aggregator={name}", *extra))
-            shutil.copy(run / "checkpoints/round-3/fedmllm-state.npz", out / f"{name}.npz")
+            state = run / "checkpoints/round-3/fedmllm-state.npz"
+            try:  # since issue 22 the state file leaves the tensors of the adapter file to it
+                from fedmllm.server.checkpoint import read_state_flat
+
+                np.savez(out / f"{name}.npz", **read_state_flat(state))
+            except ImportError:  # an older tree: the state file holds everything
+                shutil.copy(state, out / f"{name}.npz")
             print(f"saved {name} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
 
 

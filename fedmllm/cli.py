@@ -1,4 +1,4 @@
-"""`fedmllm` console script: run | partition | inspect | report."""
+"""`fedmllm` console script: run | partition | inspect | evaluate | export | report."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ commands:
                             evaluate a run's checkpoint (default: its last intact round) on its
                             held-out split, as the run did or with overrides (e.g. eval.mode=generate
                             dataset.eval_samples=500); writes RUN_DIR/eval/round-N.json
+  export RUN_DIR out=DIR [round=N] [merge=true|false] [dtype=float32|bfloat16|float16]
+                            a run's checkpoint as a standalone Hugging Face model: the base at full
+                            precision with the server's stage-1 tower, the adapter merged in (or in
+                            DIR/adapter with merge=false) and the processor; from_pretrained(DIR) loads it
   report RUN_DIR            print a run's metrics table and (re)draw its plot
   report MULTIRUN_DIR...    a sweep's results table (report.md, report.csv) and plot (report.png);
                             several sweep dirs make one report (--out DIR: where it goes);
@@ -340,6 +344,36 @@ def _evaluate(argv: list[str]) -> None:
     print(f"metrics: {Path(dirs[0]) / 'eval' / ('round-%d.json' % result['round'])}", flush=True)
 
 
+def _export(argv: list[str]) -> None:
+    from peft import PeftConfig
+
+    from fedmllm.common import MissingAssetError
+    from fedmllm.models.load import family_of
+    from fedmllm.server.checkpoint import checkpoint_dir, export_checkpoint
+    from fedmllm.server.evaluate import run_config
+
+    dirs = [a for a in argv if "=" not in a]
+    known = ("round", "out", "merge", "dtype")
+    unknown = [a for a in argv if "=" in a and a.split("=", 1)[0] not in known]
+    if len(dirs) != 1 or unknown or _override(argv, "out") is None:
+        _fail("fedmllm export takes one run dir and out=DIR (optionally round=N, merge=true|false, dtype=...)"
+              + (f"; unknown: {unknown}" if unknown else ""))
+    rnd, merge = _override(argv, "round"), (_override(argv, "merge") or "true").lower()
+    if rnd is not None and not rnd.isdigit():
+        _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
+    if merge not in ("true", "false"):
+        _fail(f"merge={merge}: true (the adapter merged into the weights) or false (kept beside them)")
+    try:
+        ckpt = checkpoint_dir(Path(dirs[0]), None if rnd is None else int(rnd))
+        cfg = run_config(Path(dirs[0]))
+        family = family_of(cfg["model"], PeftConfig.from_pretrained(ckpt).base_model_name_or_path)
+        out = export_checkpoint(ckpt, Path(_override(argv, "out")), family, merge == "true",
+                                _override(argv, "dtype") or "float32")
+    except (MissingAssetError, FileNotFoundError, FileExistsError, ValueError) as err:
+        _fail(str(err))
+    print(f"exported {ckpt} -> {out}" + ("" if merge == "true" else f" (adapter in {out / 'adapter'})"), flush=True)
+
+
 def _report(argv: list[str]) -> None:
     from pathlib import Path
 
@@ -390,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         _report(rest)
     elif cmd == "evaluate":
         _evaluate(rest)
+    elif cmd == "export":
+        _export(rest)
     else:
         _fail(f"unknown command {cmd!r}\n{USAGE}")
 

@@ -139,6 +139,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     keep = cfg.get("keep_checkpoints")
     need(keep is None or (integer(keep) and keep >= 1),
          f"keep_checkpoints={keep!r} must be null (keep every round) or an integer >= 1")
+    need(isinstance(cfg.get("keep_best", False), bool),
+         f"keep_best={cfg.get('keep_best')!r} must be true or false (keep the best round's checkpoint too)")
+    timeout = cfg.get("round_timeout", 3600)
+    need(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
+         f"round_timeout={timeout!r} must be a number of seconds > 0 (e.g. 600)")
     gpus = cfg.get("client_gpus")
     need(gpus is None or (isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0),
          f"client_gpus={gpus!r} must be null (1 per client when CUDA is visible, else 0) or a number >= 0 (e.g. 0.5)")

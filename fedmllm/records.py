@@ -6,6 +6,7 @@ import ctypes
 import math
 import platform
 from collections.abc import Mapping
+from typing import NamedTuple
 from functools import lru_cache
 from io import BytesIO
 
@@ -102,6 +103,31 @@ def _dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+class ArrayMeta(NamedTuple):
+    """What an Array declares, without a view of its values."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+
+
+def _npy_layout(array: Array) -> tuple[np.dtype, tuple[int, ...], int, int] | None:
+    """(dtype, shape, count, data offset) of a plain C-ordered .npy Array whose header agrees with
+    its declared dtype and shape and whose length fits; None for anything else."""
+    data = array.data
+    if array.stype != "numpy.ndarray" or data[:6] != _NPY_MAGIC:
+        return None
+    size = 2 if data[6] == 1 else 4
+    start = 8 + size + int.from_bytes(data[8 : 8 + size], "little")
+    dtype = _dtype(array.dtype)
+    shape = tuple(array.shape)
+    count = math.prod(shape)
+    if (len(data) - start == count * dtype.itemsize and not dtype.hasobject
+            and data.find(b"'fortran_order': False", 8, start) > 0):
+        return dtype, shape, count, start
+    return None
+
+
 def decode(array: Array) -> np.ndarray:
     """An Array's values as a read-only numpy view of its bytes (no copy).
 
@@ -110,17 +136,18 @@ def decode(array: Array) -> np.ndarray:
     Arrays that are not plain C-ordered .npy (or whose header disagrees with the Array's dtype and
     shape) fall back to `Array.numpy()`.
     """
-    data = array.data
-    if array.stype == "numpy.ndarray" and data[:6] == _NPY_MAGIC:
-        size = 2 if data[6] == 1 else 4
-        start = 8 + size + int.from_bytes(data[8 : 8 + size], "little")
-        dtype = _dtype(array.dtype)
-        shape = tuple(array.shape)
-        count = math.prod(shape)
-        if (len(data) - start == count * dtype.itemsize and not dtype.hasobject
-                and data.find(b"'fortran_order': False", 8, start) > 0):
-            return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
-    return array.numpy()
+    layout = _npy_layout(array)
+    if layout is None:
+        return array.numpy()
+    dtype, shape, count, start = layout
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=start).reshape(shape)
+
+
+def declared(array: Array) -> ArrayMeta:
+    """The shape, dtype and size an Array declares (its bytes unread: `decode` checks them)."""
+    shape = tuple(int(d) for d in array.shape)
+    dtype = _dtype(array.dtype)
+    return ArrayMeta(shape, dtype, math.prod(shape) * dtype.itemsize)
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -24,8 +24,9 @@ AGGREGATORS = sorted(p.stem for p in (Path(__file__).parents[1] / "fedmllm/conf/
 
 
 def _state(run_dir: Path, rnd: int) -> dict[str, np.ndarray]:
-    with np.load(run_dir / "checkpoints" / f"round-{rnd}" / "fedmllm-state.npz") as z:
-        return {k: z[k] for k in z.files}
+    from fedmllm.server.checkpoint import read_state_flat
+
+    return read_state_flat(run_dir / "checkpoints" / f"round-{rnd}" / "fedmllm-state.npz")
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> Path:

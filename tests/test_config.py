@@ -44,6 +44,8 @@ def test_every_group_option_composes(group, option):
         (["model.quantization=3bit"], "model.quantization='3bit'"),
         (["partitioner.alpha=0"], "partitioner.alpha=0"),
         (["dataset.public_fraction=1.5"], "dataset.public_fraction=1.5 must be a number in [0, 1)"),
+        (["round_timeout=0"], "round_timeout=0 must be a number of seconds > 0"),
+        (["keep_best=maybe"], "keep_best='maybe' must be true or false"),
     ],
 )
 def test_bad_input_gives_one_short_message_naming_it(overrides, fragment):

@@ -61,3 +61,17 @@ def test_keep_checkpoints_keeps_the_newest_rounds_and_resume_still_works(tmp_pat
     run_in_process([*common, "num_rounds=4", f"resume={tmp_path}"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-3", "round-4"]
     assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]
+
+
+def test_keep_best_keeps_the_best_round_beside_the_newest(tmp_path):
+    from fedmllm.server.checkpoint import prune_checkpoints
+    from fedmllm.server.run import best_round
+
+    rows = [{"round": 0, "accuracy": 0.9}, {"round": 1, "accuracy": 0.6}, {"round": 2, "accuracy": 0.8},
+            {"round": 3, "accuracy": 0.8}, {"round": 4, "accuracy": 0.7}, {"round": 5}]
+    assert best_round(rows) == 2  # round 0 is untrained; of equals the earliest
+    assert best_round([{"round": 0, "accuracy": 1.0}]) is None
+    for r in range(6):
+        (tmp_path / "checkpoints" / f"round-{r}").mkdir(parents=True)
+    assert prune_checkpoints(tmp_path, 2, best=2) == [0, 1, 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-2", "round-4", "round-5"]

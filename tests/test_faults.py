@@ -20,8 +20,9 @@ def _common(*extra: str) -> list[str]:
 
 
 def _state(run_dir: Path, rnd: int) -> dict[str, np.ndarray]:
-    with np.load(run_dir / "checkpoints" / f"round-{rnd}" / "fedmllm-state.npz") as z:
-        return {k: z[k] for k in z.files}
+    from fedmllm.server.checkpoint import read_state_flat
+
+    return read_state_flat(run_dir / "checkpoints" / f"round-{rnd}" / "fedmllm-state.npz")
 
 
 def test_scaffold_cut_short_mid_round_resumes_like_an_uninterrupted_run(tmp_path):
@@ -311,9 +312,12 @@ def test_killed_supernode_misconfigured_supernodes_and_stopped_superlink_are_sur
         assert run.wait(timeout=120) != 0
         assert len(rounds_logged(out)) == 3
         dep.sh("superlink")  # the same state database: the SuperNodes reconnect by themselves
+        # round_timeout: a misconfigured SuperNode still holding the killed run's message can lose its
+        # error reply to the resumed run (Flower 1.42, seen once in a suite run); the round then goes on
+        # without it after 240 s instead of Flower's hour
         dep.wait_online(3)
         proc = dep.sh("run", overrides(out, 3, 3, "aggregator.min_train_nodes=2", "aggregator.min_available_nodes=2",
-                                       f"resume={out}"), timeout=600)
+                                       "round_timeout=240", f"resume={out}"), timeout=600)
         assert f"resuming {out} after round 2 of 3" in proc.stdout + proc.stderr
         assert [r["round"] for r in rounds_logged(out)] == [0, 1, 2, 3]
         assert (out / "checkpoints" / "round-3" / "fedmllm-state.npz").is_file()

@@ -120,13 +120,12 @@ def test_run_with_pretrain_and_align_logs_both(tmp_path):
     from safetensors.numpy import load_file
 
     from fedmllm.stages.cache import ADAPTER
-    from fedmllm.server.checkpoint import STATE_FILE
+    from fedmllm.server.checkpoint import STATE_FILE, read_state
 
     adapter = json.loads((out / "stage1_adapter.json").read_text())
     assert "pretrain_adapter_seconds" in rows[0] and adapter["steps"] == 3
     cached = load_file(str(Path(adapter["dir"]) / ADAPTER))
-    with np.load(out / "checkpoints" / "round-0" / STATE_FILE) as state:
-        initial = {k.removeprefix("global/"): state[k] for k in state.files if k.startswith("global/")}
+    _, initial, _ = read_state(out / "checkpoints" / "round-0" / STATE_FILE)
     assert initial.keys() == cached.keys() and all(np.array_equal(initial[k], cached[k]) for k in cached)
 
 

@@ -116,6 +116,7 @@ def _strategy() -> type:
         the fold's truncation error as the metric `flora_truncation_error`."""
 
         state_attrs = ()
+        checks_values = False  # stacking, not averaging: each reply is checked
 
         def __init__(self, max_rank: int = 64, **kwargs):
             super().__init__(**kwargs)

@@ -71,6 +71,7 @@ def _strategy() -> type:
         """SCAFFOLD's server: sends c with the adapter, steps x and c from the replies."""
 
         state_attrs = ("server_c",)
+        checks_values = False  # the control-variate step uses every reply's y_k: each is checked
 
         def __init__(self, server_learning_rate: float = 1.0, num_clients: int | None = None, **kwargs):
             super().__init__(**kwargs)

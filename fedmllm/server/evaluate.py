@@ -132,27 +132,23 @@ def evaluate_checkpoint(run_dir, server_round: int | None = None, overrides: lis
     from fedmllm.algorithms import server_peft
     from fedmllm.data import load_task
     from fedmllm.models import get_model
-    from fedmllm.stages.cache import WEIGHTS, model_config, stage1_dir
+    from fedmllm.stages.cache import model_config, stage1_dir
     from fedmllm.partitioning.scenarios import apply_eval_scenario
-    from fedmllm.server.checkpoint import STATE_FILE, check_round, checkpoint_rounds, latest_state, read_state
+    from fedmllm.server.checkpoint import STAGE1_FILE, STATE_FILE, checkpoint_dir, read_state
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, overrides)
-    if server_round is None:
-        server_round, payload, state = latest_state(run_dir)
-    else:
-        ckpt = run_dir / "checkpoints" / f"round-{server_round}"
-        problem = check_round(ckpt) if (ckpt / STATE_FILE).is_file() else f"no {STATE_FILE}"
-        if problem:
-            raise FileNotFoundError(f"checkpoints/round-{server_round} of {run_dir} cannot be evaluated: {problem} "
-                                    f"(rounds kept: {checkpoint_rounds(run_dir)})")
-        _, payload, state = read_state(ckpt / STATE_FILE)
+    ckpt = checkpoint_dir(run_dir, server_round)
+    server_round, payload, state = read_state(ckpt / STATE_FILE)
     fixed = {k[len("fixed/"):]: v for k, v in state.items() if k.startswith("fixed/")}
+    model_cfg = model_config(cfg)
+    if (ckpt / STAGE1_FILE).is_file():  # the checkpoint carries the stage-1 weights its base needs
+        model_cfg["stage1_weights"] = str(ckpt / STAGE1_FILE)
     stage1 = stage1_dir(cfg)
-    if stage1 is not None and not (stage1 / WEIGHTS).is_file():
-        raise FileNotFoundError(f"the run's base model is its server's stage-1 result, {stage1}, which is not in "
-                                "this machine's cache; evaluate where the run ran (or rerun it to rebuild the stage)")
-    lm = get_model(model_config(cfg), server_peft(cfg))
+    if stage1 is not None and not Path(model_cfg["stage1_weights"]).is_file():
+        raise FileNotFoundError(f"the run's base model is its server's stage-1 result, {stage1}, which is neither in "
+                                "this machine's cache nor in the checkpoint; evaluate where the run ran")
+    lm = get_model(model_cfg, server_peft(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])
     bar = tqdm(total=len(heldout) * 2, desc=f"evaluate round {server_round}", file=sys.stderr, disable=not progress)

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmllm.models import clear_cache, get_model
-from fedmllm.stages.cache import model_config
+from fedmllm.models.load import resolve_path
+from fedmllm.stages.cache import WEIGHTS, model_config
 from fedmllm.models.adapter import adapter_state
 
 
@@ -101,6 +102,9 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
                               on_round=lambda stats: last.update(stats=stats))
     if state is not None:
         strategy.load_state_arrays(state)  # the stopped run's server state (optimizer moments, c, fixed)
+    # what each checkpoint names as its base, and carries besides the adapter (stage 1's tower + projector)
+    base_name = resolve_path(cfg["model"])
+    stage1_files = (Path(stage1["dir"]) / WEIGHTS,) if stage1 is not None else ()
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
     t0 = time.time()
     n_rounds = cfg["num_rounds"]
@@ -136,10 +140,12 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             ebar.close()
             save_predictions(run_dir / "predictions", server_round, heldout, metrics.pop("_predictions"))
             row.update(metrics)
-        ckpt = save_checkpoint(lm.model, payload, run_dir, server_round)
+        ckpt = save_checkpoint(lm.model, payload, run_dir, server_round, base=base_name, processor=lm.processor,
+                               files=stage1_files)
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
         write_manifest(ckpt)  # last: resume trusts a round only when its files match it
-        prune_checkpoints(run_dir, cfg.get("keep_checkpoints"))
+        best = best_round([*logged_rows(run_dir), row]) if cfg.get("keep_best") else None
+        prune_checkpoints(run_dir, cfg.get("keep_checkpoints"), best)
         row["checkpoint"] = str(ckpt.relative_to(run_dir))
         row["seconds"] = round(time.time() - t0, 2)
         mlog.log(row)
@@ -155,6 +161,7 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             grid=grid,
             initial_arrays=to_record(initial),
             num_rounds=n_rounds - done,
+            timeout=float(cfg.get("round_timeout", 3600)),
             train_config=train_config,
             evaluate_fn=evaluate_fn,
         )
@@ -172,6 +179,19 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         )
     print(f"server finished; results in {run_dir}", flush=True)
     return run_dir
+
+
+def logged_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows metrics.jsonl holds so far (a resumed run's included), [] before the first."""
+    from fedmllm.tracking import read_metrics
+
+    return read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
+
+
+def best_round(rows: list[dict[str, Any]]) -> int | None:
+    """The trained round with the highest held-out accuracy (the earliest of equals), or None."""
+    scored = [(r["accuracy"], -r["round"]) for r in rows if r.get("round", 0) > 0 and isinstance(r.get("accuracy"), (int, float))]
+    return -max(scored)[1] if scored else None
 
 
 class ResumeError(ValueError):

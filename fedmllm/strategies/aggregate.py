@@ -13,6 +13,25 @@ class InvalidReply(ValueError):
     """A client reply that must not be aggregated; the message says why."""
 
 
+# What decoding a malformed reply raises (corrupt .npy bytes, another stype, a missing record), on
+# top of our own InvalidReply: each drops that reply with its reason, never the round.
+REPLY_ERRORS = (InvalidReply, KeyError, StopIteration, ValueError, TypeError, EOFError, OSError, AttributeError)
+
+
+class UnusableReplies(InvalidReply):
+    """Raised by a strategy that reads the replies' values itself (strategies.wrapper's
+    `checks_values`): {index of the reply among those it was given: why it cannot be used}."""
+
+    def __init__(self, reasons: dict[int, str]):
+        super().__init__("; ".join(f"reply {i}: {r}" for i, r in sorted(reasons.items())))
+        self.reasons = dict(reasons)
+
+
+def unreadable(err: Exception) -> str:
+    """The drop reason of a reply whose decoding raised `err`."""
+    return str(err) if isinstance(err, InvalidReply) else f"unreadable reply ({type(err).__name__}: {err})"
+
+
 def weighted_average(payloads: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
     """sum_k w_k x_k / sum_k w_k, key by key (FedAvg)."""
     if not payloads:
@@ -119,13 +138,14 @@ def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.nd
     if missing or extra:
         raise InvalidReply(f"adapter keys differ (missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})")
     for k, ref in reference.items():
-        arr = np.asarray(payload[k])
+        arr = payload[k] if hasattr(payload[k], "dtype") else np.asarray(payload[k])  # an array or records.ArrayMeta
+        shape = tuple(arr.shape)
         want = list(np.shape(ref))
         role = lora_role(k) if free_rank else "other"
-        if role != "other" and arr.ndim == 2:
-            want[0 if role == "A" else 1] = arr.shape[0 if role == "A" else 1]
-        if list(arr.shape) != want:
-            raise InvalidReply(f"{k}: shape {arr.shape} != {tuple(want)}")
+        if role != "other" and len(shape) == 2:
+            want[0 if role == "A" else 1] = shape[0 if role == "A" else 1]
+        if list(shape) != want:
+            raise InvalidReply(f"{k}: shape {shape} != {tuple(want)}")
         if arr.dtype != np.float32:
             raise InvalidReply(f"{k}: dtype {arr.dtype}, expected float32")
         if finite and not np.isfinite(arr).all():

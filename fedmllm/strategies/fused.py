@@ -13,16 +13,14 @@ replies, one MetricRecord with the same keys each, finite adapters of the global
 from __future__ import annotations
 
 import functools
-from logging import WARNING
 from typing import Any, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmllm.records import RecordBuffer, from_record
-from fedmllm.strategies.aggregate import weighted_average_fused
+from fedmllm.strategies.aggregate import REPLY_ERRORS, UnusableReplies, unreadable, weighted_average_fused
 
 
 class FusedAverage(FedAvg):
@@ -32,6 +30,10 @@ class FusedAverage(FedAvg):
     # Server state saved with every checkpoint and restored on resume: Flower's optimizer moments
     # (FedOpt m_t, v_t; FedAvgM momentum_vector); subclasses name theirs.
     state_attrs: tuple[str, ...] = ("m_t", "v_t", "momentum_vector")
+    # It decodes the replies itself and checks the average for finiteness once, naming the replies
+    # it cannot use (UnusableReplies: unreadable, or non-finite); the wrapper then reads no values
+    # (subclasses that aggregate otherwise set False and get every reply decoded and checked).
+    checks_values = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -67,13 +69,19 @@ class FusedAverage(FedAvg):
         valid = list(replies)
         if not valid:
             return None, None
-        payloads = [from_record(m.content[self.arrayrecord_key]) for m in valid]
+        payloads, unusable = [], {}
+        for i, m in enumerate(valid):
+            try:
+                payloads.append(from_record(m.content[self.arrayrecord_key]))
+            except REPLY_ERRORS as err:
+                unusable[i] = unreadable(err)
+        if unusable:
+            raise UnusableReplies(unusable)
         weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
         buffer = RecordBuffer({k: v.shape for k, v in payloads[0].items()})
         _, bad = weighted_average_fused(payloads, weights, out=buffer.arrays)
-        if bad:  # every reply was finite (the wrapper checks): the sum overflowed float32
-            log(WARNING, "round %s: the weighted average overflows float32; no aggregation", server_round)
-            return None, None
+        if bad:
+            raise UnusableReplies({i: "non-finite values" for i in bad})
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return buffer.seal(), metrics
 

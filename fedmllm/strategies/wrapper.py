@@ -20,6 +20,9 @@ What the wrapped strategy may offer besides Flower's Strategy API (all optional)
   adapter (SCAFFOLD's dc, FedSA-LoRA's B) are not what it needs;
 - `fixed`: adapter tensors it updates that complete the global adapter without travelling
   (FedSA-LoRA's average B, for the server's evaluation);
+- `checks_values`: it decodes the replies itself and checks its aggregate for non-finite values,
+  raising UnusableReplies that names the replies it cannot use (FusedAverage: one decoding and one
+  finiteness pass instead of one per reply here); the wrapper drops those and asks again;
 - `leave_out(node_id)`: never sample that node again (its partition is empty).
 """
 
@@ -36,12 +39,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedmllm.records import from_record, to_record
-from fedmllm.strategies.aggregate import InvalidReply, all_finite, check_reply
+from fedmllm.records import declared, from_record, to_record
+from fedmllm.strategies.aggregate import (REPLY_ERRORS, InvalidReply, UnusableReplies, all_finite, check_reply,
+                                          unreadable)
 
-# What decoding a malformed reply raises (corrupt .npy bytes, another stype, a missing record), on
-# top of our own InvalidReply: each drops that reply with its reason, never the round.
-REPLY_ERRORS = (InvalidReply, KeyError, StopIteration, ValueError, TypeError, EOFError, OSError, AttributeError)
 
 
 @dataclass
@@ -192,19 +193,27 @@ class AdapterStrategy(Strategy):
             try:
                 nbytes = self._check(msg, metric_keys)
             except REPLY_ERRORS as err:
-                reason = str(err) if isinstance(err, InvalidReply) else f"unreadable reply ({type(err).__name__}: {err})"
-                self._drop(server_round, stats, node, row, reason)
+                self._drop(server_round, stats, node, row, unreadable(err))
                 continue
             stats.bytes_up_per_client[row["partition-id"]] = row["bytes"] = nbytes
             valid.append(msg)
         stats.clients.sort(key=lambda c: c["partition-id"])
         arrays, metrics = None, None
         need = max(1, self.min_train_nodes - len(self.empty_nodes))
+        while len(valid) >= need:
+            try:
+                arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+                break
+            except UnusableReplies as err:  # the strategy read the values: drop those it names, ask again
+                for i, reason in err.reasons.items():
+                    row = next(r for r in stats.clients if r["partition-id"] == _partition_id(valid[i]))
+                    stats.bytes_up_per_client.pop(row["partition-id"], None)
+                    row["bytes"] = 0
+                    self._drop(server_round, stats, valid[i].metadata.src_node_id, row, reason)
+                valid = [m for i, m in enumerate(valid) if i not in err.reasons]
         if len(valid) < need:
             log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
                 server_round, len(valid), self.min_train_nodes)
-        else:
-            arrays, metrics = self.strategy.aggregate_train(server_round, valid)
         if arrays is not None:
             arrays = _float32(arrays)
             self.rounds_aggregated += 1
@@ -234,12 +243,18 @@ class AdapterStrategy(Strategy):
         if metric_keys is not None and keys != metric_keys:
             raise InvalidReply(f"metric keys differ from the round's other replies (unexpected "
                                f"{sorted(keys - metric_keys)}, missing {sorted(metric_keys - keys)})")
-        arrays = from_record(msg.content[self.arrayrecord_key])
+        record = msg.content[self.arrayrecord_key]
+        per_reply_finite = not getattr(self.strategy, "checks_values", False)
+        # the values are read only where a check here needs them; otherwise keys, shapes and dtypes
+        # are the Arrays' declared ones and the strategy decodes the replies (naming the unreadable)
+        arrays = (from_record(record) if per_reply_finite or self.max_update_norm is not None
+                  else {k: declared(v) for k, v in record.items()})
         weight = metrics.get(self.weighted_by_key)
         check_reply(self._reference or arrays, arrays, weight, free_rank=self.free_rank, finite=False)
-        for k, v in arrays.items():
-            if not all_finite(v):
-                raise InvalidReply(f"{k}: non-finite values")
+        if per_reply_finite:
+            for k, v in arrays.items():
+                if not all_finite(v):
+                    raise InvalidReply(f"{k}: non-finite values")
         self._check_norm(arrays)
         if self.max_num_examples is not None and weight > self.max_num_examples:
             raise InvalidReply(f"num-examples={weight!r} > aggregator.max_num_examples={self.max_num_examples}")
@@ -304,6 +319,10 @@ def _usual_metric_keys(replies: list[Message]) -> set[str] | None:
     sets = Counter(frozenset(next(iter(m.content.metric_records.values()))) for m in replies
                    if not m.has_error() and len(m.content.metric_records) == 1)
     return set(sets.most_common(1)[0][0]) if sets else None
+
+
+def _partition_id(msg: Message) -> int:
+    return _client_row(next(iter(msg.content.metric_records.values()), {}), msg.metadata.src_node_id)["partition-id"]
 
 
 def _client_row(metrics: Any, node_id: int) -> dict:
