@@ -341,10 +341,11 @@ class NodeIdentity:
     num_partitions: int
     data_dir: str | None = None
     lora_rank: int | None = None  # node_config `lora-rank`: this client's LoRA rank (aggregator=flora)
+    image_root: str | None = None  # node_config `image-root`: where this site keeps its partition's images
 
 
 def node_identity(node_config: Mapping[str, Any]) -> NodeIdentity:
-    """Read `partition-id`, `num-partitions` and optional `data-dir`, `lora-rank` from a SuperNode's
+    """Read `partition-id`, `num-partitions` and optional `data-dir`, `image-root`, `lora-rank` from a SuperNode's
     `--node-config`; errors name the setting and the fix (a ClientApp fails that message with it)."""
     fix = 'restart the SuperNode with --node-config "partition-id=I num-partitions=N" (0 <= I < N)'
 
@@ -369,4 +370,11 @@ def node_identity(node_config: Mapping[str, Any]) -> NodeIdentity:
     rank = node_config.get("lora-rank")
     if rank is not None and integer("lora-rank", rank) < 1:
         raise ConfigError(f"node_config lora-rank={rank!r} must be an integer >= 1")
-    return NodeIdentity(pid, n, str(data_dir) if data_dir else None, int(rank) if rank is not None else None)
+    image_root = node_config.get("image-root")
+    if image_root is not None and (data_dir is None or not Path(str(image_root)).is_dir()):
+        raise ConfigError(
+            f"node_config image-root={image_root!r} " + ("is read with data-dir only; add data-dir=<partition dir>"
+                                                         if data_dir is None else "does not exist on this SuperNode")
+            + ": it names the directory holding the partition's images, whose paths are relative to it")
+    return NodeIdentity(pid, n, str(data_dir) if data_dir else None, int(rank) if rank is not None else None,
+                        str(image_root) if image_root is not None else None)

@@ -204,7 +204,9 @@ def test_write_partitions_layout_stats_and_chart(tmp_path):
     target, stats = write_partitions(cfg, tmp_path, TASK, pool)
     assert target == tmp_path / "synthetic" / "missing-mrate0.3" / "partition-alpha0.5-clt10"
     assert sorted(p.name for p in target.iterdir()) == sorted(
-        [f"client_{i}.jsonl" for i in range(10)] + ["partition.json", "stats.json", "stats.png"])
+        [f"client_{i}.jsonl" for i in range(10)] + ["partition.json", "stats.json", "stats.png", "task.json"])
+    root = json.loads((target / "partition.json").read_text())["image_root"]
+    assert root == os.path.abspath("img")  # the images' common directory; the rows are relative to it
     assert json.loads((target / "stats.json").read_text()) == stats
     assert [r["client"] for r in stats] == list(range(10))
     for r, i in zip(stats, range(10)):
@@ -214,7 +216,7 @@ def test_write_partitions_layout_stats_and_chart(tmp_path):
         assert set(r["labels"]) == {"no", "yes"} and set(r["modalities"]) == {"both", "image", "text", "none"}
         assert r["labels"]["yes"] == sum(row["label"] == 1 for row in rows) >= 1
         assert all(set(row) == {"id", "image", "text", "label"} for row in rows)
-        assert all(row["image"] is None or os.path.isabs(row["image"]) for row in rows)
+        assert all(row["image"] is None or not os.path.isabs(row["image"]) for row in rows)
     assert sum(r["num_samples"] for r in stats) == 3000
     assert _within(sum(r["modalities"]["both"] for r in stats), 3000, 0.49)
     assert (target / "stats.png").read_bytes()[:4] == b"\x89PNG" and (target / "stats.png").stat().st_size > 5000
@@ -268,9 +270,13 @@ def test_clients_read_the_materialised_partition_and_build_the_same_on_the_fly(t
         assert from_file == on_the_fly and len(from_file) == stats[i]["num_samples"] > 0
 
 
-def test_data_dir_errors_name_the_file_the_settings_and_the_command(tmp_path):
+def test_data_dir_errors_name_the_file_the_settings_and_the_command(tmp_path, monkeypatch):
     from fedmllm.partitioning.materialise import read_client, write_partitions
 
+    monkeypatch.chdir(tmp_path)  # the samples' images are img/<i>.png: here
+    (tmp_path / "img").mkdir()
+    for i in range(500):
+        (tmp_path / "img" / f"{i}.png").touch()
     cfg = _cfg("scenario=cross", "dataset.name=synthetic")
     target, _ = write_partitions(cfg, tmp_path, TASK, _samples(500))
     (target / "client_7.jsonl").unlink()
@@ -282,6 +288,11 @@ def test_data_dir_errors_name_the_file_the_settings_and_the_command(tmp_path):
                                           r"\{'scenario': \{'name': 'hybrid'.*rewrite it"):
         read_client(target, other, 0, 10)
     assert len(read_client(target, cfg, 0, 10)) > 0
+    (tmp_path / "img" / "7.png").unlink()
+    owner = next(i for i in range(10) if any(json.loads(line)["image"] == "7.png"
+                                             for line in (target / f"client_{i}.jsonl").read_text().splitlines()))
+    with pytest.raises(ConfigError, match=rf"1 of the images of client_{owner}.jsonl are not under .*7.png"):
+        read_client(target, cfg, owner, 10)
 
 
 def test_partition_command_prints_the_table_and_writes_the_directory(tmp_path, capsys):
@@ -371,3 +382,43 @@ def test_one_cell_of_the_offline_grid_runs_on_the_tiny_model(tmp_path):
     assert {"accuracy_no_image", "auroc"} <= set(rows[2])
     assert all(len(r["clients"]) == 2 and all("dropped" not in c for c in r["clients"]) for r in rows[1:])
     assert (run / "stage1.json").is_file() and (run / "stage1_adapter.json").is_file()
+
+
+def test_a_site_with_its_partition_folder_needs_nothing_else_of_the_dataset(tmp_path, monkeypatch):
+    """`fedmllm partition` writes image paths relative to the images' folder and the task beside
+    them: a SuperNode given the partition folder (data-dir) and where its images are (image-root)
+    trains on the same samples with the dataset itself moved away, and never loads it."""
+    import shutil
+
+    import fedmllm.data
+    from fedmllm.client import local_data
+    from fedmllm.config import node_identity
+    from fedmllm.data.fixtures import write_hateful_memes
+    from fedmllm.partitioning.materialise import write_partitions
+
+    root = write_hateful_memes(tmp_path / "hm", n_rows=40, seed=2)
+    cfg = compose(["dataset=hateful_memes", f"dataset.root={root}", "num_clients=2", "clients_per_round=2",
+                   "partitioner=iid", "scenario=missing", "scenario.mrate=0.3", "dataset.eval_samples=4"])
+    target, _ = write_partitions(cfg, tmp_path / "parts")
+    want = [local_data(cfg, node_identity({"partition-id": i, "num-partitions": 2})) for i in range(2)]
+
+    site = tmp_path / "site"  # what one site holds: its partition folder and the images
+    shutil.copytree(target, site / "partition")
+    shutil.copytree(root / "img", site / "images")
+    shutil.move(str(root), str(tmp_path / "moved-away"))
+    monkeypatch.setattr(fedmllm.data, "load_task", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    for i in range(2):
+        ident = node_identity({"partition-id": i, "num-partitions": 2, "data-dir": str(site / "partition"),
+                               "image-root": str(site / "images")})
+        task, samples = local_data(cfg, ident)
+        assert task == want[i][0]
+        assert [s["id"] for s in samples] == [s["id"] for s in want[i][1]] and samples
+        assert all(s["image"] is None or s["image"].startswith(str(site / "images")) and os.path.isfile(s["image"])
+                   for s in samples)
+        assert [s["image"] is None for s in samples] == [s["image"] is None for s in want[i][1]]
+
+    # without image-root the images are looked for where they were, and the error says what to set
+    with pytest.raises(ConfigError, match=r"images of client_0.jsonl are not under .*set node_config image-root"):
+        local_data(cfg, node_identity({"partition-id": 0, "num-partitions": 2, "data-dir": str(site / "partition")}))
+    with pytest.raises(ConfigError, match=r"image-root=.* is read with data-dir only"):
+        node_identity({"partition-id": 0, "num-partitions": 2, "image-root": str(site / "images")})

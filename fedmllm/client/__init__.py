@@ -44,17 +44,22 @@ def train_request(req: TrainRequest):
 
 def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     """(task, this node's training samples): read from node_config `data-dir` (a directory
-    `fedmllm partition` wrote) when given, else built the same way from the configured dataset,
-    partitioner and modality scenario. Under aggregator=centralized (`pooled`) the training
-    partition holds every partition's samples, each with its own modality scenario."""
-    from fedmllm.data import load_task
+    `fedmllm partition` wrote; images under `image-root`) when given, and then nothing else of the
+    dataset is read (the task comes from the directory's task.json); else built the same way from
+    the configured dataset, partitioner and modality scenario. Under aggregator=centralized
+    (`pooled`) the training partition holds every partition's samples, each with its scenario."""
+    from fedmllm.data import load_task, task_for
     from fedmllm.partitioning import client_partition
-    from fedmllm.partitioning.materialise import read_client
+    from fedmllm.partitioning.materialise import read_client, read_task
 
-    task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     ids = range(ident.num_partitions) if algorithm_of(cfg).pooled else [ident.partition_id]
     if ident.data_dir:
-        return task, [s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions)]
+        task = read_task(ident.data_dir)
+        task = (task_for(task, cfg["dataset"], cfg.get("prompt")) if task is not None
+                else load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))[0])  # a partition from before task.json
+        return task, [s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions,
+                                                          ident.image_root)]
+    task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     return task, [s for i in ids for s in client_partition(pool, cfg, i, ident.num_partitions)]
 
 

@@ -10,8 +10,7 @@ from typing import Any
 from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
-__all__ = ["DataError", "Sample", "Task", "check_source", "load_public", 
-           "load_task"]
+__all__ = ["DataError", "Sample", "Task", "check_source", "load_public", "load_task", "task_for"]
 
 
 NEW_SOURCES = ("hateful_memes", "crisismmd", "llava_json")
@@ -28,8 +27,7 @@ def load_task(
     source's default template. Samples are fresh dicts: callers may edit them.
     """
     task, train, test = _source(dataset_cfg, seed)
-    template = dataset_cfg.get("template") or task.template
-    task = replace(task, template=template, aug=prompt_name(prompt) == "aug")
+    task = task_for(task, dataset_cfg, prompt)
     public_images = _public_images(train, float(dataset_cfg.get("public_fraction", 0.0)), seed)
     if public_images:
         train = [s for s in train if s["image"] not in public_images]
@@ -37,6 +35,11 @@ def load_task(
     if 0 < n < len(test):
         test = random.Random(seed).sample(test, n)
     return task, train, test
+
+
+def task_for(task: Task, dataset_cfg: dict[str, Any], prompt: dict[str, Any] | str | None = None) -> Task:
+    """`task` as a run phrases it: `dataset.template` (when set) and the `prompt` group's wording."""
+    return replace(task, template=dataset_cfg.get("template") or task.template, aug=prompt_name(prompt) == "aug")
 
 
 def prompt_name(prompt: dict[str, Any] | str | None) -> str:

@@ -3,6 +3,7 @@ and the client side that reads them back (node_config `data-dir`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from fedmllm.partitioning import client_partition, label_partition
 from fedmllm.partitioning.scenarios import scenario_tag
 
 PROVENANCE = "partition.json"  # the settings a partition was built from; clients check theirs against it
+TASK_FILE = "task.json"  # the task (labels, prompt wording): a client with data-dir needs nothing else of the dataset
 MODALITIES = ("both", "image", "text", "none")
 COMMAND = "fedmllm partition <the run's overrides> out=DIR"
 
@@ -114,25 +116,54 @@ def write_partitions(
     parts = build_partitions(cfg, pool)
     stats = partition_stats(parts, task.labels)
     target = partition_path(cfg, out)
+    root = _image_root(parts)
 
     def fill(tmp: Path) -> None:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         for i, part in enumerate(parts):
             with open(tmp / f"client_{i}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in part)
+                f.writelines(json.dumps(_relative(s, root), ensure_ascii=False) + "\n" for s in part)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(cfg, cfg["num_clients"]), indent=1))
+        (tmp / TASK_FILE).write_text(json.dumps(dataclasses.asdict(task), indent=1))
+        (tmp / PROVENANCE).write_text(json.dumps({**provenance(cfg, cfg["num_clients"]), "image_root": root}, indent=1))
         plot_stats(stats, tmp / "stats.png")
 
     write_atomically(target, fill, replace=True)
     return target, stats
 
 
-def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, num_partitions: int) -> list[Sample]:
-    """This node's samples from a materialised partition directory (`client_<partition-id>.jsonl`).
+def _image_root(parts: list[list[Sample]]) -> str | None:
+    """The deepest directory holding every image of the partition (its paths are stored relative
+    to it, so the folder can be copied to the site that owns the data), or None without images."""
+    paths = [s["image"] for part in parts for s in part if s["image"] is not None]
+    return os.path.dirname(os.path.commonpath(paths)) if len(set(paths)) == 1 else (
+        os.path.commonpath(paths) if paths else None)
 
-    Raises ConfigError naming the missing file, or the settings that differ between the
-    directory's `partition.json` and this run, with the command that writes the right one.
+
+def _relative(sample: Sample, root: str | None) -> Sample:
+    if root is None or sample["image"] is None:
+        return sample
+    return {**sample, "image": os.path.relpath(sample["image"], root)}
+
+
+def read_task(data_dir: str | Path) -> Task | None:
+    """The task a partition directory was written for (None for one written before task.json)."""
+    path = Path(data_dir) / TASK_FILE
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text())
+    return Task(**{**fields, "labels": tuple(fields["labels"])})
+
+
+def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, num_partitions: int,
+                image_root: str | None = None) -> list[Sample]:
+    """This node's samples from a materialised partition directory (`client_<partition-id>.jsonl`),
+    image paths resolved against `image_root` (node_config `image-root`; default: where the
+    images were when the partition was written, from `partition.json`).
+
+    Raises ConfigError naming the missing file, the settings that differ between the directory's
+    `partition.json` and this run (with the command that writes the right one), or the images
+    that are not under the image root (with the setting that points to them).
     """
     d = Path(data_dir)
     path = d / f"client_{partition_id}.jsonl"
@@ -142,6 +173,7 @@ def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, nu
             f"and set data-dir to the partition directory it prints"
         )
     meta_path = d / PROVENANCE
+    have: dict[str, Any] = {}
     if meta_path.is_file():
         have, want = json.loads(meta_path.read_text()), provenance(cfg, num_partitions)
         diff = sorted(k for k in want if have.get(k) != want[k])
@@ -152,7 +184,20 @@ def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, nu
                 f"rewrite it with `{COMMAND}` or run with the directory's settings"
             )
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        samples = [json.loads(line) for line in f if line.strip()]
+    root = image_root or have.get("image_root")
+    if root is None:  # written before relative paths (absolute ones) or without images
+        return samples
+    for s in samples:
+        if s["image"] is not None and not os.path.isabs(s["image"]):
+            s["image"] = os.path.join(root, s["image"])
+    missing = [s["image"] for s in samples if s["image"] is not None and not os.path.isfile(s["image"])]
+    if missing:
+        where = f"node_config image-root={image_root!r}" if image_root else f"{root} (where `fedmllm partition` found them)"
+        raise ConfigError(f"{len(missing)} of the images of client_{partition_id}.jsonl are not under {where}, e.g. "
+                          f"{missing[0]}; copy them there, or set node_config image-root to the directory that holds "
+                          "the partition's images (their paths in the .jsonl are relative to it)")
+    return samples
 
 
 def empty_clients(cfg: dict[str, Any], pool: list[Sample]) -> list[int]:
