@@ -18,11 +18,11 @@ commands:
   inspect [overrides]       parameters per module group, trainable adapter, MB per client per round
                             (meta device: no weights read or downloaded; e.g. fedmllm inspect
                             model=llava-1.5-7b peft=dora; aggregator=... shows its protocol's bytes)
-  evaluate RUN_DIR [round=N] [overrides]
+  evaluate RUN_DIR|CHECKPOINT_DIR [round=N] [overrides]
                             evaluate a run's checkpoint (default: its last intact round) on its
                             held-out split, as the run did or with overrides (e.g. eval.mode=generate
                             dataset.eval_samples=500); writes RUN_DIR/eval/round-N.json
-  export RUN_DIR out=DIR [round=N] [merge=true|false] [dtype=float32|bfloat16|float16]
+  export RUN_DIR|CHECKPOINT_DIR out=DIR [round=N] [merge=true|false] [dtype=float32|bfloat16|float16]
                             a run's checkpoint as a standalone Hugging Face model: the base at full
                             precision with the server's stage-1 tower, the adapter merged in (or in
                             DIR/adapter with merge=false) and the processor; from_pretrained(DIR) loads it
@@ -336,12 +336,26 @@ def _evaluate(argv: list[str]) -> None:
     overrides = [a for a in argv if "=" in a and not a.startswith("round=")]
     if rnd is not None and not rnd.isdigit():
         _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
+    run_dir, rnd = _run_dir_and_round(dirs[0], rnd)
+    dirs = [str(run_dir)]
     try:
         result = evaluate_checkpoint(dirs[0], None if rnd is None else int(rnd), overrides)
     except (ConfigError, MissingAssetError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     print(format_round(result))
     print(f"metrics: {Path(dirs[0]) / 'eval' / ('round-%d.json' % result['round'])}", flush=True)
+
+
+def _run_dir_and_round(path: str, rnd: str | None) -> tuple[Path, str | None]:
+    """A run dir as given, or a checkpoint dir (<run dir>/checkpoints/round-<N>) read as that run
+    and round (a round=N given as well must agree)."""
+    p = Path(path)
+    name = p.resolve().name
+    if p.resolve().parent.name == "checkpoints" and name.startswith("round-") and name[6:].isdigit():
+        if rnd is not None and rnd != name[6:]:
+            _fail(f"{path} is round {name[6:]}, but round={rnd} was given; pass one of them")
+        return p.resolve().parent.parent, name[6:]
+    return p, rnd
 
 
 def _export(argv: list[str]) -> None:
@@ -363,9 +377,10 @@ def _export(argv: list[str]) -> None:
         _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
     if merge not in ("true", "false"):
         _fail(f"merge={merge}: true (the adapter merged into the weights) or false (kept beside them)")
+    run_dir, rnd = _run_dir_and_round(dirs[0], rnd)
     try:
-        ckpt = checkpoint_dir(Path(dirs[0]), None if rnd is None else int(rnd))
-        cfg = run_config(Path(dirs[0]))
+        ckpt = checkpoint_dir(run_dir, None if rnd is None else int(rnd))
+        cfg = run_config(run_dir)
         family = family_of(cfg["model"], PeftConfig.from_pretrained(ckpt).base_model_name_or_path)
         out = export_checkpoint(ckpt, Path(_override(argv, "out")), family, merge == "true",
                                 _override(argv, "dtype") or "float32")

@@ -32,6 +32,9 @@ def test_evaluate_reproduces_the_runs_metrics_for_the_last_and_a_given_round(fin
     main(["evaluate", str(finished_run), "round=1"])
     first = json.loads((finished_run / "eval/round-1.json").read_text())
     assert first["accuracy"] == pytest.approx(rows[1]["accuracy"], abs=1e-9)
+    (finished_run / "eval/round-1.json").unlink()
+    main(["evaluate", str(finished_run / "checkpoints" / "round-1")])  # a checkpoint dir: that run and round
+    assert json.loads((finished_run / "eval/round-1.json").read_text())["accuracy"] == first["accuracy"]
     assert (finished_run / "eval/round-1.npz").is_file()
 
 
@@ -44,7 +47,8 @@ def test_evaluate_takes_other_eval_settings_and_names_bad_input(finished_run, ca
     assert result["overrides"] == ["eval.mode=generate", "dataset.eval_samples=8"]
     for argv, fragment in [([str(finished_run), "eval.modee=score"], "eval.modee"),
                            ([str(finished_run), "round=7"], "checkpoints/round-7"),
-                           ([str(finished_run.parent / "nowhere")], "has no config.yaml")]:
+                           ([str(finished_run.parent / "nowhere")], "has no config.yaml"),
+                           ([str(finished_run / "checkpoints" / "round-1"), "round=2"], "is round 1, but round=2")]:
         with pytest.raises(SystemExit):
             main(["evaluate", *argv])
         assert fragment in capsys.readouterr().err
