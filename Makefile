@@ -23,6 +23,9 @@ demo: install
 	$(BIN)/fedmllm run
 
 test: install
+	# lint (pyflakes + syntax) and the one formatting the tree keeps: pyproject.toml [tool.ruff]
+	$(BIN)/ruff check -q fedmllm bench tests scripts
+	$(BIN)/ruff format --check -q fedmllm bench tests scripts
 	$(BIN)/python -m pytest -q
 
 bench: install

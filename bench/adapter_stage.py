@@ -43,11 +43,13 @@ def main() -> None:
     if summary is None:
         raise SystemExit("server_stage.pretrain.lora is off for this config")
     losses = summary["losses"]
-    print("loss per 10 steps:", [round(float(np.mean(losses[i:i + 10])), 3) for i in range(0, len(losses), 10)])
+    print("loss per 10 steps:", [round(float(np.mean(losses[i : i + 10])), 3) for i in range(0, len(losses), 10)])
     metrics = evaluate(lm.model, collator, heldout, None, cfg["train"]["eval_batch_size"])
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
-    print(f"held-out accuracy {metrics['accuracy']:.3f} | no image {metrics['accuracy_no_image']:.3f} | "
-          f"stage {summary['build_seconds']:.0f} s")
+    print(
+        f"held-out accuracy {metrics['accuracy']:.3f} | no image {metrics['accuracy_no_image']:.3f} | "
+        f"stage {summary['build_seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,12 @@ def main() -> None:
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     params = [p for p in lm.model.parameters() if p.requires_grad]
-    variants = {"plain": (False, False), "dequantized once": (False, True), "shared prefix": (True, False),
-                "both (the stage on the CPU)": (True, True)}
+    variants = {
+        "plain": (False, False),
+        "dequantized once": (False, True),
+        "shared prefix": (True, False),
+        "both (the stage on the CPU)": (True, True),
+    }
 
     def step(batch, share, deq):
         with dequantized(lm.model) if deq else contextlib.nullcontext():
@@ -68,7 +72,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in variants}
     worst: dict[str, float] = {k: 0.0 for k in variants}
     for i in range(args.batches + 1):
-        batch = collator.train_batch(samples[bs * i: bs * (i + 1)])
+        batch = collator.train_batch(samples[bs * i : bs * (i + 1)])
         if not i:
             width = tuple(batch["input_ids"].shape)
         ref_loss = ref_grads = None
@@ -80,8 +84,10 @@ def main() -> None:
             worst[name] = max(worst[name], rel, abs(loss - ref_loss) / abs(ref_loss))
             if i:
                 times[name].append(seconds)
-    print(f"adapter-stage step, batch {width[0]} x {width[1]} tokens, {torch.get_num_threads()} threads, "
-          f"median of {args.batches}:")
+    print(
+        f"adapter-stage step, batch {width[0]} x {width[1]} tokens, {torch.get_num_threads()} threads, "
+        f"median of {args.batches}:"
+    )
     print(f"{'variant':32s} {'s/step':>7s} {'vs plain':>9s} {'max rel. diff (loss, grads)':>28s}")
     plain = float(np.median(times["plain"]))
     for name in variants:
@@ -98,8 +104,10 @@ def main() -> None:
                 acc = _text_accuracy(lm.model, collator, val, share_prefix=fast)
                 if rep:
                     check[name] = (time.perf_counter() - t, acc)
-    print(f"held-out check (100 questions): plain {check['plain'][0]:.2f} s, both {check['both'][0]:.2f} s "
-          f"({check['both'][0] / check['plain'][0]:.2f}); accuracy {check['plain'][1]:.2f} vs {check['both'][1]:.2f}")
+    print(
+        f"held-out check (100 questions): plain {check['plain'][0]:.2f} s, both {check['both'][0]:.2f} s "
+        f"({check['both'][0] / check['plain'][0]:.2f}); accuracy {check['plain'][1]:.2f} vs {check['both'][1]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,16 @@ def save(out: Path, names: list[str]) -> None:
             extra = ["aggregator.client.ranks=[4,8]", "aggregator.client.max_rank=16"] if name == "flora" else []
             run = Path(tmp) / name
             t0 = time.time()
-            run_in_process(tiny_overrides("num_rounds=3", "server_stage=none", "dataset.eval_samples=8",
-                                          f"out_dir={run}", f"aggregator={name}", *extra))
+            run_in_process(
+                tiny_overrides(
+                    "num_rounds=3",
+                    "server_stage=none",
+                    "dataset.eval_samples=8",
+                    f"out_dir={run}",
+                    f"aggregator={name}",
+                    *extra,
+                )
+            )
             state = run / "checkpoints/round-3/fedmllm-state.npz"
             try:  # since issue 22 the state file leaves the tensors of the adapter file to it
                 from fedmllm.server.checkpoint import read_state_flat

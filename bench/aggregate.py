@@ -25,8 +25,13 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 LAYERS, HIDDEN, MLP = 32, 4096, 11008
 SHAPES = {  # module -> (in, out)
-    "q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
-    "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP), "down_proj": (MLP, HIDDEN),
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, HIDDEN),
+    "v_proj": (HIDDEN, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (HIDDEN, MLP),
+    "up_proj": (HIDDEN, MLP),
+    "down_proj": (MLP, HIDDEN),
 }
 SIZES = {"r8-qv": (8, ["q_proj", "v_proj"]), "r64-all": (64, list(SHAPES))}
 
@@ -83,9 +88,18 @@ def bench_size(size: str, clients: int, repeats: int) -> dict:
         strategy = AdapterStrategy(FedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_train=1.0))
         for server_round, times in ((1, t_strategy), (2, t_warm)):  # round 2: the strategy's buffers exist
             sent = list(strategy.configure_train(server_round, to_record(glob), ConfigRecord(), Nodes()))
-            replies = [Message(RecordDict({"arrays": records[i % 3],
-                                           "metrics": MetricRecord({"num-examples": weights[i], "partition-id": i})}),
-                               reply_to=m) for i, m in enumerate(sent)]
+            replies = [
+                Message(
+                    RecordDict(
+                        {
+                            "arrays": records[i % 3],
+                            "metrics": MetricRecord({"num-examples": weights[i], "partition-id": i}),
+                        }
+                    ),
+                    reply_to=m,
+                )
+                for i, m in enumerate(sent)
+            ]
             gc.collect()
             t0 = time.perf_counter()
             arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -101,8 +115,16 @@ def bench_size(size: str, clients: int, repeats: int) -> dict:
         assert worst < 1e-5, f"strategy and numpy disagree by {worst}"
         del got, want
     s, w, n = min(t_strategy), min(t_warm), min(t_numpy)
-    return {"size": size, "params": sum(int(np.prod(v)) for v in shapes.values()), "mb": nbytes / 1e6,
-            "strategy_s": s, "warm_s": w, "numpy_s": n, "ratio": s / n, "warm_ratio": w / n}
+    return {
+        "size": size,
+        "params": sum(int(np.prod(v)) for v in shapes.values()),
+        "mb": nbytes / 1e6,
+        "strategy_s": s,
+        "warm_s": w,
+        "numpy_s": n,
+        "ratio": s / n,
+        "warm_ratio": w / n,
+    }
 
 
 def payload_table(size: str, flora_ranks=(4, 8, 16), flora_max_rank: int = 64) -> list[tuple[str, float, float]]:
@@ -113,10 +135,12 @@ def payload_table(size: str, flora_ranks=(4, 8, 16), flora_max_rank: int = 64) -
     a_only = sum(a * b for k, (a, b) in shapes.items() if ".lora_A." in k) * 4 / 1e6
     b_only = full - a_only
     per_rank = full / rank  # MB of one rank unit (A row + B column over all modules)
-    rows = [("fedavg / fedavgm / fedprox / fedadam / fedyogi / fedadagrad / fedmllm_default", full, full),
-            ("scaffold (adapter + control variate)", 2 * full, 2 * full),
-            ("ffa_lora (B only)", b_only, b_only),
-            ("fedsa_lora (A only; B also up for server eval)", a_only, a_only)]
+    rows = [
+        ("fedavg / fedavgm / fedprox / fedadam / fedyogi / fedadagrad / fedmllm_default", full, full),
+        ("scaffold (adapter + control variate)", 2 * full, 2 * full),
+        ("ffa_lora (B only)", b_only, b_only),
+        ("fedsa_lora (A only; B also up for server eval)", a_only, a_only),
+    ]
     for r in flora_ranks:
         rows.append((f"flora, client rank {r}, global rank {flora_max_rank}", per_rank * r, per_rank * flora_max_rank))
     return rows
@@ -130,12 +154,17 @@ def main() -> None:
     args = ap.parse_args()
     print(f"aggregating {args.clients} client adapters (best of {args.repeats})")
     print("strategy: its first round (fresh result buffers) and a later one (buffers reused), each vs numpy")
-    print(f"{'adapter':10} {'params':>12} {'MB/client':>10} {'round 1 s':>10} {'later s':>8} {'numpy s':>8} "
-          f"{'ratio 1':>8} {'later':>6}")
+    print(
+        f"{'adapter':10} {'params':>12} {'MB/client':>10} {'round 1 s':>10} {'later s':>8} {'numpy s':>8} "
+        f"{'ratio 1':>8} {'later':>6}"
+    )
     for size in args.sizes:
         r = bench_size(size, args.clients, args.repeats)
-        print(f"{r['size']:10} {r['params']:>12,} {r['mb']:>10.1f} {r['strategy_s']:>10.3f} {r['warm_s']:>8.3f} "
-              f"{r['numpy_s']:>8.3f} {r['ratio']:>7.2f}x {r['warm_ratio']:>5.2f}x", flush=True)
+        print(
+            f"{r['size']:10} {r['params']:>12,} {r['mb']:>10.1f} {r['strategy_s']:>10.3f} {r['warm_s']:>8.3f} "
+            f"{r['numpy_s']:>8.3f} {r['ratio']:>7.2f}x {r['warm_ratio']:>5.2f}x",
+            flush=True,
+        )
         gc.collect()
     for size in args.sizes:
         print(f"\npayload per client per round, LoRA tensors of {size} (MB):")

@@ -32,19 +32,28 @@ from pathlib import Path
 
 DEMO = ["model=smol-llava", "train.local_steps=6", "train.batch_size=8", "num_clients=4"]
 PHASES = ["start", "imports_flwr_app", "imports_ml", "model", "call_other", "train"]
-LABELS = {"start": "interpreter start", "imports_flwr_app": "import flwr + ClientApp",
-          "imports_ml": "import torch/transformers/peft/bnb", "model": "model load (4-bit + LoRA)",
-          "call_other": "config + data + adapter + reply", "train": "training steps"}
+LABELS = {
+    "start": "interpreter start",
+    "imports_flwr_app": "import flwr + ClientApp",
+    "imports_ml": "import torch/transformers/peft/bnb",
+    "model": "model load (4-bit + LoRA)",
+    "call_other": "config + data + adapter + reply",
+    "train": "training steps",
+}
 
 
 def train_message(app, arrays, rnd: int, node_config: dict, overrides: list[str]) -> tuple[float, float]:
     """Call the ClientApp with train message `rnd` as flwr-clientapp would: (call seconds, training seconds)."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
-                  dst_node_id=1, message_type="train")
-    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                  run_config={"overrides": " ".join(overrides)})
+    msg = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    ctx = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={"overrides": " ".join(overrides)}
+    )
     t0 = time.time()
     reply = app(msg, ctx)
     return time.time() - t0, float(reply.content["metrics"]["train-seconds"])
@@ -81,11 +90,23 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     t["model"] = time.time()
     arrays = to_record(adapter_state(lm.model))
     out = []
-    node_config = {"partition-id": 0, "num-partitions": cfg["num_clients"], **({"data-dir": data_dir} if data_dir else {})}
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": cfg["num_clients"],
+        **({"data-dir": data_dir} if data_dir else {}),
+    }
     for rnd in range(1, messages + 1):
         call, train = train_message(app, arrays, rnd, node_config, overrides)
-        phases = dict(start=t["main"] - spawned, imports_flwr_app=t["flwr"] - t["main"], imports_ml=t["ml"] - t["flwr"],
-                      model=t["model"] - t["ml"]) if rnd == 1 else dict.fromkeys(PHASES[:4], 0.0)
+        phases = (
+            dict(
+                start=t["main"] - spawned,
+                imports_flwr_app=t["flwr"] - t["main"],
+                imports_ml=t["ml"] - t["flwr"],
+                model=t["model"] - t["ml"],
+            )
+            if rnd == 1
+            else dict.fromkeys(PHASES[:4], 0.0)
+        )
         out.append({**phases, "call_other": call - train, "train": train})
     return {"rounds": out}
 
@@ -112,8 +133,18 @@ def worker_child(spawned: float, overrides: list[str], data_dir: str, rnd: int, 
     node_config = {"partition-id": 0, "num-partitions": int(num_clients), "data-dir": data_dir, "worker": "true"}
     call, train = train_message(app, arrays, rnd, node_config, overrides)
     assert "torch" not in sys.modules, "the ClientApp process imported torch"
-    return {"rounds": [dict(start=t["main"] - spawned, imports_flwr_app=t["flwr"] - t["main"], imports_ml=0.0,
-                            model=0.0, call_other=call - train, train=train)]}
+    return {
+        "rounds": [
+            dict(
+                start=t["main"] - spawned,
+                imports_flwr_app=t["flwr"] - t["main"],
+                imports_ml=0.0,
+                model=0.0,
+                call_other=call - train,
+                train=train,
+            )
+        ]
+    }
 
 
 def fill_quantized_cache(overrides: list[str], adapter: Path) -> None:
@@ -163,8 +194,9 @@ def main(argv: list[str]) -> None:
     overrides = [*DEMO, *argv]
     print(f"overrides: {' '.join(overrides)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        part = subprocess.run([sys.executable, "-m", "fedmllm.cli", "partition", *overrides, f"out={tmp}"],
-                              capture_output=True, text=True)
+        part = subprocess.run(
+            [sys.executable, "-m", "fedmllm.cli", "partition", *overrides, f"out={tmp}"], capture_output=True, text=True
+        )
         if part.returncode != 0:
             sys.exit(f"fedmllm partition failed:\n{part.stderr[-2000:]}")
         data_dir = part.stdout.split("partition dir: ")[1].split()[0]
@@ -176,14 +208,17 @@ def main(argv: list[str]) -> None:
         fresh_cached = spawn([data_dir, "1", *overrides])["rounds"][0]
         os.environ["FEDMLLM_WORKER_DIR"] = str(Path(tmp) / "workers")
         try:
-            worker_first, worker_later = (spawn([data_dir, str(r), str(adapter), *overrides], "--worker-child")["rounds"][0]
-                                          for r in (1, 2))
+            worker_first, worker_later = (
+                spawn([data_dir, str(r), str(adapter), *overrides], "--worker-child")["rounds"][0] for r in (1, 2)
+            )
         finally:
             from fedmllm.client import worker
 
             worker.stop(os.getpid())
     head = " | ".join(LABELS[k] for k in PHASES)
-    print(f"\nseconds per client per round (one ClientApp process per message)\n\n| variant | {head} | round | fixed | fixed share |")
+    print(
+        f"\nseconds per client per round (one ClientApp process per message)\n\n| variant | {head} | round | fixed | fixed share |"
+    )
     print("|---" * (len(PHASES) + 4) + "|")
     print(row("fresh process, quantize at load, partition built", fresh))
     print(row("fresh process + data-dir (partition read from disk)", fresh_dir))
@@ -193,11 +228,17 @@ def main(argv: list[str]) -> None:
     print(row("**worker, later messages: fresh ClientApp, warm worker (default)**", worker_later))
     steps = int(next(o for o in overrides[::-1] if o.startswith("train.local_steps=")).split("=")[1])
     step = fresh["train"] / steps
-    for name, p in (("quantize at load", fresh), ("data-dir", fresh_dir), ("data-dir + pre-quantized cache", fresh_cached),
-                    ("worker (later messages)", worker_later)):
+    for name, p in (
+        ("quantize at load", fresh),
+        ("data-dir", fresh_dir),
+        ("data-dir + pre-quantized cache", fresh_cached),
+        ("worker (later messages)", worker_later),
+    ):
         fixed = sum(p[k] for k in PHASES) - p["train"]
-        print(f"{name}: fixed {fixed:.1f} s = {fixed / step:.1f} steps of {step:.2f} s; {fixed / (fixed + steps * step):.1%} "
-              f"of a {steps}-step round; <= 15% needs >= {fixed * 85 / 15 / step:.0f} local steps")
+        print(
+            f"{name}: fixed {fixed:.1f} s = {fixed / step:.1f} steps of {step:.2f} s; {fixed / (fixed + steps * step):.1%} "
+            f"of a {steps}-step round; <= 15% needs >= {fixed * 85 / 15 / step:.0f} local steps"
+        )
 
 
 if __name__ == "__main__":

@@ -45,17 +45,33 @@ from typing import Any
 import numpy as np
 
 TINY = [
-    "model=tiny-llava", "num_clients=2", "clients_per_round=2", "num_rounds=2", "train.local_steps=3",
-    "train.batch_size=4", "dataset.eval_samples=16", "server_stage.pretrain.steps=20",
-    "server_stage.pretrain.batch_size=16", "server_stage.pretrain.lora.steps=4",
-    "server_stage.pretrain.lora.batch_size=4", "server_stage.pretrain.lora.eval_samples=8",
+    "model=tiny-llava",
+    "num_clients=2",
+    "clients_per_round=2",
+    "num_rounds=2",
+    "train.local_steps=3",
+    "train.batch_size=4",
+    "dataset.eval_samples=16",
+    "server_stage.pretrain.steps=20",
+    "server_stage.pretrain.batch_size=16",
+    "server_stage.pretrain.lora.steps=4",
+    "server_stage.pretrain.lora.batch_size=4",
+    "server_stage.pretrain.lora.eval_samples=8",
     "server_stage.pretrain.lora.eval_every=2",
 ]
 # smol-llava's shape (fedmllm/conf/model/smol-llava.yaml's tower, SmolLM2-135M's decoder) on the tiny builder
 SMOL_SHAPE = [
-    "model=tiny-llava", "model.name=smol-shape", "model.vision.image_size=48", "model.vision.patch_size=8",
-    "model.vision.hidden_size=256", "model.vision.layers=2", "model.vision.heads=4",
-    "model.text.hidden_size=576", "model.text.layers=30", "model.text.heads=9", "model.text.kv_heads=3",
+    "model=tiny-llava",
+    "model.name=smol-shape",
+    "model.vision.image_size=48",
+    "model.vision.patch_size=8",
+    "model.vision.hidden_size=256",
+    "model.vision.layers=2",
+    "model.vision.heads=4",
+    "model.text.hidden_size=576",
+    "model.text.layers=30",
+    "model.text.heads=9",
+    "model.text.kv_heads=3",
     "+model.text.intermediate=1536",
     "+model.lora_leaves=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
 ]
@@ -147,8 +163,9 @@ def check(quick: bool) -> dict[str, Any]:
     lm, collator, heldout, arrays, stage1, adapter = server_side(cfg)
     placed = check_model(lm.model)
     # the payload: LoRA factors and the fully trained projector, never a language-model base weight
-    base = [k for k in arrays if "lora_" not in k
-            and lm.family.group_of(k.removeprefix("base_model.model.")) != "projector"]
+    base = [
+        k for k in arrays if "lora_" not in k and lm.family.group_of(k.removeprefix("base_model.model.")) != "projector"
+    ]
     assert arrays and not base, f"non-adapter tensors in the payload: {base[:5]}"
     before = score_options(lm.model, collator, heldout[:8], batch_size=8)
 
@@ -173,7 +190,8 @@ def check(quick: bool) -> dict[str, Any]:
         "stage1_loss": [round(stage1["loss_first"], 4), round(stage1["loss_last"], 4)],
         "adapter_stage_steps": adapter["steps"] if adapter else None,
         "cache_reload_max_abs_diff": float(np.abs(before - after).max()),
-        "adapter_tensors": len(arrays), "adapter_bytes": sum(v.nbytes for v in arrays.values()),
+        "adapter_tensors": len(arrays),
+        "adapter_bytes": sum(v.nbytes for v in arrays.values()),
         "frozen_base_bytes": frozen,
         "train_loss_per_round": losses,
         "accuracy_per_round": [round(m["accuracy"], 3) for m in rounds],
@@ -198,9 +216,12 @@ def families(quick: bool) -> dict[str, Any]:
         cfg = compose(TINY + [f"model=tiny-{family}", "dataset.eval_samples=8"])
         lm, collator, heldout, arrays, stage1, _ = server_side(cfg, quiet=True)
         placed = check_model(lm.model)
-        row: dict[str, Any] = {"devices": placed["devices"], "linear4bit_layers": placed["linear4bit_layers"],
-                               "stage1_loss": [round(stage1["loss_first"], 3), round(stage1["loss_last"], 3)],
-                               "round_losses": train_losses(one_round(cfg, arrays, 1))}
+        row: dict[str, Any] = {
+            "devices": placed["devices"],
+            "linear4bit_layers": placed["linear4bit_layers"],
+            "stage1_loss": [round(stage1["loss_first"], 3), round(stage1["loss_last"], 3)],
+            "round_losses": train_losses(one_round(cfg, arrays, 1)),
+        }
         for mode in ("score", "generate"):
             metrics = evaluate(lm.model, collator, heldout, arrays, 8, mode=mode, max_new_tokens=2)
             row[f"{mode}_accuracy"] = round(metrics["accuracy"], 3)
@@ -253,15 +274,22 @@ def timing(quick: bool) -> dict[str, Any]:
 
     # Random weights never reach the stop accuracy, so the adapter stage runs to a cap: 100 steps,
     # as in the recorded H200 figure (the demo's cap is 150 since; a real run stops at 70-90).
-    stages = ["server_stage.pretrain.steps=30", "server_stage.pretrain.lora.steps=6"] if quick else \
-        ["server_stage.pretrain.lora.steps=100"]
+    stages = (
+        ["server_stage.pretrain.steps=30", "server_stage.pretrain.lora.steps=6"]
+        if quick
+        else ["server_stage.pretrain.lora.steps=100"]
+    )
     cfg = compose(SMOL_SHAPE + stages)
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     s1 = ensure_pretrained(cfg, log=log)
-    out["stage1"] = {"steps": s1["steps"], "batch_size": cfg["server_stage"]["pretrain"]["batch_size"],
-                     "build_seconds": s1["build_seconds"], "with_model_load_seconds": round(time.perf_counter() - t0, 1),
-                     "val_slot_accuracy": [round(a, 2) for a in s1.get("val_slot_accuracy", [])]}
+    out["stage1"] = {
+        "steps": s1["steps"],
+        "batch_size": cfg["server_stage"]["pretrain"]["batch_size"],
+        "build_seconds": s1["build_seconds"],
+        "with_model_load_seconds": round(time.perf_counter() - t0, 1),
+        "val_slot_accuracy": [round(a, 2) for a in s1.get("val_slot_accuracy", [])],
+    }
     task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
     captioned = load_public_captioned(cfg["dataset"], cfg["seed"])
     images = [s for s in pool if s["image"] is not None]
@@ -277,13 +305,18 @@ def timing(quick: bool) -> dict[str, Any]:
         lm = get_model(model_config(qcfg), server_peft(qcfg))
         load_s = time.perf_counter() - t
         collator = Collator(lm.processor, lm.family, task)
-        row: dict[str, Any] = {"load_seconds": round(load_s, 1),
-                               "dtype": str(next(p for p in lm.model.parameters() if p.is_floating_point()).dtype)}
+        row: dict[str, Any] = {
+            "load_seconds": round(load_s, 1),
+            "dtype": str(next(p for p in lm.model.parameters() if p.is_floating_point()).dtype),
+        }
         if quant == "4bit":
             row.update(check_model(lm.model))
             adapter = ensure_adapter_pretrained(qcfg, lm, collator, log=log)
-            row["adapter_stage"] = {"steps": adapter["steps"], "build_seconds": adapter["build_seconds"],
-                                    "val_text_accuracy": adapter["val_text_accuracy"]}
+            row["adapter_stage"] = {
+                "steps": adapter["steps"],
+                "build_seconds": adapter["build_seconds"],
+                "val_text_accuracy": adapter["val_text_accuracy"],
+            }
         row["adapter_stage_step_s"] = round(step_seconds(lm, collator, captioned, 16, n), 4)
         row["client_step_s"] = round(step_seconds(lm, collator, images, 8, n), 4)
         if torch.cuda.is_available():
@@ -308,8 +341,10 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": __import__("bitsandbytes").__version__, "peft": __import__("peft").__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": __import__("bitsandbytes").__version__,
+        "peft": __import__("peft").__version__,
         "quick": args.quick,
     }
     try:
@@ -322,9 +357,11 @@ def main() -> None:
             result["timing"] = timing(args.quick)
     finally:  # what ran is kept even when a later part fails
         if torch.cuda.is_available():  # as load_model left them (it turns cuDNN attention off)
-            result["sdpa_kernels"] = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
-                                      "flash": torch.backends.cuda.flash_sdp_enabled(),
-                                      "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
+            result["sdpa_kernels"] = {
+                "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                "flash": torch.backends.cuda.flash_sdp_enabled(),
+                "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+            }
         text = json.dumps(result, indent=1)
         print(text)
         if args.out:

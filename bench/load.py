@@ -75,12 +75,16 @@ def main() -> None:
                 procs[mode].append(row["process"])
                 sources[mode] = row["source"]
         for mode in MODES:
-            print(f"{preset:<12} {mode:<9} {statistics.median(times[mode]):>16.3f} "
-                  f"{statistics.median(procs[mode]):>10.2f}  {sources[mode]}")
+            print(
+                f"{preset:<12} {mode:<9} {statistics.median(times[mode]):>16.3f} "
+                f"{statistics.median(procs[mode]):>10.2f}  {sources[mode]}"
+            )
         assert Path(sources["cached"]).parent.name == "quantized", "the cached mode did not load the 4-bit cache"
         ratio = statistics.median(times["quantize"]) / statistics.median(times["cached"])
-        print(f"{preset:<12} quantize/cached load-time ratio: {ratio:.2f}x "
-              f"(per-run quantize {['%.2f' % t for t in times['quantize']]}, cached {['%.2f' % t for t in times['cached']]})")
+        print(
+            f"{preset:<12} quantize/cached load-time ratio: {ratio:.2f}x "
+            f"(per-run quantize {['%.2f' % t for t in times['quantize']]}, cached {['%.2f' % t for t in times['cached']]})"
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ import sys
 import tempfile
 import time
 
-DEFAULT = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "train.local_steps=6",
-           "dataset.eval_samples=50"]
+DEFAULT = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "train.local_steps=6", "dataset.eval_samples=50"]
 
 
 def centralized(overrides: list[str]) -> None:

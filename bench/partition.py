@@ -29,10 +29,24 @@ def main() -> None:
         root = write_hateful_memes(Path(tmp) / "hm", n_rows=args.rows, seed=0)
         print(f"fixture: {args.rows} rows written in {time.perf_counter() - t0:.1f} s")
         print(f"{'scenario':40} {'seconds':>8}")
-        for scenario in (["scenario=aligned"], ["scenario=missing", "scenario.mrate=0.3"],
-                         ["scenario=cross", "scenario.image_clients=3"], ["scenario=hybrid", "scenario.qrate=0.4"]):
-            cmd = [sys.executable, "-m", "fedmllm.cli", "partition", "dataset=hateful_memes", f"dataset.root={root}",
-                   "partitioner=fedmllm", "num_clients=10", *scenario, f"out={tmp}/parts"]
+        for scenario in (
+            ["scenario=aligned"],
+            ["scenario=missing", "scenario.mrate=0.3"],
+            ["scenario=cross", "scenario.image_clients=3"],
+            ["scenario=hybrid", "scenario.qrate=0.4"],
+        ):
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedmllm.cli",
+                "partition",
+                "dataset=hateful_memes",
+                f"dataset.root={root}",
+                "partitioner=fedmllm",
+                "num_clients=10",
+                *scenario,
+                f"out={tmp}/parts",
+            ]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True, env=env)
             print(f"{' '.join(scenario):40} {time.perf_counter() - t0:>8.1f}")

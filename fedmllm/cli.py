@@ -82,8 +82,11 @@ def _run(argv: list[str]) -> None:
             _fail(str(err))
         from fedmllm.simulation import run_simulation
 
-        print(f"run dir: {out_dir}  (full log: {Path(out_dir) / 'run.log'}"
-              f"{'' if cfg.get('verbose') else '; verbose=true shows it here'})", flush=True)
+        print(
+            f"run dir: {out_dir}  (full log: {Path(out_dir) / 'run.log'}"
+            f"{'' if cfg.get('verbose') else '; verbose=true shows it here'})",
+            flush=True,
+        )
         stop_on_signals(out_dir)
         try:
             run_simulation(cfg, overrides)
@@ -110,15 +113,19 @@ def _run(argv: list[str]) -> None:
         argv = [*argv, f"hydra.run.dir={resume}", "hydra.output_subdir=null"]
     elif out_dir:
         if any(a in ("-m", "--multirun") for a in argv):
-            _fail(f"out_dir={out_dir} would give every job of the sweep the same directory; "
-                  f"use hydra.sweep.dir={out_dir} instead (job i writes to {out_dir}/i)")
+            _fail(
+                f"out_dir={out_dir} would give every job of the sweep the same directory; "
+                f"use hydra.sweep.dir={out_dir} instead (job i writes to {out_dir}/i)"
+            )
         if not run_dir_given:  # the run's files and Hydra's .hydra/ + log in the one directory asked for
             argv = [*argv, f"hydra.run.dir={out_dir}"]
     sys.argv = ["fedmllm run", *argv]
     job()
     if failed:
-        _fail(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)}; the others finished "
-              "(fedmllm report <sweep dir> marks the failed ones)")
+        _fail(
+            f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)}; the others finished "
+            "(fedmllm report <sweep dir> marks the failed ones)"
+        )
 
 
 def final_accuracy(run_dir: str) -> float | None:
@@ -149,8 +156,12 @@ def stop_on_signals(run_dir: str) -> None:
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
-        print(f"\n{name}: stopping; the rounds checkpointed so far stay in {run_dir}"
-              f"{resume_hint(run_dir, KeyboardInterrupt())}", file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: stopping; the rounds checkpointed so far stay in {run_dir}"
+            f"{resume_hint(run_dir, KeyboardInterrupt())}",
+            file=sys.stderr,
+            flush=True,
+        )
         if not os.path.isdir("/proc"):  # no process tree to read (macOS): Ray's own shutdown, racy as it is
             _shutdown_ray()
         try:
@@ -158,8 +169,11 @@ def stop_on_signals(run_dir: str) -> None:
             if pids:
                 import subprocess
 
-                subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                subprocess.Popen(
+                    [sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         except Exception:  # noqa: BLE001 - best effort on the way out; the exit below happens regardless
             pass
         os._exit(128 + signum)
@@ -223,7 +237,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def resume_hint(run_dir: str, cause: BaseException) -> str:
-    """"; continue it with: fedmllm run resume=DIR" where resuming can help: the run checkpointed
+    """ "; continue it with: fedmllm run resume=DIR" where resuming can help: the run checkpointed
     a round it can continue from, and it did not fail in a way a resume repeats."""
     from fedmllm.server.checkpoint import latest_state
     from fedmllm.server.run import NoRoundAggregated
@@ -295,8 +309,11 @@ def _partition(argv: list[str]) -> None:
     print(format_stats(stats))
     warn_empty([r["client"] for r in stats if r["num_samples"] == 0])
     print(f"chart: {target / 'stats.png'}")
-    print(f"partition dir: {target}  (a SuperNode reads it with --node-config \"partition-id=I num-partitions="
-          f"{cfg['num_clients']} data-dir={target}\")", flush=True)
+    print(
+        f'partition dir: {target}  (a SuperNode reads it with --node-config "partition-id=I num-partitions='
+        f'{cfg["num_clients"]} data-dir={target}")',
+        flush=True,
+    )
 
 
 def _inspect(argv: list[str]) -> None:
@@ -330,8 +347,9 @@ def _evaluate(argv: list[str]) -> None:
 
     dirs = [a for a in argv if "=" not in a]
     if len(dirs) != 1:
-        _fail("fedmllm evaluate takes one run dir (and optionally round=N and key=value overrides), "
-              f"got {dirs or 'none'}")
+        _fail(
+            f"fedmllm evaluate takes one run dir (and optionally round=N and key=value overrides), got {dirs or 'none'}"
+        )
     rnd = _override(argv, "round")
     overrides = [a for a in argv if "=" in a and not a.startswith("round=")]
     if rnd is not None and not rnd.isdigit():
@@ -370,8 +388,10 @@ def _export(argv: list[str]) -> None:
     known = ("round", "out", "merge", "dtype")
     unknown = [a for a in argv if "=" in a and a.split("=", 1)[0] not in known]
     if len(dirs) != 1 or unknown or _override(argv, "out") is None:
-        _fail("fedmllm export takes one run dir and out=DIR (optionally round=N, merge=true|false, dtype=...)"
-              + (f"; unknown: {unknown}" if unknown else ""))
+        _fail(
+            "fedmllm export takes one run dir and out=DIR (optionally round=N, merge=true|false, dtype=...)"
+            + (f"; unknown: {unknown}" if unknown else "")
+        )
     rnd, merge = _override(argv, "round"), (_override(argv, "merge") or "true").lower()
     if rnd is not None and not rnd.isdigit():
         _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
@@ -382,8 +402,9 @@ def _export(argv: list[str]) -> None:
         ckpt = checkpoint_dir(run_dir, None if rnd is None else int(rnd))
         cfg = run_config(run_dir)
         family = family_of(cfg["model"], PeftConfig.from_pretrained(ckpt).base_model_name_or_path)
-        out = export_checkpoint(ckpt, Path(_override(argv, "out")), family, merge == "true",
-                                _override(argv, "dtype") or "float32")
+        out = export_checkpoint(
+            ckpt, Path(_override(argv, "out")), family, merge == "true", _override(argv, "dtype") or "float32"
+        )
     except (MissingAssetError, FileNotFoundError, FileExistsError, ValueError) as err:
         _fail(str(err))
     print(f"exported {ckpt} -> {out}" + ("" if merge == "true" else f" (adapter in {out / 'adapter'})"), flush=True)
@@ -396,9 +417,13 @@ def _report(argv: list[str]) -> None:
     from fedmllm.tracking.report import is_multirun, write_report
 
     p = argparse.ArgumentParser(prog="fedmllm report")
-    p.add_argument("run_dir", type=Path, nargs="+",
-                   help="a run dir, or a sweep's multirun dir (its jobs in 0/, 1/, ...); several sweep dirs "
-                        "(e.g. one grid's seeds swept apart) make one report")
+    p.add_argument(
+        "run_dir",
+        type=Path,
+        nargs="+",
+        help="a run dir, or a sweep's multirun dir (its jobs in 0/, 1/, ...); several sweep dirs "
+        "(e.g. one grid's seeds swept apart) make one report",
+    )
     p.add_argument("--metric", default="accuracy", help="sweep: metric of the plot and the best-round column")
     p.add_argument("--out", type=Path, default=None, help="sweeps: where the report goes (default: the first dir)")
     args = p.parse_args(argv)
@@ -410,8 +435,10 @@ def _report(argv: list[str]) -> None:
         return
     bad = [str(d) for d in dirs if not is_multirun(d)]
     if bad:
-        _fail(f"{', '.join(bad)}: no metrics.jsonl and no job subdirs (0/, 1/, ...); pass the 'run dir:' a run "
-              "printed, or sweep dirs of `fedmllm run -m` (multirun/<date>/<time>)")
+        _fail(
+            f"{', '.join(bad)}: no metrics.jsonl and no job subdirs (0/, 1/, ...); pass the 'run dir:' a run "
+            "printed, or sweep dirs of `fedmllm run -m` (multirun/<date>/<time>)"
+        )
     try:
         markdown, paths = write_report(dirs if len(dirs) > 1 else dirs[0], args.metric, args.out)
     except ValueError as err:

@@ -43,8 +43,12 @@ def encode(value) -> Array:
     if arr.dtype.byteorder == ">":
         return Array(arr)
     shape = tuple(int(d) for d in arr.shape)
-    return Array(dtype="float32", shape=shape, stype="numpy.ndarray",
-                 data=b"".join((_npy_header(shape), memoryview(arr).cast("B") if arr.size else b"")))
+    return Array(
+        dtype="float32",
+        shape=shape,
+        stype="numpy.ndarray",
+        data=b"".join((_npy_header(shape), memoryview(arr).cast("B") if arr.size else b"")),
+    )
 
 
 class RecordBuffer:
@@ -76,7 +80,7 @@ class RecordBuffer:
                 view = np.frombuffer(raw, dtype=np.uint8)
                 view[: len(header)] = np.frombuffer(header, np.uint8)
                 self._data[k] = data
-                self.arrays[k] = view[len(header):].view(np.float32).reshape(shape)
+                self.arrays[k] = view[len(header) :].view(np.float32).reshape(shape)
             else:
                 self.arrays[k] = np.empty(shape, np.float32)
 
@@ -122,8 +126,11 @@ def _npy_layout(array: Array) -> tuple[np.dtype, tuple[int, ...], int, int] | No
     dtype = _dtype(array.dtype)
     shape = tuple(array.shape)
     count = math.prod(shape)
-    if (len(data) - start == count * dtype.itemsize and not dtype.hasobject
-            and data.find(b"'fortran_order': False", 8, start) > 0):
+    if (
+        len(data) - start == count * dtype.itemsize
+        and not dtype.hasobject
+        and data.find(b"'fortran_order': False", 8, start) > 0
+    ):
         return dtype, shape, count, start
     return None
 

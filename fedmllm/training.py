@@ -34,8 +34,15 @@ def batches(samples: list[Sample], batch_size: int, steps: int, seed: int):
 
 # The client loop's regime settings at their plain values: the server's stages train with these,
 # whatever a run sets for its clients (FedMLLM's accumulation and schedules are client settings).
-PLAIN_LOOP = {"grad_accum": 1, "local_epochs": None, "schedule": "constant", "warmup_ratio": 0.0,
-              "round_schedule": "constant", "adam_betas": [0.9, 0.999], "gradient_checkpointing": False}
+PLAIN_LOOP = {
+    "grad_accum": 1,
+    "local_epochs": None,
+    "schedule": "constant",
+    "warmup_ratio": 0.0,
+    "round_schedule": "constant",
+    "adam_betas": [0.9, 0.999],
+    "gradient_checkpointing": False,
+}
 SCHEDULES = ("constant", "cosine")
 ROUND_SCHEDULES = ("constant", "cosine_warm")
 
@@ -125,7 +132,7 @@ def answer_loss(model, inputs: dict[str, Any], share_prefix: bool = False, stats
         logits = model(**inputs, logits_to_keep=keep).logits  # [B, keep, V]
     # position t predicts token t+1: the last keep-1 labels come from the first keep-1 logits
     pred = logits[:, :-1].float()
-    target = labels[:, -(keep - 1):]
+    target = labels[:, -(keep - 1) :]
     if stats is not None:
         right = (pred.detach().argmax(-1) == target) | (target == -100)
         stats["answer_accuracy"] = float(right.all(1).float().mean())
@@ -167,8 +174,9 @@ def shared_prefix_logits(model, inputs: dict[str, Any], keep: int, min_prefix: i
     if cache_arg is None:
         return None
     head = aligned[:1, :prefix]
-    out = model(input_ids=head, attention_mask=torch.ones_like(head, dtype=mask.dtype), use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=head, attention_mask=torch.ones_like(head, dtype=mask.dtype), use_cache=True, logits_to_keep=1
+    )
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
@@ -181,8 +189,14 @@ def shared_prefix_logits(model, inputs: dict[str, Any], keep: int, min_prefix: i
     rest_mask = (mask[:, cut:].bool() & own).to(mask.dtype)
     position = (column - starts[:, None]).clamp(min=prefix) * own + prefix * ~own
     full_mask = torch.cat([torch.ones(rows, prefix, dtype=mask.dtype, device=mask.device), rest_mask], 1)
-    return model(input_ids=rest, attention_mask=full_mask, position_ids=position, use_cache=True,
-                 logits_to_keep=keep, **{cache_arg: cache}).logits
+    return model(
+        input_ids=rest,
+        attention_mask=full_mask,
+        position_ids=position,
+        use_cache=True,
+        logits_to_keep=keep,
+        **{cache_arg: cache},
+    ).logits
 
 
 class StepBar:
@@ -204,16 +218,26 @@ class StepBar:
 
     def show(self, **more) -> None:
         extra = self.extra() if self.extra is not None else {}
-        self.bar.set_postfix(loss=f"{np.mean(self.losses[-self.every:]):.3f}", **{**extra, **more})
+        self.bar.set_postfix(loss=f"{np.mean(self.losses[-self.every :]):.3f}", **{**extra, **more})
 
     def close(self) -> None:
         self.bar.close()
 
 
-def optimize(opt, params: list, steps: int, micro_loss: Callable[[int], Any], *, accum: int = 1,
-             lr_at: Callable[[int], float] | None = None, max_grad_norm: float | None = None,
-             after_backward: Callable[[], None] | None = None, on_step: Callable[[int, float], None] | None = None,
-             stop: Callable[[], bool] | None = None, what: str = "local step") -> list[float]:
+def optimize(
+    opt,
+    params: list,
+    steps: int,
+    micro_loss: Callable[[int], Any],
+    *,
+    accum: int = 1,
+    lr_at: Callable[[int], float] | None = None,
+    max_grad_norm: float | None = None,
+    after_backward: Callable[[], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    what: str = "local step",
+) -> list[float]:
     """The one optimization loop (clients' rounds, the server's stages): for each of `steps` steps,
     set every param group's lr to its `initial_lr` x `lr_at(step)`, sum the gradients of `accum`
     losses `micro_loss(step)` (each divided by accum; a non-finite one raises FloatingPointError
@@ -311,10 +335,18 @@ def train_steps(
             on_step(step, loss)
 
     try:
-        losses = optimize(opt, params, steps, micro_loss, accum=accum,
-                          lr_at=lambda step: lr_factor(step, steps, schedule, warmup),
-                          max_grad_norm=train_cfg.get("max_grad_norm"), after_backward=after_backward,
-                          on_step=stepped, stop=stop)
+        losses = optimize(
+            opt,
+            params,
+            steps,
+            micro_loss,
+            accum=accum,
+            lr_at=lambda step: lr_factor(step, steps, schedule, warmup),
+            max_grad_norm=train_cfg.get("max_grad_norm"),
+            after_backward=after_backward,
+            on_step=stepped,
+            stop=stop,
+        )
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()

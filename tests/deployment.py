@@ -67,8 +67,9 @@ class Deployment:
 
     def sh(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         """Run `scripts/deploy.sh ARGS` and remember the processes it started."""
-        proc = subprocess.run([str(SCRIPT), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [str(SCRIPT), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         self._remember()
         if check:
             assert proc.returncode == 0, f"deploy.sh {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -77,8 +78,14 @@ class Deployment:
     def run_async(self, overrides: str, log: Path) -> subprocess.Popen:
         """`deploy.sh run OVERRIDES` in the background (its own process group), output to `log`."""
         with open(log, "w") as f:
-            proc = subprocess.Popen([str(SCRIPT), "run", overrides], cwd=ROOT, env=self.env, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [str(SCRIPT), "run", overrides],
+                cwd=ROOT,
+                env=self.env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.started.add(proc.pid)
         return proc
 
@@ -87,9 +94,24 @@ class Deployment:
         its PID goes beside the script's, so `deploy.sh stop` stops it too."""
         log = open(self.home / "logs" / f"supernode-{name}.log", "w")
         proc = subprocess.Popen(
-            ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
-             "--port", str(self.port + port_offset), "--node-config", node_config],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port + port_offset),
+                "--node-config",
+                node_config,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         (self.home / "pids" / f"supernode-{name}.pid").write_text(str(proc.pid))
         self.started.add(proc.pid)
@@ -100,17 +122,34 @@ class Deployment:
         log = self.home / "logs" / f"refused-{len(list(self.home.glob('logs/refused-*')))}.log"
         with open(log, "w") as f:  # a file, not a pipe: a child of the SuperNode may hold a pipe open
             proc = subprocess.Popen(
-                ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
-                 "--port", str(self.port + 30), "--max-retries", "2", *tls_args,
-                 "--node-config", "partition-id=0 num-partitions=2"],
-                env=self.env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                [
+                    "flower-supernode",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port + 30),
+                    "--max-retries",
+                    "2",
+                    *tls_args,
+                    "--node-config",
+                    "partition-id=0 num-partitions=2",
+                ],
+                env=self.env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started.add(proc.pid)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"the SuperNode was not refused within {timeout} s:\n"
-                                 f"{log.read_text(errors='replace')[-2000:]}") from None
+            raise AssertionError(
+                f"the SuperNode was not refused within {timeout} s:\n{log.read_text(errors='replace')[-2000:]}"
+            ) from None
         output = log.read_text(errors="replace")
         assert proc.returncode != 0, output[-2000:]
         return output
@@ -119,10 +158,16 @@ class Deployment:
         """SuperNodes the SuperLink lists as online (`flwr supernode list`)."""
         import json
 
-        proc = subprocess.run(["flwr", "supernode", "list", "fedmllm-deploy", "--format", "json"], cwd=ROOT,
-                              env=self.env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["flwr", "supernode", "list", "fedmllm-deploy", "--format", "json"],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         try:
-            nodes = json.loads(proc.stdout[proc.stdout.index("{"):])["nodes"]
+            nodes = json.loads(proc.stdout[proc.stdout.index("{") :])["nodes"]
         except (ValueError, KeyError):
             return 0
         return sum(n["status"] == "online" for n in nodes)
@@ -137,8 +182,15 @@ class Deployment:
         """SIGKILL a process group the script started (a crash: no goodbye to the SuperLink)."""
         pid = self.pid(name)
         os.killpg(pid, signal.SIGKILL)
-        self.wait_for(lambda: not any(line.split()[0] == str(pid) and "<defunct>" not in line
-                                      for line in process_groups().get(pid, [])), f"{name} to die", timeout=30)
+        self.wait_for(
+            lambda: (
+                not any(
+                    line.split()[0] == str(pid) and "<defunct>" not in line for line in process_groups().get(pid, [])
+                )
+            ),
+            f"{name} to die",
+            timeout=30,
+        )
 
     def signal(self, name: str, sig: int) -> None:
         """Send `sig` to the process group the script started as `name` (SIGSTOP / SIGCONT: pause a node)."""
@@ -173,8 +225,9 @@ class Deployment:
                 pass
 
     @staticmethod
-    def wait_for(predicate, what: str, timeout: float = 600, proc: subprocess.Popen | None = None,
-                 log: Path | None = None) -> None:
+    def wait_for(
+        predicate, what: str, timeout: float = 600, proc: subprocess.Popen | None = None, log: Path | None = None
+    ) -> None:
         """Poll `predicate` until true; fail naming `what` (and the tail of `log`) on timeout or
         when `proc` exits first."""
         deadline = time.time() + timeout

@@ -18,9 +18,13 @@ class InProcessGrid(Grid):
     def __init__(self, num_nodes: int, overrides: tuple[str, ...], node_config: dict | None = None):
         self.overrides = tuple(overrides)
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i,
-                             node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
-                             state=RecordDict(), run_config={"overrides": ""})
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                state=RecordDict(),
+                run_config={"overrides": ""},
+            )
             for i in range(num_nodes)
         }
 

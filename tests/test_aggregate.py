@@ -43,9 +43,14 @@ def test_weighted_average_is_permutation_invariant_and_scale_free(items, rnd):
 def test_fused_average_equals_the_reference_written_into_flower_bytes(weights, seed):
     # Prepare: random payloads with a contiguous, a transposed (non-contiguous: numpy path) and an empty tensor
     rng = np.random.default_rng(seed)
-    payloads = [{"a": rng.standard_normal((3, 5)).astype(np.float32),
-                 "b": rng.standard_normal((4, 2)).astype(np.float32).T,
-                 "e": np.zeros((0, 3), np.float32)} for _ in weights]
+    payloads = [
+        {
+            "a": rng.standard_normal((3, 5)).astype(np.float32),
+            "b": rng.standard_normal((4, 2)).astype(np.float32).T,
+            "e": np.zeros((0, 3), np.float32),
+        }
+        for _ in weights
+    ]
     want = weighted_average(payloads, weights)
     buffer = RecordBuffer({k: v.shape for k, v in payloads[0].items()})
     # Execute: once into fresh arrays, once into the bytes of an ArrayRecord
@@ -63,8 +68,11 @@ def test_fused_average_equals_the_reference_written_into_flower_bytes(weights, s
 
 
 def test_fused_average_leaves_out_non_finite_payloads():
-    payloads = [{"w": np.array([1.0, 2.0], np.float32)}, {"w": np.array([np.nan, 0.0], np.float32)},
-                {"w": np.array([3.0, 4.0], np.float32)}]
+    payloads = [
+        {"w": np.array([1.0, 2.0], np.float32)},
+        {"w": np.array([np.nan, 0.0], np.float32)},
+        {"w": np.array([3.0, 4.0], np.float32)},
+    ]
     out, bad = weighted_average_fused(payloads, [1, 5, 1])
     assert bad == [1]
     np.testing.assert_allclose(out["w"], [2.0, 3.0])

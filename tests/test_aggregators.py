@@ -33,8 +33,9 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
     from inprocess import run_in_process
 
     out = tmp_path / name
-    run_in_process(tiny_overrides("num_rounds=3", "server_stage=none", "dataset.eval_samples=8",
-                                  f"out_dir={out}", *extra))
+    run_in_process(
+        tiny_overrides("num_rounds=3", "server_stage=none", "dataset.eval_samples=8", f"out_dir={out}", *extra)
+    )
     return out
 
 
@@ -127,16 +128,23 @@ def test_scaffold_differs_from_fedavg_and_reduces_client_drift():
 def test_scaffold_server_update_by_hand():
     x, c = {"w": np.array([1.0, 1.0], np.float32)}, {"w": np.zeros(2, np.float32)}
     new_x, new_c = scaffold_server_update(
-        x, c, [{"w": np.array([2.0, 0.0])}, {"w": np.array([0.0, 4.0])}],
-        [{"w": np.array([1.0, 1.0])}, {"w": np.array([3.0, 3.0])}], [1, 3], num_clients=4)
+        x,
+        c,
+        [{"w": np.array([2.0, 0.0])}, {"w": np.array([0.0, 4.0])}],
+        [{"w": np.array([1.0, 1.0])}, {"w": np.array([3.0, 3.0])}],
+        [1, 3],
+        num_clients=4,
+    )
     # x + (1*[2,0] + 3*[0,4]) / 4 = [1.5, 4];  c + (2/4) * mean([1,1],[3,3]) = [1, 1]
     np.testing.assert_allclose(new_x["w"], [1.5, 4.0])
     np.testing.assert_allclose(new_c["w"], [1.0, 1.0])
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5), st.integers(1, 20)), min_size=1, max_size=5),
-       st.randoms(use_true_random=False))
+@given(
+    st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5), st.integers(1, 20)), min_size=1, max_size=5),
+    st.randoms(use_true_random=False),
+)
 def test_scaffold_update_is_permutation_invariant(items, rnd):
     x, c = {"w": np.ones(3, np.float32)}, {"w": np.zeros(3, np.float32)}
     dy = [{"w": np.full(3, a, np.float32)} for a, _, _ in items]
@@ -154,9 +162,11 @@ def test_scaffold_update_is_permutation_invariant(items, rnd):
 
 
 def _lora(rng, rank, out=6, inp=5):
-    return {"m.lora_A.weight": rng.normal(size=(rank, inp)).astype(np.float32),
-            "m.lora_B.weight": rng.normal(size=(out, rank)).astype(np.float32),
-            "proj.weight": rng.normal(size=(3,)).astype(np.float32)}
+    return {
+        "m.lora_A.weight": rng.normal(size=(rank, inp)).astype(np.float32),
+        "m.lora_B.weight": rng.normal(size=(out, rank)).astype(np.float32),
+        "proj.weight": rng.normal(size=(3,)).astype(np.float32),
+    }
 
 
 @settings(max_examples=25, deadline=None)
@@ -170,8 +180,12 @@ def test_flora_stack_is_exact_for_any_ranks(clients, seed):
     want = sum(pk * x["m.lora_B.weight"].astype(float) @ x["m.lora_A.weight"] for pk, x in zip(p, payloads))
     np.testing.assert_allclose(stacked["m.lora_B.weight"] @ stacked["m.lora_A.weight"], want, rtol=1e-4, atol=1e-4)
     assert stacked["m.lora_A.weight"].shape[0] == sum(r for r, _ in clients)
-    np.testing.assert_allclose(stacked["proj.weight"], weighted_average([{"k": x["proj.weight"]} for x in payloads],
-                                                                        weights)["k"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        stacked["proj.weight"],
+        weighted_average([{"k": x["proj.weight"]} for x in payloads], weights)["k"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_flora_merge_keeps_rank_bounded_and_exact_while_it_fits():
@@ -180,8 +194,11 @@ def test_flora_merge_keeps_rank_bounded_and_exact_while_it_fits():
     stacked = flora_stack([_lora(rng, 2), _lora(rng, 1)], [1, 1])
     merged, err = flora_merge(glob, stacked, max_rank=4)
     assert merged["m.lora_A.weight"].shape == (4, 5) and merged["m.lora_B.weight"].shape == (6, 4)
-    np.testing.assert_allclose(merged["m.lora_B.weight"] @ merged["m.lora_A.weight"],
-                               stacked["m.lora_B.weight"] @ stacked["m.lora_A.weight"], atol=1e-4)
+    np.testing.assert_allclose(
+        merged["m.lora_B.weight"] @ merged["m.lora_A.weight"],
+        stacked["m.lora_B.weight"] @ stacked["m.lora_A.weight"],
+        atol=1e-4,
+    )
     assert err == pytest.approx(0.0, abs=1e-6)
     _, err = flora_merge(merged, flora_stack([_lora(rng, 5)], [1]), max_rank=4)
     assert 0 < err < 1  # rank 3 + 5 > 4: truncated, and the error says by how much
@@ -252,13 +269,31 @@ def test_adaptive_reg_covers_only_the_middle_llm_layers(tiny_lm):
     arrays = adapter_state(lm.model)
     n = lm.model.config.get_text_config().num_hidden_layers  # 2
     for s_layer, layers in [(0, {0, 1}), (1, set())]:
-        local = LocalRound(algorithm_class("fedavg")(), lm.model, arrays, {}, ClientStore(), 0, 0,
-                           adaptive_reg={"mu": 0.01, "mu_w": 0.1, "s_layer": s_layer}, num_llm_layers=n)
+        local = LocalRound(
+            algorithm_class("fedavg")(),
+            lm.model,
+            arrays,
+            {},
+            ClientStore(),
+            0,
+            0,
+            adaptive_reg={"mu": 0.01, "mu_w": 0.1, "s_layer": s_layer},
+            num_llm_layers=n,
+        )
         local.prepare()
         assert {llm_layer_index(k) for k in local.regularized_keys()} == layers
         assert local.has_penalty == bool(layers)
-    local = LocalRound(algorithm_class("fedavg")(), lm.model, arrays, {}, ClientStore(), 0, 0,
-                       adaptive_reg={"mu": 0.01, "mu_w": 0.1, "s_layer": 0}, num_llm_layers=n)
+    local = LocalRound(
+        algorithm_class("fedavg")(),
+        lm.model,
+        arrays,
+        {},
+        ClientStore(),
+        0,
+        0,
+        adaptive_reg={"mu": 0.01, "mu_w": 0.1, "s_layer": 0},
+        num_llm_layers=n,
+    )
     local.prepare()
     import torch
 
@@ -301,8 +336,14 @@ def test_flora_takes_the_client_rank_from_node_config(tmp_path):
     from fedmllm.server.run import run_server
     from fedmllm.tracking import read_metrics
 
-    overrides = tiny_overrides("server_stage=none", "dataset.eval_samples=4", "num_rounds=1",
-                               "aggregator=flora", "aggregator.client.max_rank=8", f"out_dir={tmp_path}")
+    overrides = tiny_overrides(
+        "server_stage=none",
+        "dataset.eval_samples=4",
+        "num_rounds=1",
+        "aggregator=flora",
+        "aggregator.client.max_rank=8",
+        f"out_dir={tmp_path}",
+    )
     cfg = compose(overrides)
     with task_identity():
         run_server(InProcessGrid(2, tuple(overrides), node_config={"lora-rank": 4}), cfg)

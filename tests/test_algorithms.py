@@ -47,8 +47,10 @@ def test_client_settings_of_another_algorithm_are_rejected():
     local = algorithm_class("local")
     assert local(cfg["aggregator"]).problems(cfg) == []
     problems = local({**cfg["aggregator"], "client": {"only": 0, "max_rank": 8}}).problems(cfg)
-    assert problems == ["aggregator.client.max_rank is not a setting of aggregator=local (its client settings: "
-                        "['adaptive_reg', 'only'])"]
+    assert problems == [
+        "aggregator.client.max_rank is not a setting of aggregator=local (its client settings: "
+        "['adaptive_reg', 'only'])"
+    ]
     old_style = {**cfg["aggregator"], "_target_": "fedmllm.strategies.AdapterFedAvg"}
     assert "aggregator._target_ is no longer read" in local(old_style).problems(cfg)[0]
 
@@ -56,7 +58,9 @@ def test_client_settings_of_another_algorithm_are_rejected():
 def test_a_misspelt_or_added_key_fails_in_one_line_naming_it():
     with pytest.raises(ConfigError, match=r"^unknown setting 'num_roundz' .*did you mean num_rounds\?[^\n]*$"):
         compose(tiny_overrides("num_roundz=3"))
-    with pytest.raises(ConfigError, match=r"^unknown setting 'train.lrr' .*no key 'lrr' in train; did you mean train.lr\?"):
+    with pytest.raises(
+        ConfigError, match=r"^unknown setting 'train.lrr' .*no key 'lrr' in train; did you mean train.lr\?"
+    ):
         compose(tiny_overrides("+train.lrr=1"))
     # keys a group choice brings are known, whatever the order of the overrides
     assert compose(["aggregator.eta=0.01", "aggregator=fedadam"])["aggregator"]["eta"] == 0.01
@@ -64,19 +68,30 @@ def test_a_misspelt_or_added_key_fails_in_one_line_naming_it():
 
 @pytest.mark.parametrize("override, key", [("num_roundz=3", "num_rounds"), ("+train.lrr=1", "train.lr")])
 def test_fedmllm_run_names_an_unknown_key_in_one_line(override, key):
-    out = subprocess.run([sys.executable, "-m", "fedmllm.cli", "run", override], capture_output=True, text=True,
-                         cwd=PACKAGE.parent, env={**__import__("os").environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    out = subprocess.run(
+        [sys.executable, "-m", "fedmllm.cli", "run", override],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        env={**__import__("os").environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: unknown setting") and f"did you mean {key}?" in lines[0], out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: unknown setting") and f"did you mean {key}?" in lines[0], (
+        out.stderr
+    )
 
 
 def test_no_algorithm_name_is_compared_as_a_string_outside_its_module():
     names = "|".join([*builtin_names(), "standard"])
     compare = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
-    found = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}"
-             for p in PACKAGE.rglob("*.py") if "algorithms" not in p.parts
-             for i, line in enumerate(p.read_text().splitlines(), 1) if compare.search(line)]
+    found = [
+        f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}"
+        for p in PACKAGE.rglob("*.py")
+        if "algorithms" not in p.parts
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if compare.search(line)
+    ]
     assert not found, found
 
 
@@ -156,9 +171,15 @@ def test_an_algorithm_registered_outside_the_package_runs_end_to_end(tmp_path, o
     from fedmllm.tracking import read_metrics
 
     out = tmp_path / "run"
-    overrides = tiny_overrides("num_rounds=2", "server_stage=none", "dataset.eval_samples=8", f"out_dir={out}",
-                               "aggregator=fedavgm", "aggregator.name=projector_stays_home",
-                               f"aggregator.module={outside_module}")
+    overrides = tiny_overrides(
+        "num_rounds=2",
+        "server_stage=none",
+        "dataset.eval_samples=8",
+        f"out_dir={out}",
+        "aggregator=fedavgm",
+        "aggregator.name=projector_stays_home",
+        f"aggregator.module={outside_module}",
+    )
     run_in_process(overrides)
     calls = sys.modules[outside_module].CALLS
     # 2 clients x 2 rounds, 2 local steps each
@@ -168,7 +189,7 @@ def test_an_algorithm_registered_outside_the_package_runs_end_to_end(tmp_path, o
     from fedmllm.server.checkpoint import read_state_flat
 
     z = read_state_flat(out / "checkpoints/round-2/fedmllm-state.npz")
-    shared = [k[len("global/"):] for k in z if k.startswith("global/")]
+    shared = [k[len("global/") :] for k in z if k.startswith("global/")]
     assert shared and all(".lora_A." in k or ".lora_B." in k for k in shared)
     assert any(k.startswith("state/momentum_vector/") for k in z)  # FedAvgM's server state
     assert all(r["bytes_up"] > 0 for r in rows[1:])
@@ -187,4 +208,3 @@ def test_a_run_from_before_the_algorithm_modules_still_resumes(tmp_path):
     check_resumable(tmp_path, cfg)
     with pytest.raises(ResumeError, match=r"aggregator.eta: 0.001 -> 0.01"):
         check_resumable(tmp_path, compose(tiny_overrides("aggregator=fedadam", "aggregator.eta=0.01")))
-

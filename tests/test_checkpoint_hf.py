@@ -119,9 +119,12 @@ def test_export_writes_a_model_that_from_pretrained_loads_with_the_trained_tower
 def test_export_names_bad_input(finished_run, tmp_path, capsys):
     from fedmllm.cli import main
 
-    for argv, fragment in [([str(finished_run)], "out=DIR"), ([str(finished_run), f"out={tmp_path}"], "exists"),
-                           ([str(finished_run), f"out={tmp_path / 'x'}", "round=9"], "checkpoints/round-9"),
-                           ([str(finished_run), f"out={tmp_path / 'x'}", "merge=maybe"], "merge=maybe")]:
+    for argv, fragment in [
+        ([str(finished_run)], "out=DIR"),
+        ([str(finished_run), f"out={tmp_path}"], "exists"),
+        ([str(finished_run), f"out={tmp_path / 'x'}", "round=9"], "checkpoints/round-9"),
+        ([str(finished_run), f"out={tmp_path / 'x'}", "merge=maybe"], "merge=maybe"),
+    ]:
         with pytest.raises(SystemExit):
             main(["export", *argv])
         assert fragment in capsys.readouterr().err

@@ -45,7 +45,9 @@ def test_one_supernode_per_gpu_pinned_and_holding_its_partition(gpus):
         ident = node_identity(node_config_of(cmd))  # what the ClientApp will read
         assert (ident.partition_id, ident.num_partitions, ident.data_dir) == (i, gpus, None)
         assert node["depends_on"] == ["superlink"]
-        targets = {v.rsplit(":", 2)[-2] if v.endswith((":ro", ":rw")) else v.rsplit(":", 1)[-1] for v in node["volumes"]}
+        targets = {
+            v.rsplit(":", 2)[-2] if v.endswith((":ro", ":rw")) else v.rsplit(":", 1)[-1] for v in node["volumes"]
+        }
         assert {"/data", "/cache"} <= targets  # data and model cache are volumes
         assert node["environment"]["FEDMLLM_CACHE"].startswith("/cache/")
 
@@ -54,7 +56,11 @@ def test_tls_override_verifies_the_superlink_and_authenticates_each_node():
     services = yaml.safe_load((DOCKER / "compose.tls.yaml").read_text())["services"]
     link = services["superlink"]["command"]
     assert "--insecure" not in link and "--enable-supernode-auth" in link
-    for flag, path in (("--ssl-ca-certfile", "ca.pem"), ("--ssl-certfile", "server.pem"), ("--ssl-keyfile", "server.key")):
+    for flag, path in (
+        ("--ssl-ca-certfile", "ca.pem"),
+        ("--ssl-certfile", "server.pem"),
+        ("--ssl-keyfile", "server.key"),
+    ):
         assert link[link.index(flag) + 1] == f"/certs/{path}"
     keys = set()
     for i in range(4):

@@ -30,7 +30,10 @@ def test_every_group_option_composes(group, option):
 @pytest.mark.parametrize(
     "overrides,fragment",
     [
-        (["model=nope"], f"unknown model 'nope'; choose one of {sorted(p.stem for p in (CONF / 'model').glob('*.yaml'))}"),
+        (
+            ["model=nope"],
+            f"unknown model 'nope'; choose one of {sorted(p.stem for p in (CONF / 'model').glob('*.yaml'))}",
+        ),
         (["num_rounds=abc"], "num_rounds='abc'"),
         (["no_such_key=1"], "no_such_key"),
         (["train.lr=-1"], "train.lr=-1 must be a finite number > 0"),
@@ -80,7 +83,9 @@ def test_node_identity(tmp_path):
         node_identity({"partition-id": 2, "num-partitions": 2})
     with pytest.raises(ConfigError, match="data-dir='/nonexistent' does not exist"):
         node_identity({"partition-id": 0, "num-partitions": 2, "data-dir": "/nonexistent"})
-    with pytest.raises(ConfigError, match="partition-id='a' is not an integer; restart the SuperNode with --node-config"):
+    with pytest.raises(
+        ConfigError, match="partition-id='a' is not an integer; restart the SuperNode with --node-config"
+    ):
         node_identity({"partition-id": "a", "num-partitions": 2})
     with pytest.raises(ConfigError, match="lora-rank=0 must be"):
         node_identity({"partition-id": 0, "num-partitions": 2, "lora-rank": 0})
@@ -98,8 +103,18 @@ def test_fedmllm_experiments_use_fedmllms_regime_and_evaluation(scenario):
     cfg = compose([f"+experiment=fedmllm_{scenario}", "dataset=crisismmd", "dataset.root=/nowhere"])
     t = cfg["train"]
     assert (t["batch_size"], t["grad_accum"], t["local_epochs"], t["lr"], t["projector_lr"]) == (1, 4, 1, 2e-5, 2e-5)
-    assert (t["schedule"], t["warmup_ratio"], t["round_schedule"], t["round_warmup"]) == ("cosine", 0.01, "cosine_warm", 0.01)
-    assert (t["weight_decay"], t["adam_betas"], t["gradient_checkpointing"], t["weight_by"]) == (0.1, [0.9, 0.95], True, "partition_size")
+    assert (t["schedule"], t["warmup_ratio"], t["round_schedule"], t["round_warmup"]) == (
+        "cosine",
+        0.01,
+        "cosine_warm",
+        0.01,
+    )
+    assert (t["weight_decay"], t["adam_betas"], t["gradient_checkpointing"], t["weight_by"]) == (
+        0.1,
+        [0.9, 0.95],
+        True,
+        "partition_size",
+    )
     p = cfg["peft"]
     assert (p["r"], p["alpha"], p["dropout"], p["leaves"]) == (8, 8, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
     assert (cfg["num_clients"], cfg["clients_per_round"], cfg["num_rounds"]) == (10, 2, 50)
@@ -122,8 +137,12 @@ def test_hub_presets_default_to_no_server_stage_and_gradient_checkpointing():
     cfg = compose(["model=qwen2.5-vl-7b", "train=default", "server_stage=pretrain", "dataset.public_fraction=0.5"])
     assert (cfg["server_stage"]["name"], cfg["train"]["gradient_checkpointing"]) == ("pretrain", False)
     assert compose([])["server_stage"]["name"] == "pretrain"  # the offline default keeps its stages
-    out = subprocess.run([sys.executable, "-m", "fedmllm.cli", "run", "model=llava-1.5-7b", "--cfg", "job"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "fedmllm.cli", "run", "model=llava-1.5-7b", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gradient_checkpointing: true" in out.stdout and "\nserver_stage:\n  name: none" in out.stdout
 

@@ -28,6 +28,7 @@ def cm_cfg(root, **kw):
 
 # ---- Hateful Memes ----------------------------------------------------------------------------
 
+
 def test_hateful_memes_reads_rows_and_normalises_ids(tmp_path):
     root = write_hateful_memes(tmp_path / "hm", n_rows=12, seed=0)
     task, train, test = load_task(hm_cfg(root))
@@ -101,6 +102,7 @@ def test_ten_thousand_rows_load(tmp_path):
 
 # ---- CrisisMMD --------------------------------------------------------------------------------
 
+
 def test_crisismmd_reads_tsv_strips_urls_and_maps_labels(tmp_path):
     root = write_crisismmd(tmp_path / "cm", "humanitarian", n_rows=12, seed=0)
     task, train, test = load_task(cm_cfg(root))
@@ -159,6 +161,7 @@ def test_crisismmd_missing_split_file_names_it(tmp_path):
 
 # ---- LLaVA JSON -------------------------------------------------------------------------------
 
+
 def test_llava_json_parses_conversations(tmp_path):
     path = write_llava_json(tmp_path / "lj" / "data.json", n_rows=10, seed=0)
     cfg = {"name": "llava_json", "path": str(path), "labels": ["no", "yes"], "eval_samples": 3}
@@ -191,6 +194,7 @@ def test_llava_json_drops_bad_records_with_lines(tmp_path, capsys):
 
 # ---- config, preflight, the whole prompt -> collate -> score path -----------------------------
 
+
 def test_new_datasets_compose_without_server_stage(tmp_path):
     from fedmllm.cli import preflight
     from fedmllm.config import ConfigError, compose
@@ -222,8 +226,9 @@ def test_hateful_memes_prompt_collate_score_with_and_without_images(tmp_path):
     from fedmllm.server.evaluate import evaluate
 
     root = write_hateful_memes(tmp_path / "hm", n_rows=8, seed=0)
-    cfg = compose(tiny_overrides("dataset=hateful_memes", f"dataset.root={root}", "model.quantization=none",
-                                 "prompt=aug"))
+    cfg = compose(
+        tiny_overrides("dataset=hateful_memes", f"dataset.root={root}", "model.quantization=none", "prompt=aug")
+    )
     task, train, heldout = load_task(cfg["dataset"], cfg["seed"], cfg["prompt"])
     assert task.aug and len(heldout) == 4
     heldout[1]["image"] = None  # text-only
@@ -244,16 +249,18 @@ def test_hateful_memes_prompt_collate_score_with_and_without_images(tmp_path):
     from PIL import Image
 
     with Image.open(s["image"]) as im:
-        enc = processor(text=[prompt + task.answers[1]], images=[im.convert("RGB")], return_tensors="pt",
-                        add_special_tokens=False)
+        enc = processor(
+            text=[prompt + task.answers[1]], images=[im.convert("RGB")], return_tensors="pt", add_special_tokens=False
+        )
     k = len(processor.tokenizer(task.answers[1], add_special_tokens=False)["input_ids"])
     with torch.no_grad():
-        logp = torch.log_softmax(model(**enc).logits[0, -k - 1:-1].float(), dim=-1)
+        logp = torch.log_softmax(model(**enc).logits[0, -k - 1 : -1].float(), dim=-1)
     manual = logp.gather(-1, enc["input_ids"][0, -k:].unsqueeze(-1)).sum().item()
     np.testing.assert_allclose(score_options(model, col, [s], batch_size=1)[0, 1], manual, atol=1e-4)
 
 
 # ---- easy-vqa flag task -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_flag_task_balances_labels_and_each_modality_carries_its_stated_part(split):

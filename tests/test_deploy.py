@@ -16,9 +16,19 @@ pytestmark = pytest.mark.slow
 def overrides(out_dir, clients: int = 2, rounds: int = 2, *extra: str) -> str:
     """tiny-llava, 1 local step; no server stage (it costs a minute and is not deployment)."""
     base = [o for o in tiny_overrides() if not o.startswith(("num_clients=", "clients_per_round=", "num_rounds="))]
-    return " ".join([*base, f"num_clients={clients}", f"clients_per_round={clients}", f"num_rounds={rounds}",
-                     "train.local_steps=1", "dataset.eval_samples=8", "server_stage=none", f"out_dir={out_dir}",
-                     *extra])
+    return " ".join(
+        [
+            *base,
+            f"num_clients={clients}",
+            f"clients_per_round={clients}",
+            f"num_rounds={rounds}",
+            "train.local_steps=1",
+            "dataset.eval_samples=8",
+            "server_stage=none",
+            f"out_dir={out_dir}",
+            *extra,
+        ]
+    )
 
 
 def rounds_logged(out_dir) -> list[dict]:
@@ -55,12 +65,19 @@ def test_tls_authenticated_supernodes_run_two_rounds_exchanging_adapters_only(tm
     out = tmp_path / "run"
     try:
         dep.sh("start", "2")
-        intruder = dep.refused_supernode(["--root-certificates", str(tls / "ca.pem"),
-                                          "--auth-supernode-private-key", str(tls / "node-2.key")])
+        intruder = dep.refused_supernode(
+            ["--root-certificates", str(tls / "ca.pem"), "--auth-supernode-private-key", str(tls / "node-2.key")]
+        )
         assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
         assert "No SuperNode found with the given public key" in dep.log("superlink")
-        wrong_ca = dep.refused_supernode(["--root-certificates", str(tmp_path / "other-ca" / "ca.pem"),
-                                          "--auth-supernode-private-key", str(tls / "node-0.key")])
+        wrong_ca = dep.refused_supernode(
+            [
+                "--root-certificates",
+                str(tmp_path / "other-ca" / "ca.pem"),
+                "--auth-supernode-private-key",
+                str(tls / "node-0.key"),
+            ]
+        )
         assert "could not establish a connection" in wrong_ca, wrong_ca[-2000:]
         assert dep.online_nodes() == 2
 

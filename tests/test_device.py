@@ -23,12 +23,19 @@ class _Model(torch.nn.Module):
 def test_batch_tensors_move_to_the_models_device_and_other_values_stay():
     from fedmllm.models.device import model_device, to_model
 
-    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "pixel_values": torch.zeros(2, 3, 4, 4),
-             "labels": torch.full((2, 3), -100), "keep": 2}
+    batch = {
+        "input_ids": torch.ones(2, 3, dtype=torch.long),
+        "pixel_values": torch.zeros(2, 3, 4, 4),
+        "labels": torch.full((2, 3), -100),
+        "keep": 2,
+    }
     moved = to_model(batch, _Model("meta"))
     assert model_device(_Model("meta")).type == "meta"
     assert {k: v.device.type for k, v in moved.items() if k != "keep"} == {
-        "input_ids": "meta", "pixel_values": "meta", "labels": "meta"}
+        "input_ids": "meta",
+        "pixel_values": "meta",
+        "labels": "meta",
+    }
     assert moved["keep"] == 2 and moved["input_ids"].dtype == torch.long
     assert batch["input_ids"].device.type == "cpu"  # the caller's batch is left as it was
     here = to_model(batch, _Model("cpu"))

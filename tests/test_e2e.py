@@ -34,6 +34,7 @@ def _started_here(pid: int) -> bool:
 
 def assert_none_left(before: dict[int, str], timeout: float = 20) -> None:
     """Ray processes that were not there before must be gone (Ray takes a moment to exit)."""
+
     def new() -> list[str]:
         return [args for pid, args in ray_processes().items() if pid not in before]
 
@@ -45,8 +46,9 @@ def assert_none_left(before: dict[int, str], timeout: float = 20) -> None:
 
 def run_cli(args, timeout=600):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    return subprocess.run([sys.executable, "-m", "fedmllm.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedmllm.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.fixture(scope="module", params=["4bit", "none"])
@@ -147,8 +149,15 @@ def test_bad_override_fails_in_one_line_without_traceback():
 
 def test_sweep_runs_one_job_per_value(tmp_path):
     before = ray_processes()
-    proc = run_cli(["run", "-m", *tiny_overrides("train.local_steps=1", "num_rounds=1"),
-                    "aggregator=fedprox,fedadam", f"hydra.sweep.dir={tmp_path}"])
+    proc = run_cli(
+        [
+            "run",
+            "-m",
+            *tiny_overrides("train.local_steps=1", "num_rounds=1"),
+            "aggregator=fedprox,fedadam",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
     assert len(runs) == 2
@@ -178,7 +187,9 @@ def test_out_dir_is_where_the_run_writes(tmp_path):
     """`out_dir=DIR` on the command line is the run's directory (it used to be replaced by Hydra's
     dated one); in a sweep it would be one directory for every job, so it is refused there."""
     out = tmp_path / "mine"
-    proc = run_cli(["run", *tiny_overrides("server_stage=none", "train.local_steps=1", "num_rounds=1"), f"out_dir={out}"])
+    proc = run_cli(
+        ["run", *tiny_overrides("server_stage=none", "train.local_steps=1", "num_rounds=1"), f"out_dir={out}"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"run dir: {out}"
     assert [r["round"] for r in read_metrics(out)] == [0, 1]
@@ -192,9 +203,15 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
     """Job 0 aggregates no round (every reply over the norm bound) and fails; job 1 still runs;
     the sweep exits non-zero naming the failed job."""
     before = ray_processes()
-    proc = run_cli(["run", "-m", *tiny_overrides("train.local_steps=1", "num_rounds=1", "server_stage=none",
-                                                 "dataset.eval_samples=4"),
-                    "aggregator.max_update_norm=1e-12,null", f"hydra.sweep.dir={tmp_path}"])
+    proc = run_cli(
+        [
+            "run",
+            "-m",
+            *tiny_overrides("train.local_steps=1", "num_rounds=1", "server_stage=none", "dataset.eval_samples=4"),
+            "aggregator.max_update_norm=1e-12,null",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     assert proc.returncode == 2
     assert "no round of 1 aggregated" in proc.stderr
     assert f"1 job(s) of the sweep failed: 0 ({tmp_path}/0)" in proc.stderr

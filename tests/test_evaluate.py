@@ -26,8 +26,13 @@ def tiny():
     samples = []
     for k, s in enumerate(heldout[:12]):
         drop = ("both", "image", "text", "none")[k % 4]  # the group the sample ends up in
-        samples.append({**s, "image": None if drop in ("text", "none") else s["image"],
-                        "text": None if drop in ("image", "none") else s["text"]})
+        samples.append(
+            {
+                **s,
+                "image": None if drop in ("text", "none") else s["image"],
+                "text": None if drop in ("image", "none") else s["text"],
+            }
+        )
     yield lm, Collator(lm.processor, lm.family, task), samples
     clear_cache()
 
@@ -125,7 +130,8 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny):
     # The last prompt position's hidden state per prompt, one prompt at a time (no padding).
     states = []
     handle = lm.model.get_output_embeddings().register_forward_hook(
-        lambda mod, args, out: states.append(args[0][0, -1].detach().clone()))
+        lambda mod, args, out: states.append(args[0][0, -1].detach().clone())
+    )
     try:
         for s in samples:
             generate_answers(lm.model, col, [s], max_new_tokens=1)
@@ -148,10 +154,13 @@ def test_unknown_mode_is_named():
         evaluate(None, None, [], None, mode="beam")
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    (["eval.mode=beam"], "eval.mode='beam': choose score or generate"),
-    (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["eval.mode=beam"], "eval.mode='beam': choose score or generate"),
+        (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be an integer >= 1"),
+    ],
+)
 def test_bad_eval_config_is_named(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
         compose(overrides)
@@ -173,15 +182,33 @@ def test_fedmllm_protocol_samples_answers_and_reads_them_with_their_regex(tiny):
     opts = {"temperature": 0.7, "top_p": 0.8, "top_k": 100, "repetition_penalty": 1.05, "seed": 0, "letters": None}
     force = force_answer(lm, col, "B")
     with force:
-        m = evaluate(lm.model, col, samples, None, batch_size=12, mode="generate", max_new_tokens=len(force.ids),
-                     protocol="fedmllm", fedmllm=opts)
+        m = evaluate(
+            lm.model,
+            col,
+            samples,
+            None,
+            batch_size=12,
+            mode="generate",
+            max_new_tokens=len(force.ids),
+            protocol="fedmllm",
+            fedmllm=opts,
+        )
     saved = m.pop("_predictions")
     assert saved["answers"].tolist() == ["B"] * 12 and saved["pred"].tolist() == [1] * 12
     assert m["accuracy"] == pytest.approx((labels == 1).mean()) and m["unparsed"] == 0
     force = force_answer(lm, col, "yes")  # names no letter: FedMLLM's fallback, index 2
     with force:
-        m = evaluate(lm.model, col, samples, None, batch_size=12, mode="generate", max_new_tokens=len(force.ids),
-                     protocol="fedmllm", fedmllm=opts)
+        m = evaluate(
+            lm.model,
+            col,
+            samples,
+            None,
+            batch_size=12,
+            mode="generate",
+            max_new_tokens=len(force.ids),
+            protocol="fedmllm",
+            fedmllm=opts,
+        )
     saved = m.pop("_predictions")
     assert saved["pred"].tolist() == [2] * 12 and m["unparsed"] == 12 and m["accuracy"] == 0
     assert m["auroc"] == roc_auc_score(labels, [2] * 12) == 0.5

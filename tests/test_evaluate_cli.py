@@ -14,8 +14,9 @@ def finished_run(tmp_path_factory):
     from inprocess import run_in_process
 
     out = tmp_path_factory.mktemp("run")
-    run_in_process(tiny_overrides("server_stage=none", "dataset.eval_samples=16", "aggregator=ffa_lora",
-                                  f"out_dir={out}"))
+    run_in_process(
+        tiny_overrides("server_stage=none", "dataset.eval_samples=16", "aggregator=ffa_lora", f"out_dir={out}")
+    )
     return out
 
 
@@ -45,10 +46,12 @@ def test_evaluate_takes_other_eval_settings_and_names_bad_input(finished_run, ca
     result = json.loads((finished_run / "eval/round-2.json").read_text())
     assert result["eval_samples"] == 8 and "unparsed" in result
     assert result["overrides"] == ["eval.mode=generate", "dataset.eval_samples=8"]
-    for argv, fragment in [([str(finished_run), "eval.modee=score"], "eval.modee"),
-                           ([str(finished_run), "round=7"], "checkpoints/round-7"),
-                           ([str(finished_run.parent / "nowhere")], "has no config.yaml"),
-                           ([str(finished_run / "checkpoints" / "round-1"), "round=2"], "is round 1, but round=2")]:
+    for argv, fragment in [
+        ([str(finished_run), "eval.modee=score"], "eval.modee"),
+        ([str(finished_run), "round=7"], "checkpoints/round-7"),
+        ([str(finished_run.parent / "nowhere")], "has no config.yaml"),
+        ([str(finished_run / "checkpoints" / "round-1"), "round=2"], "is round 1, but round=2"),
+    ]:
         with pytest.raises(SystemExit):
             main(["evaluate", *argv])
         assert fragment in capsys.readouterr().err
@@ -71,8 +74,14 @@ def test_keep_best_keeps_the_best_round_beside_the_newest(tmp_path):
     from fedmllm.server.checkpoint import prune_checkpoints
     from fedmllm.server.run import best_round
 
-    rows = [{"round": 0, "accuracy": 0.9}, {"round": 1, "accuracy": 0.6}, {"round": 2, "accuracy": 0.8},
-            {"round": 3, "accuracy": 0.8}, {"round": 4, "accuracy": 0.7}, {"round": 5}]
+    rows = [
+        {"round": 0, "accuracy": 0.9},
+        {"round": 1, "accuracy": 0.6},
+        {"round": 2, "accuracy": 0.8},
+        {"round": 3, "accuracy": 0.8},
+        {"round": 4, "accuracy": 0.7},
+        {"round": 5},
+    ]
     assert best_round(rows) == 2  # round 0 is untrained; of equals the earliest
     assert best_round([{"round": 0, "accuracy": 1.0}]) is None
     for r in range(6):

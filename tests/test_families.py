@@ -45,8 +45,17 @@ def test_registering_a_name_twice_raises_and_incomplete_families_are_rejected():
     with pytest.raises(ValueError, match="incomplete.*'projector'"):
         register_family(replace(llava, name="broken", module_groups={"vision_encoder": ("a",), "llm": ("b",)}))
     with pytest.raises(ValueError, match="overlapping"):
-        register_family(replace(llava, name="broken", module_groups={
-            "vision_encoder": ("model.visual",), "projector": ("model.visual.merger",), "llm": ("lm",)}))
+        register_family(
+            replace(
+                llava,
+                name="broken",
+                module_groups={
+                    "vision_encoder": ("model.visual",),
+                    "projector": ("model.visual.merger",),
+                    "llm": ("lm",),
+                },
+            )
+        )
     with pytest.raises(KeyError, match="unknown model family 'nope'.*qwen2_vl"):
         get_family("nope")
     assert family_for_model_type("qwen2_5_vl").name == "qwen2_5_vl"
@@ -85,9 +94,9 @@ def test_prompts_expand_the_image_and_the_loss_covers_only_the_answer(family):
             labels = b["labels"][row].tolist()
             answer = col.answer_ids(task.answers[s["label"]])
             # IGNORE everywhere but the last len(answer) positions, which hold the answer + end of turn
-            assert labels[-len(answer):] == answer
+            assert labels[-len(answer) :] == answer
             assert set(labels[: -len(answer)]) == {IGNORE}
-            assert b["input_ids"][row, -len(answer):].tolist() == answer
+            assert b["input_ids"][row, -len(answer) :].tolist() == answer
         assert b["keep"] == max(len(col.answer_ids(task.answers[s["label"]])) for s in rows) + 1
 
     # the prompt ends where the answer starts, in the family's own format
@@ -173,9 +182,17 @@ def test_one_federated_round(tmp_path, family, quant):
     from fedmllm.tracking import read_metrics
     from inprocess import run_in_process
 
-    run_in_process(tiny_overrides(f"model=tiny-{family}", f"model.quantization={quant}", "num_rounds=1",
-                                  "server_stage=none", "train.local_steps=1", "dataset.eval_samples=8",
-                                  f"out_dir={tmp_path}"))
+    run_in_process(
+        tiny_overrides(
+            f"model=tiny-{family}",
+            f"model.quantization={quant}",
+            "num_rounds=1",
+            "server_stage=none",
+            "train.local_steps=1",
+            "dataset.eval_samples=8",
+            f"out_dir={tmp_path}",
+        )
+    )
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1]
     assert np.isfinite(rows[1]["train_loss"]) and 0 <= rows[1]["accuracy"] <= 1
@@ -184,8 +201,16 @@ def test_one_federated_round(tmp_path, family, quant):
 # --- hub presets: bundled configs build on the meta device ---------------------------------------
 
 # Published parameter counts of the checkpoints (model cards / safetensors metadata), in billions.
-HUB_PARAMS = {"llava-1.5-7b": 7.06, "llava-onevision-0.5b": 0.89, "qwen2-vl-2b": 2.21, "qwen2.5-vl-3b": 3.75,
-              "qwen2.5-vl-7b": 8.29, "smolvlm-256m": 0.256, "smolvlm-2.2b": 2.25, "paligemma-3b": 2.92}
+HUB_PARAMS = {
+    "llava-1.5-7b": 7.06,
+    "llava-onevision-0.5b": 0.89,
+    "qwen2-vl-2b": 2.21,
+    "qwen2.5-vl-3b": 3.75,
+    "qwen2.5-vl-7b": 8.29,
+    "smolvlm-256m": 0.256,
+    "smolvlm-2.2b": 2.25,
+    "paligemma-3b": 2.92,
+}
 
 
 @pytest.mark.parametrize("preset", sorted(HUB_PARAMS))
@@ -216,7 +241,9 @@ def test_adaptive_reg_finds_every_decoder_layer_and_no_vision_layer(family):
     layers = {llm_layer_index(k) for k in keys} - {None}
     text_config = peft.base_model.model.config.get_text_config()
     assert layers == set(range(text_config.num_hidden_layers))
-    vision = [k for k in keys if fam.group_of(k.removeprefix("base_model.model.").split(".lora_")[0]) == "vision_encoder"]
+    vision = [
+        k for k in keys if fam.group_of(k.removeprefix("base_model.model.").split(".lora_")[0]) == "vision_encoder"
+    ]
     assert vision and all(llm_layer_index(k) is None for k in vision)
 
 
@@ -224,5 +251,7 @@ def test_a_target_group_without_matching_layers_is_an_error_naming_the_setting()
     from fedmllm.models.adapter import apply_peft
 
     model, _, fam, cfg = _load("qwen2_vl")
-    with pytest.raises(ValueError, match=r"no layer of qwen2_vl's vision_encoder is named \['q_proj'\].*peft.vision_leaves"):
+    with pytest.raises(
+        ValueError, match=r"no layer of qwen2_vl's vision_encoder is named \['q_proj'\].*peft.vision_leaves"
+    ):
         apply_peft(model, fam, {**cfg["peft"], "targets": ["llm", "vision_encoder"], "vision_leaves": ["q_proj"]})

@@ -45,8 +45,9 @@ def test_shared_prefix_gives_the_plain_loss_gradients_and_scores(family):
     assert (shared_prefix_logits(model, inputs, batch["keep"]) is not None) == text_only
 
     scores = score_options(model, collator, samples, batch_size=6)
-    np.testing.assert_allclose(score_options(model, collator, samples, batch_size=6, share_prefix=True),
-                               scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        score_options(model, collator, samples, batch_size=6, share_prefix=True), scores, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_shared_prefix_splits_where_the_rows_differ_and_declines_short_prefixes():

@@ -78,8 +78,9 @@ def test_resume_refuses_other_settings_and_a_missing_dir_before_touching_the_run
     with pytest.raises(ResumeError, match=r"peft.r: 16 -> 4"):
         run_in_process([*_common("num_rounds=2", f"out_dir={tmp_path}", "peft.r=4"), f"resume={tmp_path}"])
     with pytest.raises(ResumeError, match=r"model.quantization: '4bit' -> 'none'"):
-        run_in_process([*_common("num_rounds=2", f"out_dir={tmp_path}", "model.quantization=none"),
-                        f"resume={tmp_path}"])
+        run_in_process(
+            [*_common("num_rounds=2", f"out_dir={tmp_path}", "model.quantization=none"), f"resume={tmp_path}"]
+        )
     assert (tmp_path / "config.yaml").read_text() == saved  # the record of what the run was
     with pytest.raises(ResumeError, match="raise num_rounds"):
         run_in_process([*_common("num_rounds=1", f"out_dir={tmp_path}"), f"resume={tmp_path}"])
@@ -90,7 +91,9 @@ def test_a_run_in_which_no_round_aggregated_fails_with_the_reason(tmp_path):
 
     from fedmllm.server.run import NoRoundAggregated
 
-    with pytest.raises(NoRoundAggregated, match=r"no round of 2 aggregated.*update norm .* > aggregator.max_update_norm"):
+    with pytest.raises(
+        NoRoundAggregated, match=r"no round of 2 aggregated.*update norm .* > aggregator.max_update_norm"
+    ):
         run_in_process(_common(f"out_dir={tmp_path}", "aggregator.max_update_norm=1e-12"))
 
 
@@ -99,8 +102,9 @@ def test_cli_resume_of_a_missing_dir_fails_without_creating_it(tmp_path):
     import sys
 
     missing = tmp_path / "nope"
-    proc = subprocess.run([sys.executable, "-m", "fedmllm.cli", "run", f"resume={missing}"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmllm.cli", "run", f"resume={missing}"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "no such directory" in proc.stderr and not missing.exists()
 
 
@@ -124,8 +128,14 @@ def _cli_run(args, **kw):
     import sys
 
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedmllm.cli", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedmllm.cli", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
@@ -197,11 +207,18 @@ def test_a_png_cut_after_its_header_is_named_when_decoded_and_caught_up_front_wi
         load_image(str(path))
 
 
-@pytest.mark.parametrize("cfg,n,fragment", [
-    ({"name": "iid"}, 40, "num_clients=40 exceeds the 17 training samples"),
-    ({"name": "dirichlet", "alpha": 0.5}, 4, "at least partitioner.min_partition_size=10 of the 17 training samples"),
-    ({"name": "dirichlet", "alpha": 1e-6, "min_partition_size": 2}, 4, "alpha=1e-06.*raise partitioner.alpha"),
-])
+@pytest.mark.parametrize(
+    "cfg,n,fragment",
+    [
+        ({"name": "iid"}, 40, "num_clients=40 exceeds the 17 training samples"),
+        (
+            {"name": "dirichlet", "alpha": 0.5},
+            4,
+            "at least partitioner.min_partition_size=10 of the 17 training samples",
+        ),
+        ({"name": "dirichlet", "alpha": 1e-6, "min_partition_size": 2}, 4, "alpha=1e-06.*raise partitioner.alpha"),
+    ],
+)
 def test_a_small_dataset_names_the_partition_setting_that_cannot_be_met(cfg, n, fragment):
     from fedmllm.partitioning import partition_indices
 
@@ -284,7 +301,7 @@ def test_killed_supernode_misconfigured_supernodes_and_stopped_superlink_are_sur
         dep.sh("start", "3")
         dep.raw_supernode("no-id", "num-partitions=3", 20)
         dep.raw_supernode("out-of-range", "partition-id=3 num-partitions=3", 21)
-        dep.raw_supernode("no-data", f"partition-id=0 num-partitions=3 data-dir=\"{tmp_path / 'nowhere'}\"", 22)
+        dep.raw_supernode("no-data", f'partition-id=0 num-partitions=3 data-dir="{tmp_path / "nowhere"}"', 22)
         dep.wait_online(6)
         run = dep.run_async(ov, log)
         started = lambda: "Start `flwr-clientapp`" in dep.log("supernode-2")  # noqa: E731
@@ -299,11 +316,19 @@ def test_killed_supernode_misconfigured_supernodes_and_stopped_superlink_are_sur
         assert len(rows) == 3
         assert set(rows[1]["bytes_up_per_client"]) == {"0", "1"}  # round 1 went on without the killed node
         assert set(rows[2]["bytes_up_per_client"]) == {"0", "1", "2"}  # and it is back in round 2
-        reasons = ("node_config lacks 'partition-id'", "node_config partition-id=3 must be in [0, num-partitions=3)",
-                   f"node_config data-dir='{tmp_path / 'nowhere'}' does not exist")
+        reasons = (
+            "node_config lacks 'partition-id'",
+            "node_config partition-id=3 must be in [0, num-partitions=3)",
+            f"node_config data-dir='{tmp_path / 'nowhere'}' does not exist",
+        )
         # rounds 1 and 2, each from its node; `flwr run --stream` may print them after round 2's metrics are written
-        dep.wait_for(lambda: all(log.read_text(errors="replace").count(r) >= 2 for r in reasons),
-                     "each misconfigured node's error in rounds 1 and 2", timeout=120, proc=run, log=log)
+        dep.wait_for(
+            lambda: all(log.read_text(errors="replace").count(r) >= 2 for r in reasons),
+            "each misconfigured node's error in rounds 1 and 2",
+            timeout=120,
+            proc=run,
+            log=log,
+        )
         assert "restart the SuperNode with --node-config" in log.read_text()
 
         dep.kill("superlink")  # mid-run: round 3 has started
@@ -316,8 +341,19 @@ def test_killed_supernode_misconfigured_supernodes_and_stopped_superlink_are_sur
         # error reply to the resumed run (Flower 1.42, seen once in a suite run); the round then goes on
         # without it after 240 s instead of Flower's hour
         dep.wait_online(3)
-        proc = dep.sh("run", overrides(out, 3, 3, "aggregator.min_train_nodes=2", "aggregator.min_available_nodes=2",
-                                       "round_timeout=240", f"resume={out}"), timeout=600)
+        proc = dep.sh(
+            "run",
+            overrides(
+                out,
+                3,
+                3,
+                "aggregator.min_train_nodes=2",
+                "aggregator.min_available_nodes=2",
+                "round_timeout=240",
+                f"resume={out}",
+            ),
+            timeout=600,
+        )
         assert f"resuming {out} after round 2 of 3" in proc.stdout + proc.stderr
         assert [r["round"] for r in rounds_logged(out)] == [0, 1, 2, 3]
         assert (out / "checkpoints" / "round-3" / "fedmllm-state.npz").is_file()
@@ -342,13 +378,22 @@ def test_deploy_sh_fails_a_supernode_that_does_not_trust_the_superlink(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FEDMLLM_PORT": str(port),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "home"),
+        "FEDMLLM_PORT": str(port),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     sh = [str(root / "scripts" / "deploy.sh")]
 
     def deploy(tls: str, *args: str):
-        return subprocess.run([*sh, *args], env={**env, "FEDMLLM_TLS_DIR": str(tmp_path / tls)},
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [*sh, *args],
+            env={**env, "FEDMLLM_TLS_DIR": str(tmp_path / tls)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     try:
         assert deploy("a", "superlink").returncode == 0

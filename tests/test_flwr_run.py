@@ -30,13 +30,23 @@ VENV_BIN = Path(sys.executable).parent  # flower-superlink and flwr live beside 
 
 
 def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(flwr_home), **extra,
-            "PATH": str(VENV_BIN) + os.pathsep + os.environ.get("PATH", "")}
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        **extra,
+        "PATH": str(VENV_BIN) + os.pathsep + os.environ.get("PATH", ""),
+    }
 
 
 def tiny_run(outdir: Path, *extra: str) -> str:
-    return " ".join(["model=tiny-llava num_clients=2 clients_per_round=2 num_rounds=2 train.local_steps=2",
-                     "train.batch_size=4 dataset.eval_samples=16", *extra, f"out_dir={outdir}"])
+    return " ".join(
+        [
+            "model=tiny-llava num_clients=2 clients_per_round=2 num_rounds=2 train.local_steps=2",
+            "train.batch_size=4 dataset.eval_samples=16",
+            *extra,
+            f"out_dir={outdir}",
+        ]
+    )
 
 
 def test_flwr_run_with_overrides_completes_and_leaves_nothing_running(tmp_path):
@@ -47,8 +57,14 @@ def test_flwr_run_with_overrides_completes_and_leaves_nothing_running(tmp_path):
     before = ray_processes()
     pyproject = (ROOT / "pyproject.toml").read_text()
     try:
-        proc = subprocess.run([str(ROOT / "scripts" / "flwr_sim.sh"), overrides], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [str(ROOT / "scripts" / "flwr_sim.sh"), overrides],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
         rows = (outdir / "metrics.jsonl").read_text().splitlines()
@@ -68,8 +84,14 @@ def test_flwr_build_ships_the_package_and_nothing_else(tmp_path):
     import zipfile
 
     env = flwr_env(tmp_path / "flwr-home")
-    proc = subprocess.run([str(VENV_BIN / "flwr"), "build", "--app", str(ROOT)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [str(VENV_BIN / "flwr"), "build", "--app", str(ROOT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (fab,) = tmp_path.glob("*.fab")
     names = zipfile.ZipFile(fab).namelist()
@@ -83,15 +105,33 @@ def test_flwr_run_dot_with_flowers_managed_local_superlink(tmp_path):
     as the README says; the test stops it by PID."""
     flwr_home = tmp_path / "flwr-home"
     outdir = tmp_path / "run"
-    env = flwr_env(flwr_home, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-                   FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    env = flwr_env(
+        flwr_home,
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+    )
     overrides = tiny_run(outdir, "server_stage=none")
     before = ray_processes()
     pyproject = (ROOT / "pyproject.toml").read_text()
     try:
-        proc = subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "--run-config", f"overrides='{overrides}'",
-                               "--federation-config", "num-supernodes=2", "--stream"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                str(VENV_BIN / "flwr"),
+                "run",
+                ".",
+                "--run-config",
+                f"overrides='{overrides}'",
+                "--federation-config",
+                "num-supernodes=2",
+                "--stream",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
         rows = (outdir / "metrics.jsonl").read_text().splitlines()

@@ -77,8 +77,14 @@ def test_cli_inspect_prints_groups_and_megabytes(capsys):
 
     main(["inspect", "model=llava-1.5-7b", "peft=lora"])
     out = capsys.readouterr().out
-    for text in ("vision_encoder", "projector", "llm", f"{LLM_7B:,}", f"{LORA_7B + PROJECTOR_7B:,}",
-                 f"up {4 * (LORA_7B + PROJECTOR_7B) / 1e6:.3f} MB"):
+    for text in (
+        "vision_encoder",
+        "projector",
+        "llm",
+        f"{LLM_7B:,}",
+        f"{LORA_7B + PROJECTOR_7B:,}",
+        f"up {4 * (LORA_7B + PROJECTOR_7B) / 1e6:.3f} MB",
+    ):
         assert text in out, text
 
 

@@ -13,9 +13,18 @@ pytestmark = pytest.mark.slow
 def test_a_joblib_sweep_runs_its_jobs_in_parallel_and_the_report_reads_it(tmp_path):
     sweep = tmp_path / "sweep"
     before = ray_processes()
-    proc = run_cli(["run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                    *tiny_overrides("num_rounds=1", "server_stage=none", "dataset.eval_samples=8"),
-                    "seed=1,2", f"hydra.sweep.dir={sweep}"], timeout=900)
+    proc = run_cli(
+        [
+            "run",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *tiny_overrides("num_rounds=1", "server_stage=none", "dataset.eval_samples=8"),
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for job in ("0", "1"):
         rows = (sweep / job / "metrics.jsonl").read_text().splitlines()

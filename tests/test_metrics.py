@@ -43,8 +43,17 @@ def test_group_metrics_break_down_by_modality_in_report_order():
     labels = np.array([1, 0, 1, 1, 0])
     pred = np.array([1, 0, 0, 1, 1])
     m = group_metrics(pred, labels, ["text", "both", "both", "none", "text"])
-    assert list(m) == ["accuracy_both", "macro_f1_both", "eval_samples_both", "accuracy_text", "macro_f1_text",
-                       "eval_samples_text", "accuracy_none", "macro_f1_none", "eval_samples_none"]
+    assert list(m) == [
+        "accuracy_both",
+        "macro_f1_both",
+        "eval_samples_both",
+        "accuracy_text",
+        "macro_f1_text",
+        "eval_samples_text",
+        "accuracy_none",
+        "macro_f1_none",
+        "eval_samples_none",
+    ]
     assert (m["accuracy_both"], m["accuracy_text"], m["accuracy_none"]) == (0.5, 0.5, 1.0)
     assert m["eval_samples_both"] == 2 and m["macro_f1_none"] == 1.0
     with pytest.raises(ValueError, match="one group per sample: 5 predictions, 5 labels, 1 groups"):

@@ -69,7 +69,10 @@ def test_fast_option_scoring_equals_full_sequence_scoring(tiny_lm):
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"])
     col = Collator(lm.processor, lm.family, task)
     torch.manual_seed(1)
-    arrays = {k: np.random.default_rng(0).normal(0, 0.5, v.shape).astype(np.float32) for k, v in adapter_state(lm.model).items()}
+    arrays = {
+        k: np.random.default_rng(0).normal(0, 0.5, v.shape).astype(np.float32)
+        for k, v in adapter_state(lm.model).items()
+    }
     load_adapter_state(lm.model, arrays)
     fast = score_options(lm.model, col, heldout[:8], batch_size=4)
     slow = score_options(lm.model, col, heldout[:8], batch_size=3, fast=False)
@@ -90,8 +93,14 @@ def test_proximal_term_keeps_the_adapter_near_the_global_one(tiny_lm):
     for mu in (0.0, 100.0):
         local = LocalRound(algorithm_class("fedprox")(), lm.model, start, {}, ClientStore(), 0, 0, proximal_mu=mu)
         local.prepare()  # loads the global adapter, anchors the proximal term at it
-        train_steps(lm.model, col, train[:32], dict(cfg["train"], local_steps=4, lr=1e-2), seed=0,
-                    penalty=local.penalty if local.has_penalty else None)
+        train_steps(
+            lm.model,
+            col,
+            train[:32],
+            dict(cfg["train"], local_steps=4, lr=1e-2),
+            seed=0,
+            penalty=local.penalty if local.has_penalty else None,
+        )
         end = adapter_state(lm.model)
         drift[mu] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start)
     load_adapter_state(lm.model, start)
@@ -113,8 +122,15 @@ def test_train_steps_runs_every_local_step_unless_stop_says_so(tiny_lm):
         full = train_steps(lm.model, col, train[:16], train_cfg, seed=0, on_step=lambda s, _: seen.append(s) or True)
         assert seen == [0, 1, 2] and full["num-examples"] == 6
         seen.clear()
-        early = train_steps(lm.model, col, train[:16], train_cfg, seed=0, on_step=lambda s, _: seen.append(s),
-                            stop=lambda: len(seen) == 2)
+        early = train_steps(
+            lm.model,
+            col,
+            train[:16],
+            train_cfg,
+            seed=0,
+            on_step=lambda s, _: seen.append(s),
+            stop=lambda: len(seen) == 2,
+        )
         assert seen == [0, 1] and early["num-examples"] == 4
     finally:
         load_adapter_state(lm.model, start)

@@ -198,12 +198,21 @@ def test_partition_command_on_crisismmd_matches_fedmllms_script(tmp_path, capsys
     from fedmllm.cli import main
 
     root, tsv = _crisismmd_with_rare_label(tmp_path / "cm")
-    main(["partition", "dataset=crisismmd", f"dataset.root={root}", "partitioner=fedmllm", "num_clients=10",
-          f"out={tmp_path / 'out'}"])
+    main(
+        [
+            "partition",
+            "dataset=crisismmd",
+            f"dataset.root={root}",
+            "partitioner=fedmllm",
+            "num_clients=10",
+            f"out={tmp_path / 'out'}",
+        ]
+    )
     target = tmp_path / "out" / "crisismmd" / "aligned" / "partition-alpha0.5-clt10"
     assert f"partition dir: {target}" in capsys.readouterr().out
-    got = [[json.loads(line)["id"] for line in (target / f"client_{i}.jsonl").read_text().splitlines()]
-           for i in range(10)]
+    got = [
+        [json.loads(line)["id"] for line in (target / f"client_{i}.jsonl").read_text().splitlines()] for i in range(10)
+    ]
     assert got == _crisismmd_script(tsv, 10, 0.5)
     stats = json.loads((target / "stats.json").read_text())
     assert [r["num_samples"] for r in stats] == [len(g) for g in got]
@@ -224,8 +233,15 @@ def test_a_runs_client_rows_weigh_each_client_by_its_partition_size(tmp_path):
     from fedmllm.partitioning.materialise import write_partitions
     from fedmllm.tracking import read_metrics
 
-    overrides = tiny_overrides("server_stage=none", "dataset.eval_samples=4", "num_rounds=1", "num_clients=3",
-                               "clients_per_round=3", "train.local_steps=1", "partitioner.alpha=0.3")
+    overrides = tiny_overrides(
+        "server_stage=none",
+        "dataset.eval_samples=4",
+        "num_rounds=1",
+        "num_clients=3",
+        "clients_per_round=3",
+        "train.local_steps=1",
+        "partitioner.alpha=0.3",
+    )
     run = run_in_process([*overrides, f"out_dir={tmp_path / 'run'}"])
     target, _ = write_partitions(compose(overrides), tmp_path / "parts")
     sizes = [r["num_samples"] for r in json.loads((target / "stats.json").read_text())]

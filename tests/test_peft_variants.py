@@ -86,8 +86,14 @@ def test_connector_policy_decides_what_of_the_projector_travels(policy):
         assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"linear_1", "linear_2"}
     else:
         assert sorted(k.rsplit("multi_modal_projector.", 1)[1] for k in keys) == [
-            "linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
-    projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n and ".original_module." not in n]
+            "linear_1.bias",
+            "linear_1.weight",
+            "linear_2.bias",
+            "linear_2.weight",
+        ]
+    projector = [
+        p for n, p in model.named_parameters() if "multi_modal_projector" in n and ".original_module." not in n
+    ]
     assert any(p.requires_grad for p in projector) == (policy != "frozen")
 
 
@@ -96,20 +102,24 @@ def test_targets_by_module_group_reach_the_vision_encoder():
     keys = adapter_state(model)
     assert any("vision_tower" in k and ".lora_A." in k for k in keys)
     assert any("language_model" in k and ".lora_A." in k for k in keys)
-    only_vision, *_ = _wrapped(_peft("ia3", "peft.targets=[vision_encoder]", "peft.feedforward=[]"),
-                               quantization="none")
+    only_vision, *_ = _wrapped(
+        _peft("ia3", "peft.targets=[vision_encoder]", "peft.feedforward=[]"), quantization="none"
+    )
     assert {"vision_tower" in k for k in adapter_state(only_vision) if "ia3_l" in k} == {True}
 
 
-@pytest.mark.parametrize("overrides, names", [
-    (["peft=ia3", "aggregator=ffa_lora"], ["aggregator=ffa_lora", "peft=ia3", "aggregator=fedavg"]),
-    (["peft=ia3", "aggregator=fedsa_lora"], ["aggregator=fedsa_lora", "peft=ia3"]),
-    (["peft=ia3", "aggregator=flora"], ["aggregator=flora", "peft=ia3"]),
-    (["peft=dora", "aggregator=flora"], ["aggregator=flora", "peft=dora", "peft=rslora"]),
-    (["peft.projector=trained"], ["peft.projector='trained'", "full"]),
-    (["peft.targets=[llm,projector]"], ["peft.projector"]),
-    (["peft.targets=[text]"], ["peft.targets=['text']", "llm"]),
-])
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["peft=ia3", "aggregator=ffa_lora"], ["aggregator=ffa_lora", "peft=ia3", "aggregator=fedavg"]),
+        (["peft=ia3", "aggregator=fedsa_lora"], ["aggregator=fedsa_lora", "peft=ia3"]),
+        (["peft=ia3", "aggregator=flora"], ["aggregator=flora", "peft=ia3"]),
+        (["peft=dora", "aggregator=flora"], ["aggregator=flora", "peft=dora", "peft=rslora"]),
+        (["peft.projector=trained"], ["peft.projector='trained'", "full"]),
+        (["peft.targets=[llm,projector]"], ["peft.projector"]),
+        (["peft.targets=[text]"], ["peft.targets=['text']", "llm"]),
+    ],
+)
 def test_unsupported_combinations_name_the_setting_and_the_fix(overrides, names):
     from fedmllm.config import ConfigError, compose
 
@@ -124,8 +134,11 @@ def test_flora_keeps_the_scale_of_every_rank(variant):
     from fedmllm.config import compose
     from fedmllm.algorithms import algorithm_of
 
-    cfg = compose(tiny_overrides(f"peft={variant}", "peft.r=4", "peft.alpha=8", "aggregator=flora",
-                                 "aggregator.client.max_rank=16"))
+    cfg = compose(
+        tiny_overrides(
+            f"peft={variant}", "peft.r=4", "peft.alpha=8", "aggregator=flora", "aggregator.client.max_rank=16"
+        )
+    )
     root = 0.5 if variant == "rslora" else 1.0
     flora = algorithm_of(cfg)
     for rank in (None, 2, 8):
@@ -134,10 +147,17 @@ def test_flora_keeps_the_scale_of_every_rank(variant):
         assert p["r"] == 16 + (rank or 0)
 
 
-@pytest.mark.parametrize("variant, aggregator", [
-    ("lora", "fedavg"), ("dora", "fedavg"), ("rslora", "fedavg"), ("ia3", "fedavg"),
-    pytest.param("dora", "ffa_lora", marks=pytest.mark.slow), pytest.param("rslora", "flora", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "variant, aggregator",
+    [
+        ("lora", "fedavg"),
+        ("dora", "fedavg"),
+        ("rslora", "fedavg"),
+        ("ia3", "fedavg"),
+        pytest.param("dora", "ffa_lora", marks=pytest.mark.slow),
+        pytest.param("rslora", "flora", marks=pytest.mark.slow),
+    ],
+)
 def test_one_federated_round_per_variant(tmp_path, variant, aggregator):
     from inprocess import run_in_process
 
@@ -145,13 +165,24 @@ def test_one_federated_round_per_variant(tmp_path, variant, aggregator):
 
     out = tmp_path / f"{variant}-{aggregator}"
     extra = ["aggregator.client.ranks=[2,4]", "aggregator.client.max_rank=8"] if aggregator == "flora" else []
-    run_in_process(tiny_overrides(f"peft={variant}", f"aggregator={aggregator}", "num_rounds=1",
-                                  "server_stage=none", "dataset.eval_samples=8", f"out_dir={out}", *extra))
+    run_in_process(
+        tiny_overrides(
+            f"peft={variant}",
+            f"aggregator={aggregator}",
+            "num_rounds=1",
+            "server_stage=none",
+            "dataset.eval_samples=8",
+            f"out_dir={out}",
+            *extra,
+        )
+    )
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1]
     assert math.isfinite(rows[1]["train_loss"]) and "accuracy" in rows[1]
     from fedmllm.server.checkpoint import read_state_flat
 
-    shared = [k for k in read_state_flat(out / "checkpoints" / "round-1" / "fedmllm-state.npz") if k.startswith("global/")]
+    shared = [
+        k for k in read_state_flat(out / "checkpoints" / "round-1" / "fedmllm-state.npz") if k.startswith("global/")
+    ]
     marker = {"ia3": ".ia3_l", "dora": ".lora_magnitude_vector"}.get(variant, ".lora_B.")
     assert any(marker in k for k in shared), shared[:4]

@@ -77,7 +77,9 @@ def test_crisismmd_humanitarian_options_and_question():
 def test_short_template_keeps_the_tuned_easyvqa_prompt_and_names_a_missing_modality():
     task, s = easyvqa.YESNO, sample(text="is there a red shape?")
     assert user_prompt(task, s, "<image>") == "<image>\nis there a red shape?\nAnswer yes or no."
-    assert user_prompt(task, s, "<image>", drop_image=True) == "is there a red shape?\nAnswer yes or no based on the text."
+    assert (
+        user_prompt(task, s, "<image>", drop_image=True) == "is there a red shape?\nAnswer yes or no based on the text."
+    )
     assert user_prompt(task, sample(text=None), "<image>") == "<image>\nAnswer yes or no based on the image."
     aug = replace(task, aug=True)
     expected = "<image>\nis there a red shape?\nAnswer yes or no, without considering the modality."
@@ -134,8 +136,10 @@ def test_mc_answers_tokenize_apart_from_their_prompts(preset, tmp_path):
     Image.new("RGB", (16, 16), (200, 10, 10)).save(img)
     for task in (HM, replace(HM, aug=True), crisismmd.task("humanitarian"), crisismmd.task("damage")):
         col = Collator(processor, family, task)
-        samples = [sample(image=str(img) if i % 2 else None, text=None if i == 3 else "a text", label=i % len(task.labels))
-                   for i in range(len(task.labels))]
+        samples = [
+            sample(image=str(img) if i % 2 else None, text=None if i == 3 else "a text", label=i % len(task.labels))
+            for i in range(len(task.labels))
+        ]
         batch = col.train_batch(samples)
         for row, s in enumerate(samples):
             answer = [t for t in batch["labels"][row].tolist() if t != IGNORE]

@@ -44,8 +44,11 @@ def test_no_quantized_layer_outside_the_language_model(preset, quantization):
     outside = [n for n in quantized if family.group_of(n) != "llm" or n == "lm_head"]
     assert outside == [], f"quantized outside the language model: {outside[:3]}"
     # the vision tower and projector keep full-precision linear layers
-    kept = [n for n, m in model.named_modules() if family.group_of(n) in ("vision_encoder", "projector")
-            and isinstance(m, torch.nn.Linear)]
+    kept = [
+        n
+        for n, m in model.named_modules()
+        if family.group_of(n) in ("vision_encoder", "projector") and isinstance(m, torch.nn.Linear)
+    ]
     assert kept and all(layers[n] == "Linear" for n in kept)
 
 
@@ -118,10 +121,14 @@ def test_attention_implementations(monkeypatch):
     import importlib.util
 
     real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find(name, *a)
+    )
     with pytest.raises(ValueError, match=r"flash_attention_2 needs the flash-attn.*\[gpu\].*attn_implementation=sdpa"):
         attn_implementation({"attn_implementation": "flash_attention_2"})
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find(name, *a)
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"CUDA GPUs only.*attn_implementation=sdpa"):
         attn_implementation({"attn_implementation": "flash_attention_2"})

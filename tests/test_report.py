@@ -22,16 +22,29 @@ BASE = ["model=tiny-llava", "num_rounds=2"]
 
 def config(aggregator="fedavg", alpha=0.5, num_rounds=2):
     return {
-        "num_rounds": num_rounds, "seed": 42, "out_dir": "/somewhere/else",
+        "num_rounds": num_rounds,
+        "seed": 42,
+        "out_dir": "/somewhere/else",
         "aggregator": {"name": aggregator, "_target_": f"flwr.{aggregator}", "fraction_train": 1.0},
         "partitioner": {"name": "dirichlet", "alpha": alpha},
     }
 
 
 def rounds(accs, bytes_up=100, **extra):
-    return [{"round": i, "accuracy": a, "macro_f1": a - 0.1, "auroc": a + 0.05, "accuracy_no_image": 0.5,
-             "accuracy_both": a, "accuracy_text": 0.5, "bytes_up": 0 if i == 0 else bytes_up, **extra}
-            for i, a in enumerate(accs)]
+    return [
+        {
+            "round": i,
+            "accuracy": a,
+            "macro_f1": a - 0.1,
+            "auroc": a + 0.05,
+            "accuracy_no_image": 0.5,
+            "accuracy_both": a,
+            "accuracy_text": 0.5,
+            "bytes_up": 0 if i == 0 else bytes_up,
+            **extra,
+        }
+        for i, a in enumerate(accs)
+    ]
 
 
 def make_job(root, num, overrides=None, cfg=None, rows=None, tail=""):
@@ -50,12 +63,23 @@ def make_job(root, num, overrides=None, cfg=None, rows=None, tail=""):
 def sweep(tmp_path):
     """aggregator=fedavg,fedprox x partitioner.alpha=0.1,1.0; job 3 crashed before logging a round."""
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
-    make_job(tmp_path, 0, BASE + ["aggregator=fedavg", "partitioner.alpha=0.1"],
-             config("fedavg", 0.1), rounds([0.5, 0.7, 0.6]))
-    make_job(tmp_path, 1, BASE + ["aggregator=fedavg", "partitioner.alpha=1.0"],
-             config("fedavg", 1.0), rounds([0.5, 0.6, 0.8]))
-    make_job(tmp_path, 2, BASE + ["aggregator=fedprox", "partitioner.alpha=0.1"],
-             config("fedprox", 0.1), rounds([0.5, 0.55]))  # stopped after round 1 of 2
+    make_job(
+        tmp_path,
+        0,
+        BASE + ["aggregator=fedavg", "partitioner.alpha=0.1"],
+        config("fedavg", 0.1),
+        rounds([0.5, 0.7, 0.6]),
+    )
+    make_job(
+        tmp_path,
+        1,
+        BASE + ["aggregator=fedavg", "partitioner.alpha=1.0"],
+        config("fedavg", 1.0),
+        rounds([0.5, 0.6, 0.8]),
+    )
+    make_job(
+        tmp_path, 2, BASE + ["aggregator=fedprox", "partitioner.alpha=0.1"], config("fedprox", 0.1), rounds([0.5, 0.55])
+    )  # stopped after round 1 of 2
     make_job(tmp_path, 3, BASE + ["aggregator=fedprox", "partitioner.alpha=1.0"], config("fedprox", 1.0))
     return tmp_path
 
@@ -63,7 +87,11 @@ def sweep(tmp_path):
 def test_flatten_and_overrides_parse_to_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": {}}) == {"a.b": 1, "a.c.d": None, "e": {}}
     assert parse_overrides(["+x.y=1", "agg=fedavg", "~z", "s='a=b'"]) == {
-        "x.y": "1", "agg": "fedavg", "z": "<deleted>", "s": "'a=b'"}
+        "x.y": "1",
+        "agg": "fedavg",
+        "z": "<deleted>",
+        "s": "'a=b'",
+    }
     with pytest.raises(ValueError, match="override 'oops' has no '='"):
         parse_overrides(["oops"])
 
@@ -100,9 +128,22 @@ def test_without_hydra_overrides_the_differing_config_keys_are_used_and_groups_f
 def test_table_has_one_row_per_job_with_final_and_best_metrics(sweep):
     jobs = [load_job(sweep / str(i)) for i in range(4)]
     columns, table = results_table(jobs)
-    assert columns == ["job", "aggregator", "partitioner.alpha", "status", "rounds", "accuracy", "macro_f1",
-                       "auroc", "accuracy_no_image", "accuracy_both", "accuracy_text", "bytes_up_total",
-                       "best_accuracy", "best_round"]
+    assert columns == [
+        "job",
+        "aggregator",
+        "partitioner.alpha",
+        "status",
+        "rounds",
+        "accuracy",
+        "macro_f1",
+        "auroc",
+        "accuracy_no_image",
+        "accuracy_both",
+        "accuracy_text",
+        "bytes_up_total",
+        "best_accuracy",
+        "best_round",
+    ]
     r0, r1, r2, r3 = table
     assert (r0["status"], r0["rounds"], r0["accuracy"], r0["best_accuracy"], r0["best_round"]) == ("ok", 2, 0.6, 0.7, 1)
     assert r0["macro_f1"] == pytest.approx(0.5) and r0["bytes_up_total"] == 200
@@ -124,9 +165,10 @@ def test_metric_is_selectable_and_an_unknown_one_is_named(sweep):
 
 
 def test_markdown_marks_missing_values_and_formats_numbers():
-    md = to_markdown(["job", "accuracy", "bytes_up_total", "note"],
-                     [{"job": "0", "accuracy": 0.71234, "bytes_up_total": 11215872, "note": "a|b"},
-                      {"job": "1", "accuracy": None}])
+    md = to_markdown(
+        ["job", "accuracy", "bytes_up_total", "note"],
+        [{"job": "0", "accuracy": 0.71234, "bytes_up_total": 11215872, "note": "a|b"}, {"job": "1", "accuracy": None}],
+    )
     lines = md.splitlines()
     assert lines[0] == "| job | accuracy | bytes_up_total | note |"
     assert lines[2] == "| 0 | 0.712 | 11,215,872 | a\\|b |"
@@ -182,8 +224,14 @@ def test_cli_report_multirun_and_single_run_and_bad_dir(sweep, tmp_path_factory,
 def grid_config(scenario="aligned", seed=0, aggregator="fedavg", prompt="plain", adareg=False, only=None):
     sc = {"name": scenario, **({"mrate": 0.3} if scenario == "missing" else {})}
     client = {"algorithm": "standard", **({"only": only} if only is not None else {})}
-    return {"num_rounds": 1, "seed": seed, "scenario": sc, "prompt": {"name": prompt},
-            "aggregator": {"name": aggregator, "client": client}, "train": {"adaptive_reg": {"enabled": adareg}}}
+    return {
+        "num_rounds": 1,
+        "seed": seed,
+        "scenario": sc,
+        "prompt": {"name": prompt},
+        "aggregator": {"name": aggregator, "client": client},
+        "train": {"adaptive_reg": {"enabled": adareg}},
+    }
 
 
 @pytest.fixture
@@ -192,18 +240,35 @@ def grid(tmp_path):
     the missing_aug job of seed 2 crashed."""
     cells = {"aligned": {}, "missing": {"scenario": "missing"}, "missing_aug": {"scenario": "missing", "prompt": "aug"}}
     num = 0
-    accs = {("aligned", 0): 0.80, ("aligned", 1): 0.90, ("aligned", 2): 0.85,
-            ("missing", 0): 0.70, ("missing", 1): 0.60, ("missing", 2): 0.65,
-            ("missing_aug", 0): 0.75, ("missing_aug", 1): 0.65}
+    accs = {
+        ("aligned", 0): 0.80,
+        ("aligned", 1): 0.90,
+        ("aligned", 2): 0.85,
+        ("missing", 0): 0.70,
+        ("missing", 1): 0.60,
+        ("missing", 2): 0.65,
+        ("missing_aug", 0): 0.75,
+        ("missing_aug", 1): 0.65,
+    }
     for cell, kw in cells.items():
         for seed in (0, 1, 2):
             acc = accs.get((cell, seed))
-            make_job(tmp_path, num, [f"+cell={cell}", f"seed={seed}"], grid_config(seed=seed, **kw),
-                     rounds([0.5, acc]) if acc is not None else None)
+            make_job(
+                tmp_path,
+                num,
+                [f"+cell={cell}", f"seed={seed}"],
+                grid_config(seed=seed, **kw),
+                rounds([0.5, acc]) if acc is not None else None,
+            )
             num += 1
     for only, seed, acc in ((0, 0, 0.6), (1, 0, 0.7), (0, 1, 0.5), (1, 1, 0.8)):
-        make_job(tmp_path, num, [f"+cell=local{only}", f"seed={seed}"],
-                 grid_config(seed=seed, aggregator="local", only=only), rounds([0.5, acc]))
+        make_job(
+            tmp_path,
+            num,
+            [f"+cell=local{only}", f"seed={seed}"],
+            grid_config(seed=seed, aggregator="local", only=only),
+            rounds([0.5, acc]),
+        )
         num += 1
     return tmp_path
 

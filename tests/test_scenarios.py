@@ -26,8 +26,10 @@ TASK = Task("synthetic", labels=("no", "yes"), instruction="Answer yes or no.")
 
 def _samples(n=1000, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"id": f"s{i}", "image": f"img/{i}.png", "text": f"text {i}", "label": int(rng.integers(0, 2))}
-            for i in range(n)]
+    return [
+        {"id": f"s{i}", "image": f"img/{i}.png", "text": f"text {i}", "label": int(rng.integers(0, 2))}
+        for i in range(n)
+    ]
 
 
 def _mix(samples):
@@ -51,14 +53,18 @@ def test_cross_image_clients_are_fedmllms(k, expected):
     samples = _samples(20)
     for c in range(10):
         mix = _mix(apply_scenario(samples, {"name": "cross", "image_clients": k}, c, 10, seed=42))
-        assert mix == ({"both": 0, "image": 20, "text": 0, "none": 0} if c in expected
-                       else {"both": 0, "image": 0, "text": 20, "none": 0})
+        assert mix == (
+            {"both": 0, "image": 20, "text": 0, "none": 0}
+            if c in expected
+            else {"both": 0, "image": 0, "text": 20, "none": 0}
+        )
 
 
 def test_hybrid_client_sets_are_fedmllms():
     presence = hybrid_presence(10, 0.4, seed=42)
-    kind = {c: {(1, 1): "both", (1, 0): "image", (0, 1): "text", (0, 0): "neither"}[tuple(presence[c])]
-            for c in range(10)}
+    kind = {
+        c: {(1, 1): "both", (1, 0): "image", (0, 1): "text", (0, 0): "neither"}[tuple(presence[c])] for c in range(10)
+    }
     assert {c for c, v in kind.items() if v == "image"} == {0, 3, 5}
     assert {c for c, v in kind.items() if v == "text"} == {1, 6}
     assert {c for c, v in kind.items() if v == "neither"} == {4}
@@ -99,8 +105,12 @@ def test_missing_extremes_and_clients_draw_differently():
 def test_scenarios_return_copies_and_keep_other_fields():
     samples = _samples(50)
     before = json.dumps(samples)
-    for cfg in ({"name": "aligned"}, {"name": "missing", "mrate": 0.9}, {"name": "cross", "image_clients": 5},
-                {"name": "hybrid", "qrate": 0.9}):
+    for cfg in (
+        {"name": "aligned"},
+        {"name": "missing", "mrate": 0.9},
+        {"name": "cross", "image_clients": 5},
+        {"name": "hybrid", "qrate": 0.9},
+    ):
         out = apply_scenario(samples, cfg, 4, 10, 42)
         assert all(o is not s for o, s in zip(out, samples))
         assert [(o["id"], o["label"]) for o in out] == [(s["id"], s["label"]) for s in samples]
@@ -124,8 +134,9 @@ print(json.dumps(out, sort_keys=True))
 def test_per_sample_draws_are_the_same_in_any_process_and_order():
     def draw(clients, hashseed):
         env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": str(Path(__file__).parents[1])}
-        out = subprocess.run([sys.executable, "-c", _DRAW, *map(str, clients)], capture_output=True, text=True,
-                             env=env, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", _DRAW, *map(str, clients)], capture_output=True, text=True, env=env, check=True
+        ).stdout
         return json.loads(out)
 
     together = draw([4, 0], "1")  # client 4 (hybrid: neither) drawn first, then client 0
@@ -166,8 +177,10 @@ def test_eval_scenario_keeps_full_modality_by_default_and_drops_on_request():
     [
         (["scenario=missing", "scenario.mrate=1.5"], "scenario.mrate=1.5 must be a number in [0, 1]"),
         (["scenario=hybrid", "scenario.qrate=-0.1"], "scenario.qrate=-0.1 must be a number in [0, 1]"),
-        (["scenario=cross", "scenario.image_clients=5"],
-         "scenario.image_clients=5 must be an integer in [0, num_clients=4]; set scenario.image_clients<=4"),
+        (
+            ["scenario=cross", "scenario.image_clients=5"],
+            "scenario.image_clients=5 must be an integer in [0, num_clients=4]; set scenario.image_clients<=4",
+        ),
         (["scenario=nope"], "unknown scenario 'nope'; choose one of ['aligned', 'cross', 'hybrid', 'missing']"),
         (["eval.scenario=blind"], "eval.scenario='blind': choose one of aligned, missing, image_only, text_only"),
         (["eval.scenario=missing", "eval.mrate=2"], "eval.mrate=2 must be a number in [0, 1]"),
@@ -181,8 +194,9 @@ def test_bad_scenario_config_names_the_key_and_the_fix(overrides, fragment):
 
 
 def test_scenario_and_partitioner_options_compose():
-    cfg = compose(["partitioner=fedmllm", "scenario=cross", "num_clients=10", "clients_per_round=10",
-                   "scenario.image_clients=7"])
+    cfg = compose(
+        ["partitioner=fedmllm", "scenario=cross", "num_clients=10", "clients_per_round=10", "scenario.image_clients=7"]
+    )
     assert cfg["partitioner"] == {"name": "fedmllm", "alpha": 0.5, "topup": "all"}  # easy-vqa: the Hateful Memes rule
     assert cfg["scenario"] == {"name": "cross", "image_clients": 7}
     assert compose()["eval"]["scenario"] == "aligned" and compose()["seed"] == 42
@@ -192,8 +206,16 @@ def test_scenario_and_partitioner_options_compose():
 
 
 def _cfg(*extra):
-    return compose(["partitioner=fedmllm", "num_clients=10", "clients_per_round=10", "server_stage=none",
-                    "dataset.public_fraction=0", *extra])
+    return compose(
+        [
+            "partitioner=fedmllm",
+            "num_clients=10",
+            "clients_per_round=10",
+            "server_stage=none",
+            "dataset.public_fraction=0",
+            *extra,
+        ]
+    )
 
 
 def test_write_partitions_layout_stats_and_chart(tmp_path):
@@ -204,7 +226,8 @@ def test_write_partitions_layout_stats_and_chart(tmp_path):
     target, stats = write_partitions(cfg, tmp_path, TASK, pool)
     assert target == tmp_path / "synthetic" / "missing-mrate0.3" / "partition-alpha0.5-clt10"
     assert sorted(p.name for p in target.iterdir()) == sorted(
-        [f"client_{i}.jsonl" for i in range(10)] + ["partition.json", "stats.json", "stats.png", "task.json"])
+        [f"client_{i}.jsonl" for i in range(10)] + ["partition.json", "stats.json", "stats.png", "task.json"]
+    )
     root = json.loads((target / "partition.json").read_text())["image_root"]
     assert root == os.path.abspath("img")  # the images' common directory; the rows are relative to it
     assert json.loads((target / "stats.json").read_text()) == stats
@@ -280,17 +303,26 @@ def test_data_dir_errors_name_the_file_the_settings_and_the_command(tmp_path, mo
     cfg = _cfg("scenario=cross", "dataset.name=synthetic")
     target, _ = write_partitions(cfg, tmp_path, TASK, _samples(500))
     (target / "client_7.jsonl").unlink()
-    with pytest.raises(ConfigError, match=r"has no client_7.jsonl; write it with `fedmllm partition <the run's "
-                                          r"overrides> out=DIR`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"has no client_7.jsonl; write it with `fedmllm partition <the run's "
+        r"overrides> out=DIR`",
+    ):
         read_client(target, cfg, 7, 10)
     other = _cfg("scenario=hybrid", "dataset.name=synthetic")
-    with pytest.raises(ConfigError, match=r"partitioned with \{'scenario': \{'name': 'cross'.*but this run has "
-                                          r"\{'scenario': \{'name': 'hybrid'.*rewrite it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"partitioned with \{'scenario': \{'name': 'cross'.*but this run has "
+        r"\{'scenario': \{'name': 'hybrid'.*rewrite it",
+    ):
         read_client(target, other, 0, 10)
     assert len(read_client(target, cfg, 0, 10)) > 0
     (tmp_path / "img" / "7.png").unlink()
-    owner = next(i for i in range(10) if any(json.loads(line)["image"] == "7.png"
-                                             for line in (target / f"client_{i}.jsonl").read_text().splitlines()))
+    owner = next(
+        i
+        for i in range(10)
+        if any(json.loads(line)["image"] == "7.png" for line in (target / f"client_{i}.jsonl").read_text().splitlines())
+    )
     with pytest.raises(ConfigError, match=rf"1 of the images of client_{owner}.jsonl are not under .*7.png"):
         read_client(target, cfg, owner, 10)
 
@@ -298,8 +330,17 @@ def test_data_dir_errors_name_the_file_the_settings_and_the_command(tmp_path, mo
 def test_partition_command_prints_the_table_and_writes_the_directory(tmp_path, capsys):
     from fedmllm.cli import main
 
-    main(["partition", "dataset=easyvqa", "scenario=missing", "scenario.mrate=0.3", "partitioner=fedmllm",
-          "num_clients=10", f"out={tmp_path}"])
+    main(
+        [
+            "partition",
+            "dataset=easyvqa",
+            "scenario=missing",
+            "scenario.mrate=0.3",
+            "partitioner=fedmllm",
+            "num_clients=10",
+            f"out={tmp_path}",
+        ]
+    )
     out = capsys.readouterr().out
     target = tmp_path / "easyvqa" / "missing-mrate0.3" / "partition-alpha0.5-clt10"
     assert out.splitlines()[0].split() == ["client", "samples", "both", "image", "text", "none", "no", "yes"]
@@ -314,8 +355,15 @@ def test_partition_command_prints_the_table_and_writes_the_directory(tmp_path, c
 
 def _skewed():
     """8 clients, Dirichlet(0.05) without a minimum size: on 60 samples clients 5 and 6 get none."""
-    return compose(["partitioner=dirichlet", "partitioner.alpha=0.05", "partitioner.min_partition_size=0",
-                    "num_clients=8", "clients_per_round=8"])
+    return compose(
+        [
+            "partitioner=dirichlet",
+            "partitioner.alpha=0.05",
+            "partitioner.min_partition_size=0",
+            "num_clients=8",
+            "clients_per_round=8",
+        ]
+    )
 
 
 def test_empty_partitions_are_found_and_warned_about(capsys):
@@ -355,7 +403,9 @@ def test_an_empty_client_replies_its_adapter_unchanged_with_zero_examples(tiny_c
     assert out.keys() == arrays.keys() and all(np.array_equal(out[k], arrays[k]) for k in arrays)
     assert metrics["num-examples"] == 0 and metrics["empty-partition"] == 1 and metrics["partition-size"] == 0
     assert math.isnan(metrics["train-loss"])
-    with pytest.raises(InvalidReply, match="num-examples=0 must be a finite number > 0"):  # the strategy drops it with this reason
+    with pytest.raises(
+        InvalidReply, match="num-examples=0 must be a finite number > 0"
+    ):  # the strategy drops it with this reason
         check_reply(arrays, out, metrics["num-examples"])
 
 
@@ -373,9 +423,19 @@ def test_one_cell_of_the_offline_grid_runs_on_the_tiny_model(tmp_path):
 
     from fedmllm.tracking import read_metrics
 
-    run = run_in_process(tiny_overrides("+experiment=offline_grid", "+cell=missing", "num_clients=2",
-                                        "clients_per_round=2", "num_rounds=2", "eval_every=2", "train.local_steps=2",
-                                        "dataset.eval_samples=16", f"out_dir={tmp_path}"))
+    run = run_in_process(
+        tiny_overrides(
+            "+experiment=offline_grid",
+            "+cell=missing",
+            "num_clients=2",
+            "clients_per_round=2",
+            "num_rounds=2",
+            "eval_every=2",
+            "train.local_steps=2",
+            "dataset.eval_samples=16",
+            f"out_dir={tmp_path}",
+        )
+    )
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1].get("accuracy") is None and 0 <= rows[2]["accuracy"] <= 1  # eval_every=2
@@ -397,8 +457,18 @@ def test_a_site_with_its_partition_folder_needs_nothing_else_of_the_dataset(tmp_
     from fedmllm.partitioning.materialise import write_partitions
 
     root = write_hateful_memes(tmp_path / "hm", n_rows=40, seed=2)
-    cfg = compose(["dataset=hateful_memes", f"dataset.root={root}", "num_clients=2", "clients_per_round=2",
-                   "partitioner=iid", "scenario=missing", "scenario.mrate=0.3", "dataset.eval_samples=4"])
+    cfg = compose(
+        [
+            "dataset=hateful_memes",
+            f"dataset.root={root}",
+            "num_clients=2",
+            "clients_per_round=2",
+            "partitioner=iid",
+            "scenario=missing",
+            "scenario.mrate=0.3",
+            "dataset.eval_samples=4",
+        ]
+    )
     target, _ = write_partitions(cfg, tmp_path / "parts")
     want = [local_data(cfg, node_identity({"partition-id": i, "num-partitions": 2})) for i in range(2)]
 
@@ -408,13 +478,21 @@ def test_a_site_with_its_partition_folder_needs_nothing_else_of_the_dataset(tmp_
     shutil.move(str(root), str(tmp_path / "moved-away"))
     monkeypatch.setattr(fedmllm.data, "load_task", lambda *a, **k: pytest.fail("the dataset was loaded"))
     for i in range(2):
-        ident = node_identity({"partition-id": i, "num-partitions": 2, "data-dir": str(site / "partition"),
-                               "image-root": str(site / "images")})
+        ident = node_identity(
+            {
+                "partition-id": i,
+                "num-partitions": 2,
+                "data-dir": str(site / "partition"),
+                "image-root": str(site / "images"),
+            }
+        )
         task, samples = local_data(cfg, ident)
         assert task == want[i][0]
         assert [s["id"] for s in samples] == [s["id"] for s in want[i][1]] and samples
-        assert all(s["image"] is None or s["image"].startswith(str(site / "images")) and os.path.isfile(s["image"])
-                   for s in samples)
+        assert all(
+            s["image"] is None or s["image"].startswith(str(site / "images")) and os.path.isfile(s["image"])
+            for s in samples
+        )
         assert [s["image"] is None for s in samples] == [s["image"] is None for s in want[i][1]]
 
     # without image-root the images are looked for where they were, and the error says what to set

@@ -21,12 +21,13 @@ def smol():
 def test_language_model_weights_are_the_real_smollm2(smol):
     lm, _ = smol
     tok = lm.processor.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad(), lm.model.disable_adapter():
         out = lm.model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 def test_smol_llava_is_4bit_trains_and_scores(smol):

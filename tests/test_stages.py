@@ -33,8 +33,13 @@ def test_stage1_objective_decreases_and_is_cached(fresh_cache, objective):
     from fedmllm.stages.vision import ensure_pretrained
 
     steps = 60 if objective == "embed" else 150
-    cfg = compose(tiny_overrides(f"server_stage.pretrain.objective={objective}",
-                                 f"server_stage.pretrain.steps={steps}", "server_stage.pretrain.lr=1e-2"))
+    cfg = compose(
+        tiny_overrides(
+            f"server_stage.pretrain.objective={objective}",
+            f"server_stage.pretrain.steps={steps}",
+            "server_stage.pretrain.lr=1e-2",
+        )
+    )
     lines: list[str] = []
     first = ensure_pretrained(cfg, log=lines.append)
     assert first["cached"] is False and first["seconds"] > 0
@@ -106,8 +111,9 @@ def test_run_with_pretrain_and_align_logs_both(tmp_path):
     from test_e2e import run_cli
 
     out = tmp_path / "run"
-    proc = run_cli(["run", *tiny_overrides("server_stage=pretrain_align", "model.quantization=none"),
-                    f"hydra.run.dir={out}"])
+    proc = run_cli(
+        ["run", *tiny_overrides("server_stage=pretrain_align", "model.quantization=none"), f"hydra.run.dir={out}"]
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "align " in proc.stdout  # the round line shows the alignment cost
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -141,8 +147,14 @@ def test_stage1_embed_trains_every_family_and_the_model_carries_it(fresh_cache, 
 
     from fedmllm.stages.vision import ensure_pretrained
 
-    cfg = compose(tiny_overrides(f"model=tiny-{family}", "model.quantization=none",
-                                 "server_stage.pretrain.steps=30", "server_stage.pretrain.lr=1e-2"))
+    cfg = compose(
+        tiny_overrides(
+            f"model=tiny-{family}",
+            "model.quantization=none",
+            "server_stage.pretrain.steps=30",
+            "server_stage.pretrain.lr=1e-2",
+        )
+    )
     first = ensure_pretrained(cfg, log=lambda _: None)
     assert first["loss_last"] < 0.9 * first["loss_first"], first
     saved = load_file(str(stage1_dir(cfg) / WEIGHTS))
@@ -174,9 +186,16 @@ def test_public_captioned_samples_are_the_public_questions_with_their_caption_as
 def _adapter_cfg(*extra):
     from fedmllm.config import compose
 
-    return compose(tiny_overrides("model.quantization=none", "server_stage.pretrain.lora.steps=60",
-                                  "server_stage.pretrain.lora.batch_size=8", "server_stage.pretrain.lora.lr=1e-2",
-                                  "server_stage.pretrain.lora.stop_accuracy=null", *extra))
+    return compose(
+        tiny_overrides(
+            "model.quantization=none",
+            "server_stage.pretrain.lora.steps=60",
+            "server_stage.pretrain.lora.batch_size=8",
+            "server_stage.pretrain.lora.lr=1e-2",
+            "server_stage.pretrain.lora.stop_accuracy=null",
+            *extra,
+        )
+    )
 
 
 def _server_model(cfg):
@@ -230,8 +249,12 @@ def test_adapter_pretrain_stops_once_held_out_accuracy_is_reached(fresh_cache):
     from fedmllm.stages.vision import ensure_pretrained
 
     def build(*extra):
-        cfg = _adapter_cfg("server_stage.pretrain.lora.steps=6", "server_stage.pretrain.lora.eval_every=2",
-                           "server_stage.pretrain.lora.check_gate=null", *extra)
+        cfg = _adapter_cfg(
+            "server_stage.pretrain.lora.steps=6",
+            "server_stage.pretrain.lora.eval_every=2",
+            "server_stage.pretrain.lora.check_gate=null",
+            *extra,
+        )
         ensure_pretrained(cfg, log=lambda _: None)
         lm = _server_model(cfg)
         lines: list[str] = []
@@ -256,8 +279,10 @@ def test_adapter_pretrain_stops_once_held_out_accuracy_is_reached(fresh_cache):
     # check_gate right; 0 passes every time, above the batches' accuracy none runs
     opened, _ = build("server_stage.pretrain.lora.stop_accuracy=0.01", "server_stage.pretrain.lora.check_gate=0")
     assert opened["steps"] == 2 and [s for s, _ in opened["val_text_accuracy_curve"]] == [2]
-    shut, _ = build("server_stage.pretrain.lora.stop_accuracy=0.01",
-                    f"server_stage.pretrain.lora.check_gate={max(answered) + 0.01:.4f}")
+    shut, _ = build(
+        "server_stage.pretrain.lora.stop_accuracy=0.01",
+        f"server_stage.pretrain.lora.check_gate={max(answered) + 0.01:.4f}",
+    )
     assert shut["steps"] == 6 and shut["val_text_accuracy_curve"] == [] and shut["check_gate"] > 0
     with pytest.raises(Exception, match="stop_accuracy=1.5"):
         _adapter_cfg("server_stage.pretrain.lora.stop_accuracy=1.5")
@@ -300,8 +325,14 @@ def test_adapter_cache_key_follows_what_shapes_the_adapter():
 
     base = key()
     assert base == key() and base.parent.name == "pretrain-lora"
-    for extra in ("server_stage.pretrain.lora.steps=5", "peft.r=8", "dataset=easyvqa_caption",
-                  "server_stage.pretrain.steps=21", "model.quantization=none", "seed=1"):
+    for extra in (
+        "server_stage.pretrain.lora.steps=5",
+        "peft.r=8",
+        "dataset=easyvqa_caption",
+        "server_stage.pretrain.steps=21",
+        "model.quantization=none",
+        "seed=1",
+    ):
         assert key(extra) != base, extra
     assert key("aggregator=ffa_lora") != base
     # the round settings and the adapter stage's own switch do not touch the stage-1 result

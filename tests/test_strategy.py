@@ -15,8 +15,9 @@ FedAvg = algorithm_class("fedavg")().strategy_class()
 def AdapterFedAvg(max_update_norm=None, max_num_examples=None, **flower):
     """aggregator=fedavg's strategy as a run builds it; `.stats`: the RoundStats it reported."""
     stats: list[RoundStats] = []
-    strategy = AdapterStrategy(FedAvg(**flower), max_update_norm=max_update_norm,
-                               max_num_examples=max_num_examples, on_round=stats.append)
+    strategy = AdapterStrategy(
+        FedAvg(**flower), max_update_norm=max_update_norm, max_num_examples=max_num_examples, on_round=stats.append
+    )
     strategy.stats = stats
     return strategy
 
@@ -41,9 +42,12 @@ class FakeGrid:
 
 
 def reply(instruction: Message, arrays: dict, num_examples: int, pid: int) -> Message:
-    content = RecordDict({"arrays": to_record(arrays),
-                          "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0 + pid,
-                                                   "partition-id": pid})})
+    content = RecordDict(
+        {
+            "arrays": to_record(arrays),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0 + pid, "partition-id": pid}),
+        }
+    )
     return Message(content, reply_to=instruction)
 
 
@@ -125,13 +129,24 @@ def test_post_aggregate_hook_replaces_the_global_adapter_and_server_state(name):
         calls.append((rnd, arrays["lora_A"].copy()))
         return {k: v + 10.0 for k, v in arrays.items()}, {"align_seconds": 0.5, "align_loss": 0.25}
 
-    strategy = build_strategy(compose(["aggregator=" + name, "num_clients=2", "clients_per_round=2",
-                                       "aggregator.min_available_nodes=2", "aggregator.min_train_nodes=2"]),
-                              post_aggregate=align, on_round=reported.append)
+    strategy = build_strategy(
+        compose(
+            [
+                "aggregator=" + name,
+                "num_clients=2",
+                "clients_per_round=2",
+                "aggregator.min_available_nodes=2",
+                "aggregator.min_train_nodes=2",
+            ]
+        ),
+        post_aggregate=align,
+        on_round=reported.append,
+    )
     global_arrays = {"lora_A": np.zeros((2, 3), np.float32)}
     sent = list(strategy.configure_train(1, to_record(global_arrays), ConfigRecord(), FakeGrid()))[:2]
-    arrays, _ = strategy.aggregate_train(1, [reply(m, {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, i)
-                                             for i, m in enumerate(sent)])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(m, {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, i) for i, m in enumerate(sent)]
+    )
     out = from_record(arrays)["lora_A"]
     assert len(calls) == 1 and calls[0][0] == 1
     np.testing.assert_allclose(out, calls[0][1] + 10.0)
@@ -151,16 +166,29 @@ def test_a_node_with_an_empty_partition_is_left_out_of_sampling():
     glob = {"lora_A": np.zeros((2, 3), np.float32)}
     sent = list(strategy.configure_train(1, to_record(glob), ConfigRecord(), FakeGrid()))
     assert len(sent) == 3
-    empty = Message(RecordDict({"arrays": to_record(glob), "metrics": MetricRecord(
-        {"num-examples": 0, "train-loss": 0.0, "partition-id": 2, "empty-partition": 1})}), reply_to=sent[2])
-    replies = [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
-               reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 10, 1), empty]
+    empty = Message(
+        RecordDict(
+            {
+                "arrays": to_record(glob),
+                "metrics": MetricRecord(
+                    {"num-examples": 0, "train-loss": 0.0, "partition-id": 2, "empty-partition": 1}
+                ),
+            }
+        ),
+        reply_to=sent[2],
+    )
+    replies = [
+        reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+        reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 10, 1),
+        empty,
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.0)
     assert strategy.dropped == [] and strategy.empty_nodes == {sent[2].metadata.dst_node_id}
     again = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid()))
     assert sorted(m.metadata.dst_node_id for m in again) == sorted(
-        n for n in FakeGrid().get_node_ids() if n not in strategy.empty_nodes)
+        n for n in FakeGrid().get_node_ids() if n not in strategy.empty_nodes
+    )
     inner = strategy.strategy
     assert (inner.min_train_nodes, inner.min_available_nodes) == (3, 3)  # restored after sampling
 
@@ -168,6 +196,7 @@ def test_a_node_with_an_empty_partition_is_left_out_of_sampling():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5, 0])
 def test_a_non_finite_or_non_positive_weight_drops_the_reply_not_the_round(bad):
     """NaN <= 0 is False: a NaN num-examples used to pass and turn the global adapter into NaN."""
+
     def replies(sent):
         return [
             reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
@@ -199,8 +228,9 @@ def _corrupt(msg: Message) -> Message:
     from flwr.app import Array, ArrayRecord
 
     arr = msg.content["arrays"]["lora_A"]
-    msg.content["arrays"] = ArrayRecord({"lora_A": Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype,
-                                                         data=arr.data[: len(arr.data) // 2])})
+    msg.content["arrays"] = ArrayRecord(
+        {"lora_A": Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data[: len(arr.data) // 2])}
+    )
     return msg
 
 
@@ -208,8 +238,9 @@ def _other_stype(msg: Message) -> Message:
     from flwr.app import Array, ArrayRecord
 
     arr = msg.content["arrays"]["lora_A"]
-    msg.content["arrays"] = ArrayRecord({"lora_A": Array(dtype=arr.dtype, shape=arr.shape, stype="torch.Tensor",
-                                                         data=b"\x00" * 24)})
+    msg.content["arrays"] = ArrayRecord(
+        {"lora_A": Array(dtype=arr.dtype, shape=arr.shape, stype="torch.Tensor", data=b"\x00" * 24)}
+    )
     return msg
 
 
@@ -223,18 +254,25 @@ def _two_metric_records(msg: Message) -> Message:
     return msg
 
 
-@pytest.mark.parametrize("spoil,reason", [
-    (_corrupt, "unreadable reply"), (_other_stype, "unreadable reply"),
-    (_extra_metric, r"metric keys differ .*unexpected \['sneaky'\]"), (_two_metric_records, "2 MetricRecords"),
-])
+@pytest.mark.parametrize(
+    "spoil,reason",
+    [
+        (_corrupt, "unreadable reply"),
+        (_other_stype, "unreadable reply"),
+        (_extra_metric, r"metric keys differ .*unexpected \['sneaky'\]"),
+        (_two_metric_records, "2 MetricRecords"),
+    ],
+)
 @pytest.mark.parametrize("position", [0, 2])  # the odd reply first or last: the others still aggregate
 def test_a_malformed_reply_is_dropped_with_its_reason_and_the_round_goes_on(spoil, reason, position):
     import re
 
     def replies(sent):
-        out = [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
-               reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
-               reply(sent[2], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 2)]
+        out = [
+            reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+            reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
+            reply(sent[2], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 2),
+        ]
         out[position] = spoil(out[position])
         return out
 
@@ -248,13 +286,16 @@ def test_a_malformed_reply_is_dropped_with_its_reason_and_the_round_goes_on(spoi
 
 def test_max_update_norm_drops_a_reply_whose_update_is_too_large_and_names_its_norm():
     def replies(sent):
-        return [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
-                reply(sent[1], {"lora_A": np.full((2, 3), 1e30, np.float32)}, 10, 1),
-                reply(sent[2], {"lora_A": np.full((2, 3), 2.0, np.float32)}, 10, 2)]
+        return [
+            reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+            reply(sent[1], {"lora_A": np.full((2, 3), 1e30, np.float32)}, 10, 1),
+            reply(sent[2], {"lora_A": np.full((2, 3), 2.0, np.float32)}, 10, 2),
+        ]
 
     strategy = AdapterFedAvg(min_train_nodes=2, min_available_nodes=3, fraction_train=1.0, max_update_norm=10.0)
-    sent = list(strategy.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(),
-                                         FakeGrid()))
+    sent = list(
+        strategy.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(), FakeGrid())
+    )
     arrays, _ = strategy.aggregate_train(1, replies(sent))
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 1.5)  # ||1e30 x 6|| dropped; ||2 x 6|| = 4.9 kept
     assert strategy.dropped[0][1] == "update norm 2.449e+30 > aggregator.max_update_norm=10"
@@ -264,13 +305,16 @@ def test_max_update_norm_drops_a_reply_whose_update_is_too_large_and_names_its_n
 
 def test_max_num_examples_drops_a_reply_that_claims_more_examples_than_any_client_holds():
     def replies(sent):
-        return [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
-                reply(sent[1], {"lora_A": np.full((2, 3), 9.0, np.float32)}, 10**12, 1),
-                reply(sent[2], {"lora_A": np.full((2, 3), 2.0, np.float32)}, 10, 2)]
+        return [
+            reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+            reply(sent[1], {"lora_A": np.full((2, 3), 9.0, np.float32)}, 10**12, 1),
+            reply(sent[2], {"lora_A": np.full((2, 3), 2.0, np.float32)}, 10, 2),
+        ]
 
     strategy = AdapterFedAvg(min_train_nodes=2, min_available_nodes=3, fraction_train=1.0, max_num_examples=5000)
-    sent = list(strategy.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(),
-                                         FakeGrid()))
+    sent = list(
+        strategy.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(), FakeGrid())
+    )
     arrays, _ = strategy.aggregate_train(1, replies(sent))
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 1.5)  # without the bound: 9.0 (weight 1e12)
     assert strategy.dropped[0][1] == "num-examples=1000000000000 > aggregator.max_num_examples=5000"
@@ -282,9 +326,11 @@ def test_an_error_reply_is_dropped_with_its_code_and_the_round_goes_on():
     from flwr.app import Error
 
     def replies(sent):
-        return [reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
-                reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
-                Message(Error(code=0, reason="ClientApp raised ValueError"), reply_to=sent[2])]
+        return [
+            reply(sent[0], {"lora_A": np.full((2, 3), 1.0, np.float32)}, 10, 0),
+            reply(sent[1], {"lora_A": np.full((2, 3), 3.0, np.float32)}, 30, 1),
+            Message(Error(code=0, reason="ClientApp raised ValueError"), reply_to=sent[2]),
+        ]
 
     strategy, (arrays, _) = run_round(replies)
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 2.5)
@@ -306,11 +352,15 @@ def test_records_beside_the_adapter_go_only_to_a_strategy_that_checks_them():
     np.testing.assert_allclose(from_record(arrays)["lora_A"], 1.0)
     assert strategy.dropped == [] and strategy.stats[0].bytes_up_per_client == {0: 48, 1: 24, 2: 24}
 
-    scaffold = AdapterStrategy(algorithm_class("scaffold")().strategy_class()(
-        min_train_nodes=2, min_available_nodes=3, fraction_train=1.0))
-    sent = list(scaffold.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(),
-                                         FakeGrid()))
+    scaffold = AdapterStrategy(
+        algorithm_class("scaffold")().strategy_class()(min_train_nodes=2, min_available_nodes=3, fraction_train=1.0)
+    )
+    sent = list(
+        scaffold.configure_train(1, to_record({"lora_A": np.zeros((2, 3), np.float32)}), ConfigRecord(), FakeGrid())
+    )
     assert all("scaffold-c" in m.content.array_records for m in sent)
     arrays, _ = scaffold.aggregate_train(1, replies(sent))
     assert arrays is None  # one reply with dc, two without: fewer than min_train_nodes=2 valid
-    assert [r for _, r in scaffold.dropped] == ["no 'scaffold-dc' record: the client does not run aggregator=scaffold"] * 2
+    assert [r for _, r in scaffold.dropped] == [
+        "no 'scaffold-dc' record: the client does not run aggregator=scaffold"
+    ] * 2

@@ -44,8 +44,9 @@ def test_train_steps_with_checkpointing_leaves_the_model_as_it_was():
     from fedmllm.training import train_steps
 
     model, col, pool, cfg = _tiny("4bit")
-    result = train_steps(model, col, pool[:16], {**cfg["train"], "local_steps": 1, "gradient_checkpointing": True},
-                         seed=0)
+    result = train_steps(
+        model, col, pool[:16], {**cfg["train"], "local_steps": 1, "gradient_checkpointing": True}, seed=0
+    )
     assert math.isfinite(result["train-loss"])
     assert not model.is_gradient_checkpointing and not model.training
 
@@ -104,8 +105,12 @@ def test_round_lr_is_fedmllms_cosine_warm_learning_rate():
         # FedMLLM's cosine_warm_learning_rate, transcribed (utils in 1xbq1/FedMLLM)
         if last_round < warmup_rounds:
             return base_lr * (last_round + 1) / warmup_rounds
-        return eta_min + (base_lr - eta_min) * (
-            1 + math.cos(math.pi * (last_round - warmup_rounds) / (total_rounds - warmup_rounds))) / 2.0
+        return (
+            eta_min
+            + (base_lr - eta_min)
+            * (1 + math.cos(math.pi * (last_round - warmup_rounds) / (total_rounds - warmup_rounds)))
+            / 2.0
+        )
 
     cfg = {"lr": 2e-5, "projector_lr": 1e-5, "round_schedule": "cosine_warm", "round_warmup": 0.01}
     for r in range(1, 51):

@@ -63,8 +63,12 @@ def request(cfg_overrides: list[str], node_config: dict, server_round: int = 1):
 
     cfg = compose(cfg_overrides)
     arrays = {k: np.array(v) for k, v in adapter_state(get_model(model_config(cfg), server_peft(cfg)).model).items()}
-    return TrainRequest(run_config={"overrides": " ".join(cfg_overrides)}, node_config=node_config, arrays=arrays,
-                        config={"server-round": server_round})
+    return TrainRequest(
+        run_config={"overrides": " ".join(cfg_overrides)},
+        node_config=node_config,
+        arrays=arrays,
+        config={"server-round": server_round},
+    )
 
 
 def test_wanted_reads_node_config_and_defaults_to_off_outside_flwr_clientapp():

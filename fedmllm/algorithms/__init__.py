@@ -20,5 +20,15 @@ from fedmllm.algorithms.base import (
     unregister,
 )
 
-__all__ = ["Algorithm", "adaptive_reg_settings", "algorithm_class", "algorithm_of", "builtin_names", "peft_at_rank",
-           "register", "server_peft", "strategy_settings", "unregister"]
+__all__ = [
+    "Algorithm",
+    "adaptive_reg_settings",
+    "algorithm_class",
+    "algorithm_of",
+    "builtin_names",
+    "peft_at_rank",
+    "register",
+    "server_peft",
+    "strategy_settings",
+    "unregister",
+]

@@ -68,22 +68,33 @@ class Algorithm:
         """What is wrong with `cfg` under this algorithm, each naming the setting and the fix."""
         out = []
         if "_target_" in self.section:
-            out.append(f"aggregator._target_ is no longer read: aggregator.name={self.name!r} selects the algorithm "
-                       "and its strategy (fedmllm.algorithms); drop _target_ from the aggregator yaml")
+            out.append(
+                f"aggregator._target_ is no longer read: aggregator.name={self.name!r} selects the algorithm "
+                "and its strategy (fedmllm.algorithms); drop _target_ from the aggregator yaml"
+            )
         unknown = sorted(set(self.client) - set(self.client_keys))
         if unknown:
-            out.append(f"aggregator.client.{unknown[0]} is not a setting of aggregator={self.name} "
-                       f"(its client settings: {list(self.client_keys)})")
+            out.append(
+                f"aggregator.client.{unknown[0]} is not a setting of aggregator={self.name} "
+                f"(its client settings: {list(self.client_keys)})"
+            )
         method = str(cfg["peft"].get("name", "lora"))
         if self.peft_methods is not None and method not in self.peft_methods:
-            why = ("stacks LoRA factors B_k A_k across clients, which DoRA's magnitude normalisation breaks"
-                   if method == "dora" else f"works on LoRA's A and B factors, which peft={method} does not have")
-            out.append(f"aggregator={self.name} {why}; use peft={' or peft='.join(self.peft_methods)} with it, "
-                       f"or a standard aggregator (e.g. aggregator=fedavg) with peft={method}")
+            why = (
+                "stacks LoRA factors B_k A_k across clients, which DoRA's magnitude normalisation breaks"
+                if method == "dora"
+                else f"works on LoRA's A and B factors, which peft={method} does not have"
+            )
+            out.append(
+                f"aggregator={self.name} {why}; use peft={' or peft='.join(self.peft_methods)} with it, "
+                f"or a standard aggregator (e.g. aggregator=fedavg) with peft={method}"
+            )
         align = (cfg.get("server_stage") or {}).get("align") or {}
         if align.get("enabled") and not self.align:
-            out.append(f"server_stage.align trains the whole adapter on the server, which aggregator={self.name} "
-                       "does not share; use server_stage=pretrain or a standard aggregator")
+            out.append(
+                f"server_stage.align trains the whole adapter on the server, which aggregator={self.name} "
+                "does not share; use server_stage=pretrain or a standard aggregator"
+            )
         return out
 
     # --- what travels ----------------------------------------------------------------------------
@@ -151,8 +162,10 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
         raise ValueError(f"{cls.__qualname__}: set `name` before registering an algorithm")
     old = _REGISTRY.get(cls.name)
     if old is not None and old is not cls:
-        raise ValueError(f"algorithm name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}; "
-                         f"rename {cls.__module__}.{cls.__qualname__}")
+        raise ValueError(
+            f"algorithm name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}; "
+            f"rename {cls.__module__}.{cls.__qualname__}"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -178,11 +191,15 @@ def algorithm_class(name: str, module: str | None = None) -> type[Algorithm]:
             try:
                 importlib.import_module(where)
             except ModuleNotFoundError as err:
-                raise ValueError(f"aggregator.module={where!r} cannot be imported ({err}); name a module "
-                                 f"that registers aggregator {name!r}") from None
+                raise ValueError(
+                    f"aggregator.module={where!r} cannot be imported ({err}); name a module "
+                    f"that registers aggregator {name!r}"
+                ) from None
     if name not in _REGISTRY:
-        raise ValueError(f"aggregator {name!r} is not registered: choose one of {builtin_names()}, or set "
-                         "aggregator.module to the module that registers it (docs/add-an-aggregator.md)")
+        raise ValueError(
+            f"aggregator {name!r} is not registered: choose one of {builtin_names()}, or set "
+            "aggregator.module to the module that registers it (docs/add-an-aggregator.md)"
+        )
     return _REGISTRY[name]
 
 
@@ -211,7 +228,11 @@ def adaptive_reg_settings(cfg: dict[str, Any], algorithm: Algorithm | None = Non
     reg = dict(cfg["train"].get("adaptive_reg") or {})
     if not (reg.get("enabled") or (algorithm or algorithm_of(cfg)).adaptive_reg):
         return None
-    return {"mu": float(reg.get("mu", 0.01)), "mu_w": float(reg.get("mu_w", 0.1)), "s_layer": int(reg.get("s_layer", 4))}
+    return {
+        "mu": float(reg.get("mu", 0.01)),
+        "mu_w": float(reg.get("mu_w", 0.1)),
+        "s_layer": int(reg.get("s_layer", 4)),
+    }
 
 
 def peft_scale(peft: dict[str, Any]) -> tuple[float, float]:
@@ -243,4 +264,3 @@ def peft_with_rank(peft: dict[str, Any], rank: int | None) -> dict[str, Any]:
             "(other aggregators average tensors of one shape)"
         )
     return peft_at_rank(peft, r)
-

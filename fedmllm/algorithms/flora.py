@@ -41,7 +41,9 @@ class FLoRA(Algorithm):
         if not all(isinstance(r, int) and r >= 1 for r in ranks):
             out.append(f"aggregator.client.ranks={ranks!r} must be integers >= 1 (e.g. [8,16])")
         elif not (isinstance(self.client.get("max_rank"), int) and self.client["max_rank"] >= max(ranks + [1])):
-            out.append(f"aggregator.client.max_rank={self.client.get('max_rank')!r} must be an integer >= every client rank")
+            out.append(
+                f"aggregator.client.max_rank={self.client.get('max_rank')!r} must be an integer >= every client rank"
+            )
         return out
 
     def client_rank(self, cfg, partition_id, node_rank=None) -> int:
@@ -77,8 +79,9 @@ class FLoRA(Algorithm):
             a, b = params[a_key], params[b_key]
             ga, gb = np.asarray(r.arrays[a_key]), np.asarray(r.arrays[b_key])
             if ga.shape[0] != rank or a.shape[0] <= rank:
-                raise ValueError(f"{a_key}: global rank {ga.shape[0]} / model rank {a.shape[0]} "
-                                 f"do not fit max_rank={rank}")
+                raise ValueError(
+                    f"{a_key}: global rank {ga.shape[0]} / model rank {a.shape[0]} do not fit max_rank={rank}"
+                )
             new_a = a.detach().cpu().float().numpy().copy()
             new_a[:rank] = ga
             new_b = np.zeros(tuple(b.shape), np.float32)

@@ -26,6 +26,8 @@ class Local(Algorithm):
         only = self.client.get("only", 0)
         n = cfg["num_clients"]
         if not (isinstance(only, int) and not isinstance(only, bool) and 0 <= only < n):
-            out.append(f"aggregator.client.only={only!r} must be a partition id in 0..{n - 1} "
-                       f"(num_clients={n}); sweep it with aggregator.client.only=0,1,...")
+            out.append(
+                f"aggregator.client.only={only!r} must be a partition id in 0..{n - 1} "
+                f"(num_clients={n}); sweep it with aggregator.client.only=0,1,..."
+            )
         return out

@@ -34,8 +34,14 @@ class Scaffold(Algorithm):
             raise KeyError("aggregator=scaffold: the server's message has no 'scaffold-c' record")
         c_i = r.store.get("scaffold_c") or {k: np.zeros_like(v) for k, v in c.items()}
         trainable = {k: p for k, p in r.params.items() if p.requires_grad}
-        r.scratch.update(c_i=c_i, grad_sum={}, steps=0, correction={
-            k: torch.from_numpy(np.asarray(c[k]) - c_i[k]).to(p.device, p.dtype) for k, p in trainable.items()})
+        r.scratch.update(
+            c_i=c_i,
+            grad_sum={},
+            steps=0,
+            correction={
+                k: torch.from_numpy(np.asarray(c[k]) - c_i[k]).to(p.device, p.dtype) for k, p in trainable.items()
+            },
+        )
 
     def after_backward(self, r) -> None:
         grad_sum, correction = r.scratch["grad_sum"], r.scratch["correction"]
@@ -105,8 +111,14 @@ def _strategy() -> type:
             dcs = [from_record(m.content["scaffold-dc"]) for m in valid]
             weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
             new_x, self.server_c = scaffold_server_update(
-                x, self.server_c, [{k: y[k] - x[k] for k in x} for y in ys], dcs,
-                weights, max(self.num_clients or len(ys), len(ys)), self.server_learning_rate)
+                x,
+                self.server_c,
+                [{k: y[k] - x[k] for k in x} for y in ys],
+                dcs,
+                weights,
+                max(self.num_clients or len(ys), len(ys)),
+                self.server_learning_rate,
+            )
             return to_record(new_x), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
 
     return ScaffoldStrategy

@@ -37,8 +37,15 @@ def train_request(req: TrainRequest):
     ident = node_identity(req.node_config)
     cfg = from_run_config(req.run_config, req.base_overrides)
     store = ClientStore(req.state, client_state_path(cfg, ident.partition_id), int(req.config["server-round"]))
-    out, metrics, extra_out = train_round(cfg, ident, req.arrays, int(req.config["server-round"]),
-                                          float(req.config.get("proximal-mu", 0.0)), req.extra, store)
+    out, metrics, extra_out = train_round(
+        cfg,
+        ident,
+        req.arrays,
+        int(req.config["server-round"]),
+        float(req.config.get("proximal-mu", 0.0)),
+        req.extra,
+        store,
+    )
     return out, metrics, extra_out, store.flat
 
 
@@ -55,10 +62,14 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     ids = range(ident.num_partitions) if algorithm_of(cfg).pooled else [ident.partition_id]
     if ident.data_dir:
         task = read_task(ident.data_dir)
-        task = (task_for(task, cfg["dataset"], cfg.get("prompt")) if task is not None
-                else load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))[0])  # a partition from before task.json
-        return task, [s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions,
-                                                          ident.image_root)]
+        task = (
+            task_for(task, cfg["dataset"], cfg.get("prompt"))
+            if task is not None
+            else load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))[0]
+        )  # a partition from before task.json
+        return task, [
+            s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions, ident.image_root)
+        ]
     task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     return task, [s for i in ids for s in client_partition(pool, cfg, i, ident.num_partitions)]
 
@@ -68,9 +79,19 @@ WEIGHT_BY = ("partition_size", "examples_seen")
 
 def sit_out_metrics(partition_id: int) -> dict[str, Any]:
     """The reply of a client with nothing to train (the same metric keys as a trained one's)."""
-    return {"train-loss": float("nan"), "num-examples": 0, "examples-seen": 0, "partition-id": partition_id,
-            "partition-size": 0, "empty-partition": 1, "bytes-up": 0, "lora-rank": 0, "trainable-bytes": 0,
-            "setup-seconds": 0.0, "train-seconds": 0.0}
+    return {
+        "train-loss": float("nan"),
+        "num-examples": 0,
+        "examples-seen": 0,
+        "partition-id": partition_id,
+        "partition-size": 0,
+        "empty-partition": 1,
+        "bytes-up": 0,
+        "lora-rank": 0,
+        "trainable-bytes": 0,
+        "setup-seconds": 0.0,
+        "train-seconds": 0.0,
+    }
 
 
 def aggregation_weight(train_cfg: dict[str, Any], partition_size: int, examples_seen: int) -> int:
@@ -107,8 +128,12 @@ def train_round(
     t0 = time.perf_counter()
     algorithm = algorithm_of(cfg)
     if algorithm.sits_out(ident.partition_id):  # local/centralized baseline: another partition trains
-        print(f"client {ident.partition_id}: sits out (aggregator={algorithm.name} trains another partition "
-              "alone); replying num-examples 0", file=sys.stderr, flush=True)
+        print(
+            f"client {ident.partition_id}: sits out (aggregator={algorithm.name} trains another partition "
+            "alone); replying num-examples 0",
+            file=sys.stderr,
+            flush=True,
+        )
         return arrays, sit_out_metrics(ident.partition_id), {}
 
     from fedmllm.client.local import ClientStore, LocalRound, client_state_path
@@ -120,8 +145,18 @@ def train_round(
     if store is None:
         store = ClientStore(path=client_state_path(cfg, ident.partition_id), server_round=server_round)
     seed = round_seed(cfg["seed"], server_round, ident.partition_id)
-    local = LocalRound(algorithm, lm.model, arrays, extra or {}, store, cfg["seed"], seed, proximal_mu,
-                       adaptive_reg_settings(cfg, algorithm), lm.model.config.get_text_config().num_hidden_layers)
+    local = LocalRound(
+        algorithm,
+        lm.model,
+        arrays,
+        extra or {},
+        store,
+        cfg["seed"],
+        seed,
+        proximal_mu,
+        adaptive_reg_settings(cfg, algorithm),
+        lm.model.config.get_text_config().num_hidden_layers,
+    )
     local.prepare()
     task, samples = local_data(cfg, ident)
     collator = Collator(lm.processor, lm.family, task)
@@ -130,16 +165,31 @@ def train_round(
         train_cfg = {**train_cfg, "local_steps": int(train_cfg["local_steps"]) * int(cfg["clients_per_round"])}
     steps = optimizer_steps(train_cfg, len(samples))
     t_setup = time.perf_counter() - t0
-    bar = tqdm(total=steps, desc=f"client {ident.partition_id} round {server_round}", leave=False,
-               file=sys.stderr, mininterval=2.0)
+    bar = tqdm(
+        total=steps,
+        desc=f"client {ident.partition_id} round {server_round}",
+        leave=False,
+        file=sys.stderr,
+        mininterval=2.0,
+    )
     if samples:
-        result = train_steps(lm.model, collator, samples, train_cfg, seed, on_step=lambda s, loss: bar.update(1),
-                             penalty=local.penalty if local.has_penalty else None,
-                             after_backward=local.after_backward)
+        result = train_steps(
+            lm.model,
+            collator,
+            samples,
+            train_cfg,
+            seed,
+            on_step=lambda s, loss: bar.update(1),
+            penalty=local.penalty if local.has_penalty else None,
+            after_backward=local.after_backward,
+        )
         out, extra_out = local.finish()
     else:  # the global adapter back with weight 0: the strategy drops the reply (num-examples <= 0)
-        print(f"client {ident.partition_id}: empty partition, nothing to train; replying num-examples 0",
-              file=sys.stderr, flush=True)
+        print(
+            f"client {ident.partition_id}: empty partition, nothing to train; replying num-examples 0",
+            file=sys.stderr,
+            flush=True,
+        )
         local.release()
         result = {"train-loss": float("nan"), "num-examples": 0}
         out, extra_out = arrays, {}

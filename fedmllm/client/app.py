@@ -46,8 +46,9 @@ def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...]
         out, metrics, extra_out, state = train_request(request)
     if state:
         context.state[STATE_KEY] = to_record(state)
-    content = RecordDict({"arrays": to_record(out), "metrics": MetricRecord(metrics),
-                          **{k: to_record(v) for k, v in extra_out.items()}})
+    content = RecordDict(
+        {"arrays": to_record(out), "metrics": MetricRecord(metrics), **{k: to_record(v) for k, v in extra_out.items()}}
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -43,14 +43,14 @@ class ClientStore:
         stem = self.path.name[: -len(".npz")]
         out = []
         for p in self.path.parent.glob(f"{stem}-round-*.npz"):
-            tail = p.name[len(stem) + len("-round-"): -len(".npz")]
+            tail = p.name[len(stem) + len("-round-") : -len(".npz")]
             if tail.isdigit():
                 out.append((int(tail), p))
         return sorted(out)
 
     def get(self, name: str) -> dict[str, np.ndarray] | None:
         pre = name + "/"
-        out = {k[len(pre):]: v for k, v in self.flat.items() if k.startswith(pre)}
+        out = {k[len(pre) :]: v for k, v in self.flat.items() if k.startswith(pre)}
         return out or None
 
     def put(self, name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -79,9 +79,19 @@ class LocalRound:
     `round_seed`, `params` (the adapter's parameters), `trainable` (after prepare), `hooks`
     (gradient hooks removed by release) and `scratch` (what one hook leaves for the next)."""
 
-    def __init__(self, algorithm: Algorithm, model, arrays: dict[str, np.ndarray], extra: dict[str, dict],
-                 store: ClientStore, seed: int, round_seed: int, proximal_mu: float = 0.0,
-                 adaptive_reg: dict[str, float] | None = None, num_llm_layers: int | None = None):
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        model,
+        arrays: dict[str, np.ndarray],
+        extra: dict[str, dict],
+        store: ClientStore,
+        seed: int,
+        round_seed: int,
+        proximal_mu: float = 0.0,
+        adaptive_reg: dict[str, float] | None = None,
+        num_llm_layers: int | None = None,
+    ):
         self.algorithm, self.model, self.arrays, self.extra, self.store = algorithm, model, arrays, extra, store
         self.seed, self.round_seed = seed, round_seed
         self.proximal_mu, self.adaptive_reg, self.num_llm_layers = proximal_mu, adaptive_reg, num_llm_layers
@@ -99,7 +109,7 @@ class LocalRound:
         self.trainable = {k: p for k, p in self.params.items() if p.requires_grad}
         self._reg_keys = self._layer_range_keys() if self.adaptive_reg else []
         # the global values the penalties pull towards, only when a penalty is on
-        self.anchor = ({k: p.detach().clone() for k, p in self.trainable.items()} if self.has_penalty else {})
+        self.anchor = {k: p.detach().clone() for k, p in self.trainable.items()} if self.has_penalty else {}
 
     # --- during training ---------------------------------------------------------------------
     def penalty(self):
@@ -108,12 +118,14 @@ class LocalRound:
         s_layer .. L-1-s_layer; None when neither is on."""
         terms = []
         if self.proximal_mu > 0:
-            terms.append(self.proximal_mu / 2 * sum(((p - self.anchor[k]) ** 2).sum()
-                                                    for k, p in self.trainable.items()))
+            terms.append(
+                self.proximal_mu / 2 * sum(((p - self.anchor[k]) ** 2).sum() for k, p in self.trainable.items())
+            )
         if self._reg_keys:
             r = self.adaptive_reg
-            terms.append(r["mu"] / 2 * r["mu_w"] * sum(((self.trainable[k] - self.anchor[k]) ** 2).sum()
-                                                       for k in self._reg_keys))
+            terms.append(
+                r["mu"] / 2 * r["mu_w"] * sum(((self.trainable[k] - self.anchor[k]) ** 2).sum() for k in self._reg_keys)
+            )
         return sum(terms) if terms else None
 
     def regularized_keys(self) -> list[str]:

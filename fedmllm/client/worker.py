@@ -57,8 +57,10 @@ def wanted(node_config: dict[str, Any]) -> bool:
         return text in _TRUE
     from fedmllm.config import ConfigError
 
-    raise ConfigError(f"node_config worker={value!r} must be true or false; restart the SuperNode with "
-                      '--node-config "... worker=false" to train inside each ClientApp process instead')
+    raise ConfigError(
+        f"node_config worker={value!r} must be true or false; restart the SuperNode with "
+        '--node-config "... worker=false" to train inside each ClientApp process instead'
+    )
 
 
 def socket_dir() -> Path:
@@ -69,17 +71,21 @@ def socket_dir() -> Path:
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = base.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise WorkerError(f"worker socket directory {base} must belong to this user with mode 0700 "
-                          f"(it has uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); remove it or set "
-                          "FEDMLLM_WORKER_DIR to a private directory")
+        raise WorkerError(
+            f"worker socket directory {base} must belong to this user with mode 0700 "
+            f"(it has uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); remove it or set "
+            "FEDMLLM_WORKER_DIR to a private directory"
+        )
     # another user who may write to a parent without the sticky bit can rename this directory
     # away and put their own in its place between our check and our use of it
     for parent in base.resolve().parents:
         pst = parent.stat()
         if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
-            raise WorkerError(f"worker socket directory {base} sits in {parent}, which everyone may write to "
-                              f"and which lacks the sticky bit (mode {oct(pst.st_mode & 0o7777)}); set "
-                              "FEDMLLM_WORKER_DIR to a directory under a private or sticky parent")
+            raise WorkerError(
+                f"worker socket directory {base} sits in {parent}, which everyone may write to "
+                f"and which lacks the sticky bit (mode {oct(pst.st_mode & 0o7777)}); set "
+                "FEDMLLM_WORKER_DIR to a directory under a private or sticky parent"
+            )
     return base
 
 
@@ -93,12 +99,14 @@ def socket_path(supernode_pid: int) -> Path:
     version = hashlib.sha1(f"{package_root()}|{sys.executable}".encode()).hexdigest()[:12]
     path = socket_dir() / f"{supernode_pid}-{version}.sock"
     if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to 107 bytes
-        raise WorkerError(f"worker socket path {path} is too long for a Unix socket; set FEDMLLM_WORKER_DIR "
-                          "to a shorter directory")
+        raise WorkerError(
+            f"worker socket path {path} is too long for a Unix socket; set FEDMLLM_WORKER_DIR to a shorter directory"
+        )
     return path
 
 
 # ---- framing: 8-byte length + pickle ---------------------------------------------------------
+
 
 def _send(conn: socket.socket, obj: Any) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -123,6 +131,7 @@ def _exactly(conn: socket.socket, n: int) -> bytearray:
 
 
 # ---- the ClientApp's side ------------------------------------------------------------------
+
 
 def _connect(path: Path, timeout: float | None = None) -> socket.socket | None:
     """A connection to the worker at `path`, or None (no worker; a dead one's socket file is removed)."""
@@ -170,8 +179,12 @@ def start(supernode_pid: int, path: Path) -> subprocess.Popen:
     """Start this SuperNode's worker (same process group, output where the ClientApp's goes)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root()), env.get("PYTHONPATH")) if p)
-    return subprocess.Popen([sys.executable, "-m", "fedmllm.client.worker", str(path), str(supernode_pid)],
-                            env=env, stdin=subprocess.DEVNULL, close_fds=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedmllm.client.worker", str(path), str(supernode_pid)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+    )
 
 
 def connect_or_start(supernode_pid: int | None = None) -> socket.socket:
@@ -192,12 +205,15 @@ def connect_or_start(supernode_pid: int | None = None) -> socket.socket:
         deadline = time.monotonic() + START_TIMEOUT_S
         while (conn := _connect(path)) is None:
             if proc.poll() is not None:
-                raise WorkerError(f"the fedmllm worker (PID {proc.pid}) exited with code {proc.returncode} before "
-                                  "serving; its error is in this SuperNode's output")
+                raise WorkerError(
+                    f"the fedmllm worker (PID {proc.pid}) exited with code {proc.returncode} before "
+                    "serving; its error is in this SuperNode's output"
+                )
             if time.monotonic() > deadline:
                 proc.kill()
-                raise WorkerError(f"the fedmllm worker (PID {proc.pid}) did not listen on {path} within "
-                                  f"{START_TIMEOUT_S:.0f} s")
+                raise WorkerError(
+                    f"the fedmllm worker (PID {proc.pid}) did not listen on {path} within {START_TIMEOUT_S:.0f} s"
+                )
             time.sleep(0.05)
         return conn
 
@@ -210,8 +226,10 @@ def call(request: Any, supernode_pid: int | None = None) -> Any:
         try:
             status, payload = _recv(conn)
         except (EOFError, ConnectionResetError) as err:
-            raise WorkerError("the fedmllm worker died while training this message (killed, or out of memory?); "
-                              "the next message starts a new one; see this SuperNode's output") from err
+            raise WorkerError(
+                "the fedmllm worker died while training this message (killed, or out of memory?); "
+                "the next message starts a new one; see this SuperNode's output"
+            ) from err
     if status == "error":
         raise payload
     return payload
@@ -228,6 +246,7 @@ def stop(supernode_pid: int) -> bool:
 
 
 # ---- the worker's side ---------------------------------------------------------------------
+
 
 def _alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, killed but not yet reaped by its parent, counts as dead)."""
@@ -282,7 +301,11 @@ def serve(path: Path, supernode_pid: int, idle_s: float = IDLE_S) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
-    print(f"fedmllm worker {os.getpid()}: serving the ClientApps of SuperNode process {supernode_pid} at {path}", file=sys.stderr, flush=True)
+    print(
+        f"fedmllm worker {os.getpid()}: serving the ClientApps of SuperNode process {supernode_pid} at {path}",
+        file=sys.stderr,
+        flush=True,
+    )
     listener.settimeout(1.0)
     last = time.monotonic()
     try:
@@ -291,7 +314,9 @@ def serve(path: Path, supernode_pid: int, idle_s: float = IDLE_S) -> None:
                 conn, _ = listener.accept()
             except socket.timeout:
                 if time.monotonic() - last > idle_s:
-                    print(f"fedmllm worker {os.getpid()}: idle for {idle_s:.0f} s; exiting", file=sys.stderr, flush=True)
+                    print(
+                        f"fedmllm worker {os.getpid()}: idle for {idle_s:.0f} s; exiting", file=sys.stderr, flush=True
+                    )
                     return
                 continue
             with conn:

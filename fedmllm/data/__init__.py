@@ -58,8 +58,11 @@ def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sa
     strict = bool(cfg.get("strict", False))
     if name == "easyvqa":
         balanced = bool(cfg.get("balanced", False))
-        return (easyvqa.YESNO, easyvqa.yesno_samples("train", balanced=balanced, seed=seed),
-                easyvqa.yesno_samples("test", balanced=balanced, seed=seed))
+        return (
+            easyvqa.YESNO,
+            easyvqa.yesno_samples("train", balanced=balanced, seed=seed),
+            easyvqa.yesno_samples("test", balanced=balanced, seed=seed),
+        )
     if name == "easyvqa_caption":
         return easyvqa.CAPTION, easyvqa.caption_samples("train", seed=seed), easyvqa.caption_samples("test", seed=seed)
     if name == "easyvqa_flag":

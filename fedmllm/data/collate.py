@@ -22,8 +22,10 @@ def load_image(path: str) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as err:  # noqa: BLE001 - PIL's decoders raise struct.error, IndexError, ...
-        raise DataError(f"image {path} cannot be decoded ({type(err).__name__}: {err}); remove its row, or set "
-                        "dataset.strict=true to check every image fully when the data loads") from None
+        raise DataError(
+            f"image {path} cannot be decoded ({type(err).__name__}: {err}); remove its row, or set "
+            "dataset.strict=true to check every image fully when the data loads"
+        ) from None
 
 
 class Collator:
@@ -70,10 +72,10 @@ class Collator:
         longest = 0
         for row, answer in enumerate(answers):
             ids = self.answer_ids(answer)
-            tail = batch["input_ids"][row, -len(ids):].tolist()
+            tail = batch["input_ids"][row, -len(ids) :].tolist()
             if tail != ids:  # the tokenizer merged across the prompt/answer boundary
                 raise ValueError(f"answer {answer!r} does not tokenize apart from its prompt: {tail} != {ids}")
-            labels[row, -len(ids):] = batch["input_ids"][row, -len(ids):]
+            labels[row, -len(ids) :] = batch["input_ids"][row, -len(ids) :]
             longest = max(longest, len(ids))
         batch["labels"] = labels
         batch["keep"] = longest + 1

@@ -15,8 +15,11 @@ CAPTION = Task(
 )
 FLAG = Task("easyvqa_flag", labels=("no", "yes"), instruction="Is the post flagged under its rule? Answer yes or no.")
 # The text's rule: never (no), always (yes), or "if round" (yes exactly when the image shows a circle).
-RULES = ("The rule says: never flag it.", "The rule says: always flag it.",
-         "The rule says: flag it if the shape is round.")
+RULES = (
+    "The rule says: never flag it.",
+    "The rule says: always flag it.",
+    "The rule says: flag it if the shape is round.",
+)
 # Bayes accuracy of each modality alone on the flag task, from its construction (flag_samples):
 # the image says round or not (half the images each, independent of the rule); the text names
 # the rule (a third each). Text alone: never/always are certain, "if round" a coin -> 2/3 + 1/6.
@@ -110,7 +113,9 @@ def caption_samples(split: str, seed: int = 42) -> list[Sample]:
         fshape = rng.choice([s for s in SHAPES if s != shape]) if wrong in ("shape", "both") else shape
         fcolor = rng.choice([c for c in COLORS if c != color]) if wrong in ("color", "both") else color
         for k, (c, s, label) in enumerate(((color, shape, 1), (fcolor, fshape, 0))):
-            out.append(Sample(id=f"{split}-cap-{i}-{k}", image=paths[i], text=f"The caption says: a {c} {s}.", label=label))
+            out.append(
+                Sample(id=f"{split}-cap-{i}-{k}", image=paths[i], text=f"The caption says: a {c} {s}.", label=label)
+            )
     return out
 
 

@@ -22,8 +22,17 @@ CORRUPT = b"not an image: these bytes are no PNG or JPEG header\n"
 BROKEN_HATEFUL = ("bad JSON", "missing field", "unknown label", "missing image", "corrupt image")
 BROKEN_CRISISMMD = ("bad TSV row", "unknown label", "missing image", "corrupt image")
 BROKEN_LLAVA = ("unknown label", "missing field", "missing image", "corrupt image")
-TSV_COLUMNS = ("event_name", "tweet_id", "image_id", "tweet_text", "image", "label", "label_text",
-               "label_image", "label_text_image")
+TSV_COLUMNS = (
+    "event_name",
+    "tweet_id",
+    "image_id",
+    "tweet_text",
+    "image",
+    "label",
+    "label_text",
+    "label_image",
+    "label_text_image",
+)
 EVENTS = ("hurricane_harvey", "california_wildfires", "mexico_earthquake")
 
 
@@ -70,7 +79,11 @@ def write_hateful_memes(root: str | Path, n_rows: int = 20, seed: int = 0, broke
 
 
 def write_crisismmd(
-    root: str | Path, task: str = "humanitarian", n_rows: int = 20, seed: int = 0, agreed: bool = False,
+    root: str | Path,
+    task: str = "humanitarian",
+    n_rows: int = 20,
+    seed: int = 0,
+    agreed: bool = False,
     broken: bool = False,
 ) -> Path:
     """`root/crisismmd_datasplit_all/task_<task>_text_img_{train,dev,test}.tsv` + JPEGs under
@@ -140,7 +153,9 @@ def write_llava_json(
         if i % 5 != 4:
             image = f"images/{i:04d}.png"
             (path.parent / image).write_bytes(rng.choice(pngs))
-        records.append(record(i, rng.choice(labels), image, "<image>\nIs the shape round?" if image else "Is it round?"))
+        records.append(
+            record(i, rng.choice(labels), image, "<image>\nIs the shape round?" if image else "Is it round?")
+        )
     if broken:
         (path.parent / "images" / "corrupt.png").write_bytes(CORRUPT)
         records += [

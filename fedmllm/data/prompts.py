@@ -19,9 +19,7 @@ from __future__ import annotations
 from fedmllm.data.schema import Sample, Task, modality
 
 PREAMBLE = "Select the best answer to the following multiple-choice question{based_on}."
-ANSWER_CUE = (
-    "Answer with the option's letter from the given choices directly and only give the best option. The best answer is: "
-)
+ANSWER_CUE = "Answer with the option's letter from the given choices directly and only give the best option. The best answer is: "
 AUG = ", without considering the modality"
 
 
@@ -29,7 +27,9 @@ def based_on(shown: str, both: str = "text and image", aug: bool = False) -> str
     """The modality phrase for a sample showing `shown` (both, text, image or none)."""
     if aug:
         return AUG
-    return {"both": f" based on the {both}", "text": " based on the text", "image": " based on the image"}.get(shown, "")
+    return {"both": f" based on the {both}", "text": " based on the text", "image": " based on the image"}.get(
+        shown, ""
+    )
 
 
 def user_prompt(task: Task, sample: Sample, image_token: str, drop_image: bool = False) -> str:

@@ -48,6 +48,7 @@ class RowLog:
 
     def summary(self) -> str | None:
         """'dropped 4 of 20 rows in FILE: 3 bad JSON (lines 4, 9, 12), 1 missing image (line 7)'."""
+
         def listed(groups: dict[str, list[int]]) -> str:
             parts = []
             for kind, lines in groups.items():
@@ -158,7 +159,9 @@ def iter_json_array(path: Path, log: RowLog) -> Iterator[tuple[int, Any]]:
         try:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            log.drop(line, "bad JSON", f"{err.msg} at line {err.lineno} column {err.colno}; the rest of the file is unread")
+            log.drop(
+                line, "bad JSON", f"{err.msg} at line {err.lineno} column {err.colno}; the rest of the file is unread"
+            )
             return
         yield line, obj
         pos = _skip_ws(text, pos)
@@ -168,8 +171,11 @@ def iter_json_array(path: Path, log: RowLog) -> Iterator[tuple[int, Any]]:
             return
         else:
             log.rows += 1
-            log.drop(text.count("\n", 0, pos) + 1, "bad JSON",
-                     "expected ',' or ']' after an element; the rest of the file is unread")
+            log.drop(
+                text.count("\n", 0, pos) + 1,
+                "bad JSON",
+                "expected ',' or ']' after an element; the rest of the file is unread",
+            )
             return
 
 
@@ -186,6 +192,4 @@ def require_files(what: str, root: Path, needed: list[str], hint: str, layout: l
         raise DataError(f"{what}: directory {root} does not exist; expected there: {', '.join(layout)}. {hint}")
     missing = [e for e in needed if not (root / e.rstrip("/")).exists()]
     if missing:
-        raise DataError(
-            f"{what}: {root} lacks {', '.join(missing)}; expected there: {', '.join(layout)}. {hint}"
-        )
+        raise DataError(f"{what}: {root} lacks {', '.join(missing)}; expected there: {', '.join(layout)}. {hint}")

@@ -52,6 +52,4 @@ class Task:
 def modality(sample: Sample) -> str:
     """Which modalities a sample has: both, image, text or none."""
     has_image, has_text = sample["image"] is not None, bool(sample["text"])
-    return {(True, True): "both", (True, False): "image", (False, True): "text"}.get(
-        (has_image, has_text), "none"
-    )
+    return {(True, True): "both", (True, False): "image", (False, True): "text"}.get((has_image, has_text), "none")

@@ -43,8 +43,11 @@ def generate_answers(
     out: list[str] = []
     how: dict = {"do_sample": False, "num_beams": 1}
     if sampling is not None:
-        how = {"do_sample": True, "num_beams": 1,
-               **{k: sampling[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")}}
+        how = {
+            "do_sample": True,
+            "num_beams": 1,
+            **{k: sampling[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")},
+        }
         torch.manual_seed(int(sampling.get("seed", 0)))
     model.eval()
     with torch.no_grad():
@@ -52,10 +55,13 @@ def generate_answers(
             chunk = samples[start : start + batch_size]
             batch = to_model(collator.prompt_batch(chunk, drop_image=drop_image), model)
             ids = model.generate(
-                **batch, max_new_tokens=max_new_tokens, **how,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                **how,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
             )
-            out += tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            out += tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             if on_batch is not None:
                 on_batch(len(chunk))
     return out

@@ -68,8 +68,10 @@ def group_metrics(pred: np.ndarray, labels: np.ndarray, groups: list[str]) -> di
     (groups: each sample's modality group, e.g. both/image/text/none)."""
     pred, labels, groups_arr = np.asarray(pred), np.asarray(labels), np.asarray(groups)
     if not len(pred) == len(labels) == len(groups_arr):
-        raise ValueError(f"group_metrics needs one group per sample: {len(pred)} predictions, "
-                         f"{len(labels)} labels, {len(groups_arr)} groups")
+        raise ValueError(
+            f"group_metrics needs one group per sample: {len(pred)} predictions, "
+            f"{len(labels)} labels, {len(groups_arr)} groups"
+        )
     present = set(groups)
     order = [g for g in MODALITY_ORDER if g in present] + sorted(present - set(MODALITY_ORDER))
     out: dict[str, float] = {}

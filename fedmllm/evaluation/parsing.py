@@ -32,7 +32,7 @@ def parse_letter(text: str, letters: Sequence[str]) -> int | None:
         letter = (m.group(1) or m.group(2)).upper()
         if letter not in letters:
             continue
-        if m.group(2) and letter in _PROSE and re.match(r"\s+[a-z]", text[m.end():]):
+        if m.group(2) and letter in _PROSE and re.match(r"\s+[a-z]", text[m.end() :]):
             continue
         return list(letters).index(letter)
     return None

@@ -63,8 +63,9 @@ def score_options(
                     logp = torch.log_softmax(logits, dim=-1)  # [B, k, V]: predictions of the k option tokens
                     target = batch["input_ids"][:, -k:]
                     if (target.cpu() != torch.as_tensor(oid)).any():  # merged across the prompt/answer boundary
-                        raise ValueError(f"option {option!r} does not tokenize apart from its prompt: "
-                                         f"{target[0].tolist()} != {oid}")
+                        raise ValueError(
+                            f"option {option!r} does not tokenize apart from its prompt: {target[0].tolist()} != {oid}"
+                        )
                     cols.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(dim=1).tolist())
                 out.append(np.asarray(cols).T)
             if on_batch is not None:

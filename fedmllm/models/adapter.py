@@ -12,6 +12,8 @@ from fedmllm.models.registry import MODULE_GROUPS, Family
 # peft=<variant>: the PEFT method behind each config file in conf/peft/.
 METHODS = ("lora", "dora", "rslora", "ia3")
 PROJECTOR_POLICIES = ("frozen", "lora", "full")
+
+
 def method_of(peft_cfg: dict[str, Any]) -> str:
     """The PEFT method of a `peft` config section (`name`, default lora)."""
     return str(peft_cfg.get("name", "lora"))
@@ -25,12 +27,16 @@ def peft_problem(peft_cfg: dict[str, Any]) -> str | None:
         return f"peft={method!r}: choose one of {list(METHODS)}"
     projector = peft_cfg.get("projector", "full")
     if projector not in PROJECTOR_POLICIES:
-        return (f"peft.projector={projector!r}: choose frozen, lora (adapter on its linear layers) or "
-                "full (trained and federated whole)")
+        return (
+            f"peft.projector={projector!r}: choose frozen, lora (adapter on its linear layers) or "
+            "full (trained and federated whole)"
+        )
     targets = list(peft_cfg.get("targets") or [])
     bad = [t for t in targets if t not in MODULE_GROUPS]
     if not targets or bad:
-        return f"peft.targets={targets!r}: list module groups from {['llm', 'vision_encoder']} (e.g. peft.targets=[llm])"
+        return (
+            f"peft.targets={targets!r}: list module groups from {['llm', 'vision_encoder']} (e.g. peft.targets=[llm])"
+        )
     if "projector" in targets:
         return "peft.targets lists projector; set the connector with peft.projector=lora|full|frozen instead"
     if method != "ia3":
@@ -45,17 +51,22 @@ def peft_problem(peft_cfg: dict[str, Any]) -> str | None:
         ff = list(peft_cfg.get("feedforward") or [])
         extra = sorted(set(ff) - set(peft_cfg.get("leaves") or []))
         if extra:
-            return (f"peft.feedforward={ff!r} names layers not in peft.leaves={peft_cfg.get('leaves')!r}; "
-                    "IA3 scales the inputs of feed-forward layers among its targets, so add them to peft.leaves")
+            return (
+                f"peft.feedforward={ff!r} names layers not in peft.leaves={peft_cfg.get('leaves')!r}; "
+                "IA3 scales the inputs of feed-forward layers among its targets, so add them to peft.leaves"
+            )
     return None
 
 
-def lora_target_regex(family: Family, targets: list[str], leaves: list[str] | None = None,
-                      vision_leaves: list[str] | None = None) -> str:
+def lora_target_regex(
+    family: Family, targets: list[str], leaves: list[str] | None = None, vision_leaves: list[str] | None = None
+) -> str:
     """Regex over full module names: inside the `llm` group `leaves` (default: the family's LoRA
     targets), inside `vision_encoder` `vision_leaves` (default: the family's vision targets)."""
-    by_group = {"llm": list(leaves or family.lora_targets),
-                "vision_encoder": list(vision_leaves or family.vision_lora_targets)}
+    by_group = {
+        "llm": list(leaves or family.lora_targets),
+        "vision_encoder": list(vision_leaves or family.vision_lora_targets),
+    }
     parts = []
     for g in targets:
         pre = "|".join(re.escape(p) for p in family.module_groups[g] if p != "lm_head")
@@ -71,8 +82,10 @@ def check_targets(model, family: Family, peft_cfg: dict[str, Any]) -> None:
         if not any(n.startswith(prefixes) for n in adapted):
             key = "leaves" if g == "llm" else "vision_leaves"
             want = peft_cfg.get(key) or (family.lora_targets if g == "llm" else family.vision_lora_targets)
-            raise ValueError(f"peft.targets includes {g}, but no layer of {family.name}'s {g} is named "
-                             f"{list(want)}; set peft.{key} to its linear layers' names")
+            raise ValueError(
+                f"peft.targets includes {g}, but no layer of {family.name}'s {g} is named "
+                f"{list(want)}; set peft.{key} to its linear layers' names"
+            )
 
 
 def projector_linears(model, family: Family) -> list[str]:
@@ -80,11 +93,16 @@ def projector_linears(model, family: Family) -> list[str]:
     import torch
 
     prefixes = family.module_groups["projector"]
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and any(n == p or n.startswith(p + ".") for p in prefixes)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n == p or n.startswith(p + ".") for p in prefixes)
+    ]
     if not names:
-        raise ValueError(f"peft.projector=lora: family {family.name!r} has no linear layer under {list(prefixes)}; "
-                         "use peft.projector=full or frozen")
+        raise ValueError(
+            f"peft.projector=lora: family {family.name!r} has no linear layer under {list(prefixes)}; "
+            "use peft.projector=full or frozen"
+        )
     return names
 
 
@@ -96,20 +114,19 @@ def peft_config(model, family: Family, peft_cfg: dict[str, Any]):
     if problem:
         raise ValueError(problem)
     method, projector = method_of(peft_cfg), peft_cfg.get("projector", "full")
-    targets = lora_target_regex(family, list(peft_cfg.get("targets", ["llm"])), peft_cfg.get("leaves"),
-                                peft_cfg.get("vision_leaves"))
+    targets = lora_target_regex(
+        family, list(peft_cfg.get("targets", ["llm"])), peft_cfg.get("leaves"), peft_cfg.get("vision_leaves")
+    )
     if projector == "lora":
         exact = "|".join(re.escape(n) for n in projector_linears(model, family))
         targets = rf"(?:{targets})|(?:^({exact})$)"
     # PEFT matches modules_to_save by name suffix: the projector's last path component.
-    modules_to_save = ([p.rsplit(".", 1)[-1] for p in family.module_groups["projector"]]
-                       if projector == "full" else None)
+    modules_to_save = [p.rsplit(".", 1)[-1] for p in family.module_groups["projector"]] if projector == "full" else None
     if method == "ia3":
         ff = list(peft_cfg.get("feedforward") or [])
         # IA3 scales a feed-forward layer's input (down_proj), an attention layer's output (k, v).
-        feedforward = (lora_target_regex(family, ["llm"], ff) if ff else None)
-        return IA3Config(target_modules=targets, feedforward_modules=feedforward or [],
-                         modules_to_save=modules_to_save)
+        feedforward = lora_target_regex(family, ["llm"], ff) if ff else None
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward or [], modules_to_save=modules_to_save)
     return LoraConfig(
         r=int(peft_cfg.get("r", 16)),
         lora_alpha=float(peft_cfg.get("alpha", 32)),
@@ -151,9 +168,7 @@ def load_adapter_state(model, arrays: dict[str, np.ndarray], partial: bool = Fal
     got = set(arrays)
     missing, unexpected = set(params) - got, got - set(params)
     if unexpected or (missing and not partial):
-        raise KeyError(
-            f"adapter keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
+        raise KeyError(f"adapter keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     with torch.no_grad():
         for k, v in arrays.items():
             p = params[k]

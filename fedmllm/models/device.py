@@ -14,8 +14,9 @@ def to_model(batch: dict[str, Any], model) -> dict[str, Any]:
     """`batch` with every tensor moved to `model`'s device (ints and other values unchanged); a
     no-op on the CPU."""
     device = model_device(model)
-    return {k: v.to(device) if hasattr(v, "to") and getattr(v, "device", device) != device else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device) if hasattr(v, "to") and getattr(v, "device", device) != device else v for k, v in batch.items()
+    }
 
 
 def avoid_cudnn_attention() -> None:

@@ -46,7 +46,8 @@ def hf_config(model_cfg: dict[str, Any]):
         if not path.is_file():
             raise FileNotFoundError(
                 f"model.hf_config={model_cfg['hf_config']!r}: {path} is missing; save the checkpoint's "
-                f"config.json there (preset {model_cfg.get('name')!r})")
+                f"config.json there (preset {model_cfg.get('name')!r})"
+            )
         return cls.from_dict(json.loads(path.read_text()))
     if model_cfg.get("builder"):
         from fedmllm.models.build import ensure_built
@@ -54,7 +55,8 @@ def hf_config(model_cfg: dict[str, Any]):
         return cls.from_pretrained(ensure_built(model_cfg))
     raise ValueError(
         f"preset {model_cfg.get('name')!r} has no config available offline: add `hf_config: <preset>.json` "
-        f"to its yaml with the checkpoint's config.json in {HUB_CONFIGS}, or set model.path=DIR to a local copy")
+        f"to its yaml with the checkpoint's config.json in {HUB_CONFIGS}, or set model.path=DIR to a local copy"
+    )
 
 
 def meta_model(model_cfg: dict[str, Any]):
@@ -127,14 +129,20 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def format_footprint(f: dict[str, Any]) -> str:
     """The table `fedmllm inspect` prints."""
-    lines = [f"model {f['preset']}  peft {f['peft']}  aggregator {f['aggregator']}  (meta device, no weights)",
-             f"{'module group':<16} {'params':>15} {'trainable':>13}"]
+    lines = [
+        f"model {f['preset']}  peft {f['peft']}  aggregator {f['aggregator']}  (meta device, no weights)",
+        f"{'module group':<16} {'params':>15} {'trainable':>13}",
+    ]
     for g, n in f["groups"].items():
         lines.append(f"{g:<16} {n:>15,} {f['trainable_by_group'].get(g, 0):>13,}")
-    lines.append(f"{'total':<16} {f['total_params']:>15,} {f['trainable_params']:>13,}  "
-                 f"({100 * f['trainable_params'] / f['total_params']:.3f}% trainable, {f['tensors']} tensors)")
+    lines.append(
+        f"{'total':<16} {f['total_params']:>15,} {f['trainable_params']:>13,}  "
+        f"({100 * f['trainable_params'] / f['total_params']:.3f}% trainable, {f['tensors']} tensors)"
+    )
     per_round = f["bytes_up"] + f["bytes_down"]
-    lines.append(f"per client per round: up {f['bytes_up'] / MB:.3f} MB + down {f['bytes_down'] / MB:.3f} MB "
-                 f"= {per_round / MB:.3f} MB (fp32); the full model in fp32 is {f['full_bytes'] / MB:,.1f} MB "
-                 f"(adapter / full = {f['bytes_up'] / f['full_bytes']:.5f})")
+    lines.append(
+        f"per client per round: up {f['bytes_up'] / MB:.3f} MB + down {f['bytes_down'] / MB:.3f} MB "
+        f"= {per_round / MB:.3f} MB (fp32); the full model in fp32 is {f['full_bytes'] / MB:,.1f} MB "
+        f"(adapter / full = {f['bytes_up'] / f['full_bytes']:.5f})"
+    )
     return "\n".join(lines)

@@ -43,8 +43,9 @@ def compute_dtype(model_cfg: dict[str, Any]):
 
     name = model_cfg.get("compute_dtype", "auto")
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"model.compute_dtype={name!r}: choose one of {list(COMPUTE_DTYPES)} "
-                         "(auto: fp32 on CPU, bf16 on GPU)")
+        raise ValueError(
+            f"model.compute_dtype={name!r}: choose one of {list(COMPUTE_DTYPES)} (auto: fp32 on CPU, bf16 on GPU)"
+        )
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -61,12 +62,16 @@ def attn_implementation(model_cfg: dict[str, Any]) -> str:
         import torch
 
         if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
-                             "not installed; install the gpu extra (pip install -e '.[gpu]', CUDA machines only) "
-                             "or set model.attn_implementation=sdpa")
+            raise ValueError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is "
+                "not installed; install the gpu extra (pip install -e '.[gpu]', CUDA machines only) "
+                "or set model.attn_implementation=sdpa"
+            )
         if not torch.cuda.is_available():
-            raise ValueError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only and none is "
-                             "visible; set model.attn_implementation=sdpa")
+            raise ValueError(
+                "model.attn_implementation=flash_attention_2 runs on CUDA GPUs only and none is "
+                "visible; set model.attn_implementation=sdpa"
+            )
     return impl
 
 

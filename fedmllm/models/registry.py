@@ -83,9 +83,7 @@ def get_family(name: str) -> Family:
     try:
         return _FAMILIES[name]
     except KeyError:
-        raise KeyError(
-            f"unknown model family {name!r}; registered: {sorted(_FAMILIES)}"
-        ) from None
+        raise KeyError(f"unknown model family {name!r}; registered: {sorted(_FAMILIES)}") from None
 
 
 def family_for_model_type(model_type: str) -> Family:
@@ -95,8 +93,7 @@ def family_for_model_type(model_type: str) -> Family:
             return family
     known = sorted(t for f in _FAMILIES.values() for t in f.model_types)
     raise KeyError(
-        f"no registered model family loads model_type {model_type!r} (known: {known}); "
-        "add one: docs/add-a-model.md"
+        f"no registered model family loads model_type {model_type!r} (known: {known}); add one: docs/add-a-model.md"
     )
 
 

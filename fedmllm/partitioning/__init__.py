@@ -45,8 +45,10 @@ def _partition_indices(labels, cfg_items, num_partitions, seed):
     from datasets import Dataset
 
     if num_partitions > len(labels):
-        raise ValueError(f"num_clients={num_partitions} exceeds the {len(labels)} training samples: every client "
-                         f"needs at least one; lower num_clients to at most {len(labels)}")
+        raise ValueError(
+            f"num_clients={num_partitions} exceeds the {len(labels)} training samples: every client "
+            f"needs at least one; lower num_clients to at most {len(labels)}"
+        )
     ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
     part = make_partitioner(cfg, num_partitions, seed)
     part.dataset = ds

@@ -12,7 +12,11 @@ TOPUPS = ("all", "first")  # which label groups the script tops up: Hateful Meme
 
 
 def fedmllm_partition(
-    labels: Sequence[Hashable], num_clients: int, alpha: float, seed: int = 42, min_per_label: int = 1,
+    labels: Sequence[Hashable],
+    num_clients: int,
+    alpha: float,
+    seed: int = 42,
+    min_per_label: int = 1,
     topup: str = "all",
 ) -> list[list[int]]:
     """Indices of each client's samples, exactly as FedMLLM's partition script draws them.

@@ -92,7 +92,7 @@ def plot_stats(stats: list[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(clients) + 4), 4), constrained_layout=True)
     for ax, key, title in ((axes[0], "modalities", "modalities"), (axes[1], "labels", "labels")):
         bottom = [0] * len(clients)
-        for name in (stats[0][key] if stats else {}):
+        for name in stats[0][key] if stats else {}:
             counts = [r[key][name] for r in stats]
             ax.bar(clients, counts, bottom=bottom, label=name)
             bottom = [b + c for b, c in zip(bottom, counts)]
@@ -136,8 +136,11 @@ def _image_root(parts: list[list[Sample]]) -> str | None:
     """The deepest directory holding every image of the partition (its paths are stored relative
     to it, so the folder can be copied to the site that owns the data), or None without images."""
     paths = [s["image"] for part in parts for s in part if s["image"] is not None]
-    return os.path.dirname(os.path.commonpath(paths)) if len(set(paths)) == 1 else (
-        os.path.commonpath(paths) if paths else None)
+    return (
+        os.path.dirname(os.path.commonpath(paths))
+        if len(set(paths)) == 1
+        else (os.path.commonpath(paths) if paths else None)
+    )
 
 
 def _relative(sample: Sample, root: str | None) -> Sample:
@@ -155,8 +158,9 @@ def read_task(data_dir: str | Path) -> Task | None:
     return Task(**{**fields, "labels": tuple(fields["labels"])})
 
 
-def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, num_partitions: int,
-                image_root: str | None = None) -> list[Sample]:
+def read_client(
+    data_dir: str | Path, cfg: dict[str, Any], partition_id: int, num_partitions: int, image_root: str | None = None
+) -> list[Sample]:
     """This node's samples from a materialised partition directory (`client_<partition-id>.jsonl`),
     image paths resolved against `image_root` (node_config `image-root`; default: where the
     images were when the partition was written, from `partition.json`).
@@ -193,10 +197,14 @@ def read_client(data_dir: str | Path, cfg: dict[str, Any], partition_id: int, nu
             s["image"] = os.path.join(root, s["image"])
     missing = [s["image"] for s in samples if s["image"] is not None and not os.path.isfile(s["image"])]
     if missing:
-        where = f"node_config image-root={image_root!r}" if image_root else f"{root} (where `fedmllm partition` found them)"
-        raise ConfigError(f"{len(missing)} of the images of client_{partition_id}.jsonl are not under {where}, e.g. "
-                          f"{missing[0]}; copy them there, or set node_config image-root to the directory that holds "
-                          "the partition's images (their paths in the .jsonl are relative to it)")
+        where = (
+            f"node_config image-root={image_root!r}" if image_root else f"{root} (where `fedmllm partition` found them)"
+        )
+        raise ConfigError(
+            f"{len(missing)} of the images of client_{partition_id}.jsonl are not under {where}, e.g. "
+            f"{missing[0]}; copy them there, or set node_config image-root to the directory that holds "
+            "the partition's images (their paths in the .jsonl are relative to it)"
+        )
     return samples
 
 

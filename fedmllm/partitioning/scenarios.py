@@ -73,7 +73,9 @@ def apply_scenario(
         image = client in image_only_clients(num_clients, int(scenario_cfg["image_clients"]), seed)
         return [with_modalities(s, image, not image) for s in samples]
     if name == "hybrid":
-        has_image, has_text = (bool(v) for v in hybrid_presence(num_clients, float(scenario_cfg["qrate"]), seed)[client])
+        has_image, has_text = (
+            bool(v) for v in hybrid_presence(num_clients, float(scenario_cfg["qrate"]), seed)[client]
+        )
         if has_image or has_text:
             return [with_modalities(s, has_image, has_text) for s in samples]
         rng = sample_rng(seed, "hybrid", client)  # neither: each sample one modality, 50/50

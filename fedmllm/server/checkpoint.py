@@ -19,8 +19,16 @@ import numpy as np
 from fedmllm.models.adapter import load_adapter_state
 
 
-def save_checkpoint(model, arrays: dict[str, np.ndarray], run_dir: Path, server_round: int, *,
-                    base: str | None = None, processor=None, files: tuple[Path, ...] = ()) -> Path:
+def save_checkpoint(
+    model,
+    arrays: dict[str, np.ndarray],
+    run_dir: Path,
+    server_round: int,
+    *,
+    base: str | None = None,
+    processor=None,
+    files: tuple[Path, ...] = (),
+) -> Path:
     """Write the global adapter of a round, loadable with `PeftModel.from_pretrained(base, dir)`.
     `base`: what adapter_config.json names as the base model (the hub id, the user's directory or
     the offline build; not the 4-bit cache); `processor`: saved beside the adapter; `files`: copied
@@ -63,7 +71,7 @@ def save_strategy_state(ckpt_dir: Path, server_round: int, payload: dict[str, np
     adapter = _adapter_tensors(ckpt_dir)
     arrays, in_adapter = {}, []
     entries = [(f"global/{k}", k, v) for k, v in payload.items()]
-    entries += [(f"state/{k}", k[len("fixed/"):] if k.startswith("fixed/") else None, v) for k, v in state.items()]
+    entries += [(f"state/{k}", k[len("fixed/") :] if k.startswith("fixed/") else None, v) for k, v in state.items()]
     for name, key, value in entries:
         value = np.asarray(value)
         same = adapter.get(key) if key is not None else None
@@ -96,8 +104,11 @@ def write_manifest(ckpt_dir: Path) -> Path:
     """Record the size and sha256 of every file in a round's checkpoint dir, atomically (written
     last: a round whose manifest exists was written completely)."""
     ckpt_dir = Path(ckpt_dir)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith("tmp-")}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(ckpt_dir.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith("tmp-")
+    }
     tmp = ckpt_dir / f"tmp-{MANIFEST}"
     tmp.write_text(json.dumps(files, indent=1))
     tmp.replace(ckpt_dir / MANIFEST)
@@ -135,8 +146,11 @@ def check_round(ckpt_dir: Path) -> str | None:
 
 def checkpoint_rounds(run_dir: Path) -> list[int]:
     """The rounds whose checkpoint dir (checkpoints/round-<N>) a run has, in order."""
-    return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoints/round-*")
-                  if p.is_dir() and p.name.split("-")[1].isdigit())
+    return sorted(
+        int(p.name.split("-")[1])
+        for p in Path(run_dir).glob("checkpoints/round-*")
+        if p.is_dir() and p.name.split("-")[1].isdigit()
+    )
 
 
 def read_state_flat(path: Path) -> dict[str, np.ndarray]:
@@ -148,7 +162,7 @@ def read_state_flat(path: Path) -> dict[str, np.ndarray]:
     if in_adapter:
         adapter = _adapter_tensors(Path(path).parent)
         for name in in_adapter:
-            key = name[len("global/"):] if name.startswith("global/") else name[len("state/fixed/"):]
+            key = name[len("global/") :] if name.startswith("global/") else name[len("state/fixed/") :]
             if key not in adapter:
                 raise KeyError(f"{name}: not in {ADAPTER_FILE} beside {Path(path).name}")
             flat[name] = adapter[key]
@@ -158,8 +172,8 @@ def read_state_flat(path: Path) -> dict[str, np.ndarray]:
 def read_state(path: Path) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(round, global payload, strategy state) of one round's state file."""
     flat = read_state_flat(path)
-    payload = {k[len("global/"):]: v for k, v in flat.items() if k.startswith("global/")}
-    state = {k[len("state/"):]: v for k, v in flat.items() if k.startswith("state/")}
+    payload = {k[len("global/") :]: v for k, v in flat.items() if k.startswith("global/")}
+    state = {k[len("state/") :]: v for k, v in flat.items() if k.startswith("state/")}
     return int(flat["round"]), payload, state
 
 
@@ -169,8 +183,11 @@ def latest_state(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict[str, n
     A round whose files fail their manifest, or whose state file cannot be read, is skipped with
     a line naming it and why, for the round before it."""
     ckpts = Path(run_dir) / "checkpoints"
-    rounds = [(r, ckpts / f"round-{r}" / STATE_FILE) for r in reversed(checkpoint_rounds(run_dir))
-              if (ckpts / f"round-{r}" / STATE_FILE).is_file()]
+    rounds = [
+        (r, ckpts / f"round-{r}" / STATE_FILE)
+        for r in reversed(checkpoint_rounds(run_dir))
+        if (ckpts / f"round-{r}" / STATE_FILE).is_file()
+    ]
     if not rounds:
         raise FileNotFoundError(
             f"{run_dir} has no checkpoints/round-<N>/{STATE_FILE}; pass the run dir of a fedmllm run "
@@ -190,8 +207,11 @@ def latest_state(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict[str, n
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
                 problem = f"{STATE_FILE} unreadable ({type(err).__name__}: {err})"
         problems.append(f"round {server_round}: {problem}")
-        print(f"checkpoints/round-{server_round} cannot be resumed from: {problem}; trying the round before",
-              file=sys.stderr, flush=True)
+        print(
+            f"checkpoints/round-{server_round} cannot be resumed from: {problem}; trying the round before",
+            file=sys.stderr,
+            flush=True,
+        )
     raise FileNotFoundError(f"{run_dir} has no intact checkpoint to resume from ({'; '.join(problems)})")
 
 
@@ -220,8 +240,10 @@ def checkpoint_dir(run_dir: Path, server_round: int | None = None) -> Path:
     ckpt = run_dir / "checkpoints" / f"round-{server_round}"
     problem = check_round(ckpt) if (ckpt / STATE_FILE).is_file() else f"no {STATE_FILE}"
     if problem:
-        raise FileNotFoundError(f"checkpoints/round-{server_round} of {run_dir} cannot be used: {problem} "
-                                f"(rounds kept: {checkpoint_rounds(run_dir)})")
+        raise FileNotFoundError(
+            f"checkpoints/round-{server_round} of {run_dir} cannot be used: {problem} "
+            f"(rounds kept: {checkpoint_rounds(run_dir)})"
+        )
     return ckpt
 
 
@@ -244,8 +266,9 @@ def export_checkpoint(ckpt: Path, out: Path, family, merge: bool = True, dtype: 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"dtype={dtype!r}: choose float32, bfloat16 or float16")
-    base = family.model_cls().from_pretrained(PeftConfig.from_pretrained(ckpt).base_model_name_or_path,
-                                              dtype=torch_dtype)
+    base = family.model_cls().from_pretrained(
+        PeftConfig.from_pretrained(ckpt).base_model_name_or_path, dtype=torch_dtype
+    )
     if (ckpt / STAGE1_FILE).is_file():
         base.load_state_dict(load_file(ckpt / STAGE1_FILE), strict=False)
     processor = AutoProcessor.from_pretrained(ckpt)

@@ -28,9 +28,18 @@ def eval_options(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def evaluate(model, collator: Collator, samples: list[Sample], arrays: dict[str, np.ndarray] | None,
-             batch_size: int = 32, progress=None, mode: str = "score", max_new_tokens: int = 8,
-             protocol: str = "ours", fedmllm: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate(
+    model,
+    collator: Collator,
+    samples: list[Sample],
+    arrays: dict[str, np.ndarray] | None,
+    batch_size: int = 32,
+    progress=None,
+    mode: str = "score",
+    max_new_tokens: int = 8,
+    protocol: str = "ours",
+    fedmllm: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Load `arrays` (if given) and evaluate the held-out samples twice: as they are, and with the
     image removed, so a reader sees how much of the accuracy comes from the image.
 
@@ -47,8 +56,10 @@ def evaluate(model, collator: Collator, samples: list[Sample], arrays: dict[str,
     if mode not in MODES:
         raise ValueError(f"eval.mode={mode!r}: choose one of {', '.join(MODES)}")
     if protocol not in PROTOCOLS or (protocol == "fedmllm" and mode != "generate"):
-        raise ValueError(f"eval.protocol={protocol!r} with eval.mode={mode!r}: choose eval.protocol=ours, or "
-                         "eval.protocol=fedmllm with eval.mode=generate (FedMLLM reads generated answers)")
+        raise ValueError(
+            f"eval.protocol={protocol!r} with eval.mode={mode!r}: choose eval.protocol=ours, or "
+            "eval.protocol=fedmllm with eval.mode=generate (FedMLLM reads generated answers)"
+        )
     if arrays is not None:
         load_adapter_state(model, arrays)
     labels = np.asarray([s["label"] for s in samples])
@@ -60,8 +71,9 @@ def evaluate(model, collator: Collator, samples: list[Sample], arrays: dict[str,
             return classification_metrics(scores, labels, prefix), scores.argmax(axis=1), {"scores": scores}
         n = len(collator.task.labels)
         if protocol == "fedmllm":
-            answers = generate_answers(model, collator, samples, max_new_tokens, batch_size, drop_image, tick,
-                                       sampling=fedmllm)
+            answers = generate_answers(
+                model, collator, samples, max_new_tokens, batch_size, drop_image, tick, sampling=fedmllm
+            )
             letters = option_letters(collator.task.answers) or [chr(65 + i) for i in range(n)]
             span = fedmllm.get("letters") or f"A-{letters[-1]}"
             pred = np.asarray([fedmllm_parse(a, letters, span) for a in answers], dtype=np.int64)
@@ -92,8 +104,7 @@ def save_predictions(out_dir, server_round: int, samples, arrays) -> Path:
     evaluation's arrays (`scores` in eval.mode=score; `answers` and `pred` in eval.mode=generate)."""
     out = Path(out_dir) / f"round-{server_round}.npz"
     out.parent.mkdir(exist_ok=True)
-    np.savez(out, ids=np.array([s["id"] for s in samples]), labels=np.array([s["label"] for s in samples]),
-             **arrays)
+    np.savez(out, ids=np.array([s["id"] for s in samples]), labels=np.array([s["label"] for s in samples]), **arrays)
     return out
 
 
@@ -114,12 +125,15 @@ def run_config(run_dir, overrides: list[str] | tuple[str, ...] = ()) -> dict[str
     try:
         merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{' '.join(overrides)}: {str(err).splitlines()[0]} (the run's settings are in {path})") from None
+        raise ConfigError(
+            f"{' '.join(overrides)}: {str(err).splitlines()[0]} (the run's settings are in {path})"
+        ) from None
     return validate(OmegaConf.to_container(merged, resolve=True))
 
 
-def evaluate_checkpoint(run_dir, server_round: int | None = None, overrides: list[str] | tuple[str, ...] = (),
-                        progress: bool = True) -> dict[str, Any]:
+def evaluate_checkpoint(
+    run_dir, server_round: int | None = None, overrides: list[str] | tuple[str, ...] = (), progress: bool = True
+) -> dict[str, Any]:
     """Evaluate a run's checkpoint (the last intact round unless `server_round`) on its held-out
     split as the run did, or with `overrides` (another eval mode, protocol, scenario or sample
     count). Writes `<run dir>/eval/round-<N>.json` and the predictions beside it; returns the metrics
@@ -140,23 +154,36 @@ def evaluate_checkpoint(run_dir, server_round: int | None = None, overrides: lis
     cfg = run_config(run_dir, overrides)
     ckpt = checkpoint_dir(run_dir, server_round)
     server_round, payload, state = read_state(ckpt / STATE_FILE)
-    fixed = {k[len("fixed/"):]: v for k, v in state.items() if k.startswith("fixed/")}
+    fixed = {k[len("fixed/") :]: v for k, v in state.items() if k.startswith("fixed/")}
     model_cfg = model_config(cfg)
     if (ckpt / STAGE1_FILE).is_file():  # the checkpoint carries the stage-1 weights its base needs
         model_cfg["stage1_weights"] = str(ckpt / STAGE1_FILE)
     stage1 = stage1_dir(cfg)
     if stage1 is not None and not Path(model_cfg["stage1_weights"]).is_file():
-        raise FileNotFoundError(f"the run's base model is its server's stage-1 result, {stage1}, which is neither in "
-                                "this machine's cache nor in the checkpoint; evaluate where the run ran")
+        raise FileNotFoundError(
+            f"the run's base model is its server's stage-1 result, {stage1}, which is neither in "
+            "this machine's cache nor in the checkpoint; evaluate where the run ran"
+        )
     lm = get_model(model_cfg, server_peft(cfg))
     task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])
     bar = tqdm(total=len(heldout) * 2, desc=f"evaluate round {server_round}", file=sys.stderr, disable=not progress)
-    metrics = evaluate(lm.model, Collator(lm.processor, lm.family, task), heldout, {**fixed, **payload},
-                       cfg["train"]["eval_batch_size"], bar, **eval_options(cfg))
+    metrics = evaluate(
+        lm.model,
+        Collator(lm.processor, lm.family, task),
+        heldout,
+        {**fixed, **payload},
+        cfg["train"]["eval_batch_size"],
+        bar,
+        **eval_options(cfg),
+    )
     bar.close()
     out = save_predictions(run_dir / "eval", server_round, heldout, metrics.pop("_predictions")).with_suffix(".json")
-    result = {"round": server_round, "checkpoint": f"checkpoints/round-{server_round}",
-              "overrides": list(overrides), **metrics}
+    result = {
+        "round": server_round,
+        "checkpoint": f"checkpoints/round-{server_round}",
+        "overrides": list(overrides),
+        **metrics,
+    }
     out.write_text(json.dumps(result, indent=1, default=float))
     return result

@@ -46,8 +46,13 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     from fedmllm.partitioning.scenarios import apply_eval_scenario
     from fedmllm.records import from_record, to_record
     from fedmllm.data.collate import Collator
-    from fedmllm.server.checkpoint import (latest_state, prune_checkpoints, save_checkpoint, save_strategy_state,
-                                           write_manifest)
+    from fedmllm.server.checkpoint import (
+        latest_state,
+        prune_checkpoints,
+        save_checkpoint,
+        save_strategy_state,
+        write_manifest,
+    )
     from fedmllm.algorithms import algorithm_of
     from fedmllm.server.evaluate import eval_options, evaluate, save_predictions
     from fedmllm.stages.adapter import ensure_adapter_pretrained, format_adapter_summary
@@ -95,11 +100,15 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         done, initial, state = resumed
         print(f"resuming {cfg['resume']} after round {done} of {cfg['num_rounds']}", flush=True)
         keep_rows_until(run_dir, done)  # a round logged after the last intact checkpoint runs again
-    aligner = (Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
-               if cfg["server_stage"]["align"].get("enabled") else None)
+    aligner = (
+        Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
+        if cfg["server_stage"]["align"].get("enabled")
+        else None
+    )
     last = {}  # the RoundStats of the round being evaluated (the wrapper reports it before evaluate_fn)
-    strategy = build_strategy(cfg, fixed=fixed, round_offset=done, post_aggregate=aligner,
-                              on_round=lambda stats: last.update(stats=stats))
+    strategy = build_strategy(
+        cfg, fixed=fixed, round_offset=done, post_aggregate=aligner, on_round=lambda stats: last.update(stats=stats)
+    )
     if state is not None:
         strategy.load_state_arrays(state)  # the stopped run's server state (optimizer moments, c, fixed)
     # what each checkpoint names as its base, and carries besides the adapter (stage 1's tower + projector)
@@ -135,13 +144,15 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
                 row.update(pretrain_adapter_seconds=adapter["seconds"], pretrain_adapter_cached=adapter["cached"])
         if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
             ebar = tqdm(total=len(heldout) * 2, desc=f"eval round {server_round}", leave=False, file=sys.stderr)
-            metrics = evaluate(lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar,
-                               **eval_options(cfg))
+            metrics = evaluate(
+                lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar, **eval_options(cfg)
+            )
             ebar.close()
             save_predictions(run_dir / "predictions", server_round, heldout, metrics.pop("_predictions"))
             row.update(metrics)
-        ckpt = save_checkpoint(lm.model, payload, run_dir, server_round, base=base_name, processor=lm.processor,
-                               files=stage1_files)
+        ckpt = save_checkpoint(
+            lm.model, payload, run_dir, server_round, base=base_name, processor=lm.processor, files=stage1_files
+        )
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
         write_manifest(ckpt)  # last: resume trusts a round only when its files match it
         best = best_round([*logged_rows(run_dir), row]) if cfg.get("keep_best") else None
@@ -174,8 +185,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         reasons = sorted({reason for _, reason in strategy.dropped})
         raise NoRoundAggregated(
             f"no round of {n_rounds - done} aggregated: every round had fewer valid replies than "
-            f"min_train_nodes={strategy.min_train_nodes}" + (f"; replies were dropped for: {'; '.join(reasons[:3])}"
-                                                               if reasons else "")
+            f"min_train_nodes={strategy.min_train_nodes}"
+            + (f"; replies were dropped for: {'; '.join(reasons[:3])}" if reasons else "")
         )
     print(f"server finished; results in {run_dir}", flush=True)
     return run_dir
@@ -190,7 +201,11 @@ def logged_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def best_round(rows: list[dict[str, Any]]) -> int | None:
     """The trained round with the highest held-out accuracy (the earliest of equals), or None."""
-    scored = [(r["accuracy"], -r["round"]) for r in rows if r.get("round", 0) > 0 and isinstance(r.get("accuracy"), (int, float))]
+    scored = [
+        (r["accuracy"], -r["round"])
+        for r in rows
+        if r.get("round", 0) > 0 and isinstance(r.get("accuracy"), (int, float))
+    ]
     return -max(scored)[1] if scored else None
 
 
@@ -227,8 +242,10 @@ def check_resumable(run_dir: Path, cfg: dict[str, Any]) -> None:
                 continue  # a run from before fedmllm.algorithms: its name selected the same strategy
             diffs.append(f"{name}: {old!r} -> {new!r}")
     if diffs:
-        raise ResumeError(f"resume={run_dir} ran with other settings; resuming would mix them: {'; '.join(diffs[:4])}"
-                          f"{' ...' if len(diffs) > 4 else ''}. Drop those overrides, or start a new run")
+        raise ResumeError(
+            f"resume={run_dir} ran with other settings; resuming would mix them: {'; '.join(diffs[:4])}"
+            f"{' ...' if len(diffs) > 4 else ''}. Drop those overrides, or start a new run"
+        )
 
 
 def _differences(old: Any, new: Any, prefix: str) -> dict[str, tuple[Any, Any]]:

@@ -41,8 +41,10 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     if out is None:
         return None
     if not algorithm.adapter_stage:
-        log(f"stage 1 adapter: skipped, aggregator={algorithm.name} does not start its clients from the "
-            "server's adapter (FedSA-LoRA keeps each client's B local from zero), so it would not reach them")
+        log(
+            f"stage 1 adapter: skipped, aggregator={algorithm.name} does not start its clients from the "
+            "server's adapter (FedSA-LoRA keeps each client's B local from zero), so it would not reach them"
+        )
         return None
     if (out / ADAPTER).is_file():
         load_adapter_state(lm.model, load_file(str(out / ADAPTER)))
@@ -50,8 +52,10 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     lora = cfg["server_stage"]["pretrain"]["lora"]
     samples = load_public_captioned(cfg["dataset"], cfg["seed"])
     if len(samples) < 20:
-        raise ValueError(f"server_stage.pretrain.lora needs captioned public samples; dataset.public_fraction="
-                         f"{cfg['dataset'].get('public_fraction')} gives {len(samples)}: raise it (e.g. 0.5)")
+        raise ValueError(
+            f"server_stage.pretrain.lora needs captioned public samples; dataset.public_fraction="
+            f"{cfg['dataset'].get('public_fraction')} gives {len(samples)}: raise it (e.g. 0.5)"
+        )
     rng = random.Random(cfg["seed"])
     order = list(range(len(samples)))
     rng.shuffle(order)
@@ -69,17 +73,26 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         return acc
 
     gate = CheckGate(int(lora.get("eval_every") or 0), lora.get("stop_accuracy"), lora.get("check_gate"), steps, score)
-    log(f"stage 1 adapter: training the initial adapter on {len(train)} public questions with the "
-        f"captions as text (at most {steps} steps of {lora['batch_size']}{gate.describe(n_val)}; once, then cached in {out})")
+    log(
+        f"stage 1 adapter: training the initial adapter on {len(train)} public questions with the "
+        f"captions as text (at most {steps} steps of {lora['batch_size']}{gate.describe(n_val)}; once, then cached in {out})"
+    )
     t0 = time.time()
-    train_cfg = {**cfg["train"], **PLAIN_LOOP, "batch_size": lora["batch_size"], "lr": lora["lr"],
-                 "local_steps": steps, "share_prefix": on_cpu}
+    train_cfg = {
+        **cfg["train"],
+        **PLAIN_LOOP,
+        "batch_size": lora["batch_size"],
+        "lr": lora["lr"],
+        "local_steps": steps,
+        "share_prefix": on_cpu,
+    }
     # FFA-LoRA: the clients' A is derived from the seed and frozen, so the stage trains B only
-    frozen = [p for k, p in adapter_params(lm.model).items() if algorithm.frozen_in_adapter_stage(k) and p.requires_grad]
+    frozen = [
+        p for k, p in adapter_params(lm.model).items() if algorithm.frozen_in_adapter_stage(k) and p.requires_grad
+    ]
     for p in frozen:
         p.requires_grad_(False)
-    bar = StepBar("stage 1 adapter", steps, every=10,
-                  extra=lambda: {"answered": f"{np.mean(gate.answered[-10:]):.2f}"})
+    bar = StepBar("stage 1 adapter", steps, every=10, extra=lambda: {"answered": f"{np.mean(gate.answered[-10:]):.2f}"})
     losses = bar.losses
 
     def on_step(step: int, loss: float) -> None:
@@ -90,8 +103,16 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     try:
         with dequantized(lm.model):
             text_acc = _text_accuracy(lm.model, collator, val, on_cpu)
-            train_steps(lm.model, collator, train, train_cfg, cfg["seed"], on_step=on_step, stop=gate.reached,
-                        on_answers=gate.on_answers)
+            train_steps(
+                lm.model,
+                collator,
+                train,
+                train_cfg,
+                cfg["seed"],
+                on_step=on_step,
+                stop=gate.reached,
+                on_answers=gate.on_answers,
+            )
             final = gate.checked_now()
             if final is None:
                 final = _text_accuracy(lm.model, collator, val, on_cpu)
@@ -176,11 +197,16 @@ class CheckGate:
 
 
 def format_adapter_summary(summary: dict[str, Any]) -> str:
-    stopped = (f"stopped at step {summary['steps']} of {summary['max_steps']}; "
-               if summary.get("max_steps", summary["steps"]) > summary["steps"] else f"{summary['steps']} steps; ")
-    return (stopped + f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}; held-out public questions "
-            f"with captions as text: accuracy {summary['val_text_accuracy_before']:.2f} -> "
-            f"{summary['val_text_accuracy']:.2f}")
+    stopped = (
+        f"stopped at step {summary['steps']} of {summary['max_steps']}; "
+        if summary.get("max_steps", summary["steps"]) > summary["steps"]
+        else f"{summary['steps']} steps; "
+    )
+    return (
+        stopped + f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}; held-out public questions "
+        f"with captions as text: accuracy {summary['val_text_accuracy_before']:.2f} -> "
+        f"{summary['val_text_accuracy']:.2f}"
+    )
 
 
 def _text_accuracy(model, collator, samples, share_prefix: bool = False) -> float:

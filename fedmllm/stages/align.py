@@ -23,8 +23,11 @@ class Aligner:
         self.collator = collator
         self.samples = public_samples
         align = cfg["server_stage"]["align"]
-        self.train_cfg = {**cfg["train"], **PLAIN_LOOP,
-                          **{k: v for k, v in align.items() if k in ("local_steps", "batch_size", "lr", "projector_lr")}}
+        self.train_cfg = {
+            **cfg["train"],
+            **PLAIN_LOOP,
+            **{k: v for k, v in align.items() if k in ("local_steps", "batch_size", "lr", "projector_lr")},
+        }
         self.rounds = align.get("rounds", "all")
         if not public_samples:
             raise ValueError("server_stage.align needs public samples: set dataset.public_fraction > 0 (e.g. 0.5)")

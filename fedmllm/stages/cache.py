@@ -88,5 +88,10 @@ def model_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def _result(summary: dict[str, Any], out: Path, cached: bool) -> dict[str, Any]:
     """A server stage's summary as a run records it: `build_seconds` what building it took,
     `seconds` what this run spent on it (0 when it came from the cache)."""
-    return {**summary, "cached": cached, "build_seconds": summary["seconds"],
-            "seconds": 0.0 if cached else summary["seconds"], "dir": str(out)}
+    return {
+        **summary,
+        "cached": cached,
+        "build_seconds": summary["seconds"],
+        "seconds": 0.0 if cached else summary["seconds"],
+        "dir": str(out),
+    }

@@ -26,8 +26,12 @@ def load_public_captioned(dataset_cfg: dict[str, Any], seed: int = 42) -> list[S
     <question>", no image. Samples whose image has no caption are left out."""
     words = _caption_words(dataset_cfg)
     return [
-        Sample(id=s["id"] + "-captioned", image=None, text=f"The image shows a {' '.join(words[s['image']])}. {s['text']}",
-               label=s["label"])
+        Sample(
+            id=s["id"] + "-captioned",
+            image=None,
+            text=f"The image shows a {' '.join(words[s['image']])}. {s['text']}",
+            label=s["label"],
+        )
         for s in load_public(dataset_cfg, seed)
         if s["image"] in words
     ]

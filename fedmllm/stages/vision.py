@@ -43,8 +43,10 @@ def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
             f"{cfg['dataset'].get('public_fraction')} gives {len(pairs)}: raise it (e.g. 0.5)"
         )
     stage = cfg["server_stage"]["pretrain"]
-    log(f"stage 1: training vision tower + projector on {len(pairs)} public images "
-        f"({stage['objective']}, {stage['steps']} steps; once, then cached in {out})")
+    log(
+        f"stage 1: training vision tower + projector on {len(pairs)} public images "
+        f"({stage['objective']}, {stage['steps']} steps; once, then cached in {out})"
+    )
     t0 = time.time()
     model, processor, family = load_model(cfg["model"])
     summary = pretrain(model, processor, family, pairs, stage, cfg["seed"])
@@ -65,8 +67,9 @@ def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     words = ", ".join(f"slot {i} {a:.2f}" for i, a in enumerate(summary.get("val_slot_accuracy", [])))
-    return (f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
-            + (f"; held-out nearest-word accuracy {words}" if words else ""))
+    return f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}" + (
+        f"; held-out nearest-word accuracy {words}" if words else ""
+    )
 
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
@@ -162,8 +165,16 @@ def pretrain(model, processor, family, pairs, stage: dict[str, Any], seed: int) 
     bar = StepBar("stage 1", steps, every=20)
     model.train()
     try:
-        losses = optimize(opt, params, steps, micro_loss, lr_at=lambda s: stage1_lr(s, steps, warmup),
-                          max_grad_norm=1.0, on_step=bar, what="stage 1 step")
+        losses = optimize(
+            opt,
+            params,
+            steps,
+            micro_loss,
+            lr_at=lambda s: stage1_lr(s, steps, warmup),
+            max_grad_norm=1.0,
+            on_step=bar,
+            what="stage 1 step",
+        )
     finally:
         bar.close()
     model.eval()
@@ -213,6 +224,7 @@ def _embed_objective(model, processor, family, train, val, images, stage):
             return {"pixel_values": _augment(x, rng) if rng is not None else x}
         batch = [train_img[i] for i in idx]
         return image_inputs(processor, family, _augment(batch, rng) if rng is not None else batch)
+
     device = table[0].device  # the model's: the features and the word table are there
     target = [torch.tensor([vocab[i].index(words[i]) for _, words in train], device=device) for i in range(n_slots)]
     val_target = [torch.tensor([vocab[i].index(words[i]) for _, words in val], device=device) for i in range(n_slots)]
@@ -263,8 +275,10 @@ def _caption_objective(model, processor, family, train, val):
 
     def evaluate():
         with torch.no_grad():
-            losses = [answer_loss(model, collator.train_batch([sample(v) for v in val[i:i + 16]])).item()
-                      for i in range(0, len(val), 16)]
+            losses = [
+                answer_loss(model, collator.train_batch([sample(v) for v in val[i : i + 16]])).item()
+                for i in range(0, len(val), 16)
+            ]
         return {"val_caption_loss": float(np.mean(losses))}
 
     return step_loss, evaluate

@@ -47,7 +47,8 @@ def weighted_average(payloads: Sequence[Mapping[str, np.ndarray]], weights: Sequ
 
 
 def weighted_average_fused(
-    payloads: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
+    payloads: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
     out: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """FedAvg in one pass per client and tensor, without temporaries: acc = w_0 x_0, then
@@ -110,8 +111,13 @@ def _axpy(a: np.float32, x: np.ndarray, y: np.ndarray) -> None:
     x = np.asarray(x)
     if x.size == 0:
         return
-    if (_saxpy is not None and x.dtype == np.float32 and x.flags.c_contiguous and y.flags.c_contiguous
-            and x.size < 2**31):  # LP64 BLAS counts in int32
+    if (
+        _saxpy is not None
+        and x.dtype == np.float32
+        and x.flags.c_contiguous
+        and y.flags.c_contiguous
+        and x.size < 2**31
+    ):  # LP64 BLAS counts in int32
         _saxpy(x.reshape(-1), y.reshape(-1), a=a)
     else:
         y += a * x.astype(np.float32, copy=False)
@@ -129,8 +135,13 @@ def all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
-def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.ndarray], num_examples,
-                free_rank: bool = False, finite: bool = True) -> None:
+def check_reply(
+    reference: Mapping[str, np.ndarray],
+    payload: Mapping[str, np.ndarray],
+    num_examples,
+    free_rank: bool = False,
+    finite: bool = True,
+) -> None:
     """Raise InvalidReply unless the payload has the reference's keys, shapes, a float dtype,
     finite values and a finite num_examples > 0. `free_rank`: LoRA A/B may have any rank r (A [r, in],
     B [out, r], the same r for a module's pair), other dimensions as the reference's."""
@@ -150,14 +161,19 @@ def check_reply(reference: Mapping[str, np.ndarray], payload: Mapping[str, np.nd
             raise InvalidReply(f"{k}: dtype {arr.dtype}, expected float32")
         if finite and not np.isfinite(arr).all():
             raise InvalidReply(f"{k}: non-finite values")
-    if (not isinstance(num_examples, (int, float)) or isinstance(num_examples, bool)
-            or not np.isfinite(num_examples) or num_examples <= 0):
+    if (
+        not isinstance(num_examples, (int, float))
+        or isinstance(num_examples, bool)
+        or not np.isfinite(num_examples)
+        or num_examples <= 0
+    ):
         raise InvalidReply(f"num-examples={num_examples!r} must be a finite number > 0")  # NaN <= 0 is False
     if free_rank:
         for a_key, b_key in lora_pairs(list(payload)).values():
             if np.shape(payload[a_key])[0] != np.shape(payload[b_key])[1]:
-                raise InvalidReply(f"{a_key}: rank {np.shape(payload[a_key])[0]} != its B's "
-                                   f"{np.shape(payload[b_key])[1]}")
+                raise InvalidReply(
+                    f"{a_key}: rank {np.shape(payload[a_key])[0]} != its B's {np.shape(payload[b_key])[1]}"
+                )
 
 
 # --- SCAFFOLD (Karimireddy et al. 2020) over adapter tensors -----------------------------------
@@ -226,9 +242,7 @@ def lora_pairs(keys) -> dict[str, tuple[str, str]]:
     return {p: (d["A"], d["B"]) for p, d in sorted(pairs.items())}
 
 
-def flora_stack(
-    payloads: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
-) -> dict[str, np.ndarray]:
+def flora_stack(payloads: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
     """FLoRA stacking: per LoRA module, A = vstack_k(p_k A_k), B = hstack_k(B_k), so that
     B @ A = sum_k p_k B_k A_k exactly, whatever each client's rank. Other tensors: weighted mean."""
     w = np.asarray(weights, dtype=np.float64)

@@ -49,8 +49,9 @@ class FusedAverage(FedAvg):
         """Never sample `node_id` again (it reported an empty partition); the minimums drop with it."""
         self.empty_nodes.add(node_id)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if isinstance(getattr(self, "current_arrays", None), ArrayRecord):
             # FedAvgM steps from the global adapter it holds: the one sent, which the server's
             # global alignment may have replaced after the last aggregation.
@@ -92,10 +93,14 @@ def fused(flower_strategy: type) -> type:
     FusedAverage's average under it. One class per Flower class."""
     if flower_strategy is FedAvg:
         return FusedAverage
-    return type(f"Fused{flower_strategy.__name__}", (flower_strategy, FusedAverage), {
-        "__module__": __name__,
-        "__doc__": f"Flower's {flower_strategy.__name__} over FusedAverage's weighted average.",
-    })
+    return type(
+        f"Fused{flower_strategy.__name__}",
+        (flower_strategy, FusedAverage),
+        {
+            "__module__": __name__,
+            "__doc__": f"Flower's {flower_strategy.__name__} over FusedAverage's weighted average.",
+        },
+    )
 
 
 class _NodesWithData:

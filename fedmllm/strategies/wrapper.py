@@ -40,9 +40,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmllm.records import declared, from_record, to_record
-from fedmllm.strategies.aggregate import (REPLY_ERRORS, InvalidReply, UnusableReplies, all_finite, check_reply,
-                                          unreadable)
-
+from fedmllm.strategies.aggregate import (
+    REPLY_ERRORS,
+    InvalidReply,
+    UnusableReplies,
+    all_finite,
+    check_reply,
+    unreadable,
+)
 
 
 @dataclass
@@ -81,12 +86,22 @@ class AdapterStrategy(Strategy):
     server's global alignment), `on_round(RoundStats)` (called once per round, after aggregation).
     """
 
-    def __init__(self, strategy: Strategy, *, max_update_norm: float | None = None,
-                 max_num_examples: int | None = None, free_rank: bool = False, fixed: dict | None = None,
-                 round_offset: int = 0, post_aggregate: Callable | None = None,
-                 on_round: Callable[[RoundStats], None] | None = None):
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        max_update_norm: float | None = None,
+        max_num_examples: int | None = None,
+        free_rank: bool = False,
+        fixed: dict | None = None,
+        round_offset: int = 0,
+        post_aggregate: Callable | None = None,
+        on_round: Callable[[RoundStats], None] | None = None,
+    ):
         for name, value in (("max_update_norm", max_update_norm), ("max_num_examples", max_num_examples)):
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            ):
                 raise ValueError(f"aggregator.{name}={value!r} must be null or a number > 0")
         self.strategy = strategy
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
@@ -106,8 +121,12 @@ class AdapterStrategy(Strategy):
         return f"AdapterStrategy({self.strategy!r})"
 
     def summary(self) -> None:
-        log(INFO, "\t├──> adapter reply checks: max_update_norm=%s, max_num_examples=%s",
-            self.max_update_norm, self.max_num_examples)
+        log(
+            INFO,
+            "\t├──> adapter reply checks: max_update_norm=%s, max_num_examples=%s",
+            self.max_update_norm,
+            self.max_num_examples,
+        )
         self.strategy.summary()
 
     # --- settings the run reads --------------------------------------------------------------------
@@ -152,22 +171,29 @@ class AdapterStrategy(Strategy):
                 continue
             if attr not in allowed:
                 raise KeyError(f"saved strategy state {attr!r} is not state of {type(self.strategy).__name__}")
-            value = [items[f"#{i}"] for i in range(len(items))] if all(k.startswith("#") for k in items) else dict(items)
+            value = (
+                [items[f"#{i}"] for i in range(len(items))] if all(k.startswith("#") for k in items) else dict(items)
+            )
             self.strategy.load_state(attr, value)  # the strategy's own setter (fused.FusedAverage)
 
     # --- training rounds -----------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         server_round += self.round_offset
         self._reference = from_record(arrays)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        down = sum(sum(a.nbytes for a in from_record(rec).values())
-                   for rec in messages[0].content.array_records.values()) if messages else 0
+        down = (
+            sum(sum(a.nbytes for a in from_record(rec).values()) for rec in messages[0].content.array_records.values())
+            if messages
+            else 0
+        )
         self._stats = RoundStats(server_round, bytes_down=down * len(messages), bytes_down_per_client=down)
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         stats = self._stats
         replies = list(replies)
@@ -176,16 +202,26 @@ class AdapterStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._drop(server_round, stats, node, {"partition-id": int(node), "bytes": 0},
-                           f"error reply (code {msg.error.code}: {msg.error.reason})")
+                self._drop(
+                    server_round,
+                    stats,
+                    node,
+                    {"partition-id": int(node), "bytes": 0},
+                    f"error reply (code {msg.error.code}: {msg.error.reason})",
+                )
                 continue
             metrics = next(iter(msg.content.metric_records.values()), {})
             row = _client_row(metrics, node)
             stats.clients.append(row)
             if metrics.get("empty-partition"):
                 row["dropped"] = "empty partition"
-                log(WARNING, "round %s: node %s has nothing to train (an empty partition, or it sits out under "
-                    "aggregator=local/centralized); it is left out of sampling from now on", server_round, node)
+                log(
+                    WARNING,
+                    "round %s: node %s has nothing to train (an empty partition, or it sits out under "
+                    "aggregator=local/centralized); it is left out of sampling from now on",
+                    server_round,
+                    node,
+                )
                 self.empty_nodes.add(node)
                 if hasattr(self.strategy, "leave_out"):
                     self.strategy.leave_out(node)
@@ -212,8 +248,13 @@ class AdapterStrategy(Strategy):
                     self._drop(server_round, stats, valid[i].metadata.src_node_id, row, reason)
                 valid = [m for i, m in enumerate(valid) if i not in err.reasons]
         if len(valid) < need:
-            log(WARNING, "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
-                server_round, len(valid), self.min_train_nodes)
+            log(
+                WARNING,
+                "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
+                server_round,
+                len(valid),
+                self.min_train_nodes,
+            )
         if arrays is not None:
             arrays = _float32(arrays)
             self.rounds_aggregated += 1
@@ -222,8 +263,13 @@ class AdapterStrategy(Strategy):
                 if "train-loss" in metrics:
                     stats.train_loss = float(metrics["train-loss"])
                 # what the strategy reports beyond the replies' metrics (FLoRA's truncation error)
-                stats.extra.update({k: float(v) for k, v in metrics.items()
-                                    if k not in (metric_keys or ()) and isinstance(v, (int, float))})
+                stats.extra.update(
+                    {
+                        k: float(v)
+                        for k, v in metrics.items()
+                        if k not in (metric_keys or ()) and isinstance(v, (int, float))
+                    }
+                )
             if self.post_aggregate is not None:
                 new, extra = self.post_aggregate(server_round, from_record(arrays))
                 if new is not None:
@@ -241,14 +287,19 @@ class AdapterStrategy(Strategy):
         metrics = records[0]
         keys = set(metrics)
         if metric_keys is not None and keys != metric_keys:
-            raise InvalidReply(f"metric keys differ from the round's other replies (unexpected "
-                               f"{sorted(keys - metric_keys)}, missing {sorted(metric_keys - keys)})")
+            raise InvalidReply(
+                f"metric keys differ from the round's other replies (unexpected "
+                f"{sorted(keys - metric_keys)}, missing {sorted(metric_keys - keys)})"
+            )
         record = msg.content[self.arrayrecord_key]
         per_reply_finite = not getattr(self.strategy, "checks_values", False)
         # the values are read only where a check here needs them; otherwise keys, shapes and dtypes
         # are the Arrays' declared ones and the strategy decodes the replies (naming the unreadable)
-        arrays = (from_record(record) if per_reply_finite or self.max_update_norm is not None
-                  else {k: declared(v) for k, v in record.items()})
+        arrays = (
+            from_record(record)
+            if per_reply_finite or self.max_update_norm is not None
+            else {k: declared(v) for k, v in record.items()}
+        )
         weight = metrics.get(self.weighted_by_key)
         check_reply(self._reference or arrays, arrays, weight, free_rank=self.free_rank, finite=False)
         if per_reply_finite:
@@ -258,8 +309,9 @@ class AdapterStrategy(Strategy):
         self._check_norm(arrays)
         if self.max_num_examples is not None and weight > self.max_num_examples:
             raise InvalidReply(f"num-examples={weight!r} > aggregator.max_num_examples={self.max_num_examples}")
-        extras = {name: from_record(rec) for name, rec in msg.content.array_records.items()
-                  if name != self.arrayrecord_key}
+        extras = {
+            name: from_record(rec) for name, rec in msg.content.array_records.items() if name != self.arrayrecord_key
+        }
         for name, rec in extras.items():
             for k, v in rec.items():
                 if not all_finite(v):
@@ -295,8 +347,9 @@ class AdapterStrategy(Strategy):
             stats.clients.append(row)
 
     # --- evaluation is centralized on the server: delegated as Flower's --------------------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                           ) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -316,8 +369,11 @@ def _float32(record: ArrayRecord) -> ArrayRecord:
 def _usual_metric_keys(replies: list[Message]) -> set[str] | None:
     """The metric keys most replies of a round carry (every client sends the same ones): a reply
     with others is the odd one out, whichever order the replies came in."""
-    sets = Counter(frozenset(next(iter(m.content.metric_records.values()))) for m in replies
-                   if not m.has_error() and len(m.content.metric_records) == 1)
+    sets = Counter(
+        frozenset(next(iter(m.content.metric_records.values())))
+        for m in replies
+        if not m.has_error() and len(m.content.metric_records) == 1
+    )
     return set(sets.most_common(1)[0][0]) if sets else None
 
 
@@ -328,10 +384,15 @@ def _partition_id(msg: Message) -> int:
 def _client_row(metrics: Any, node_id: int) -> dict:
     """A reply's row in metrics.jsonl's `clients`: partition-id, num-examples (its aggregation
     weight), train-loss and bytes sent (0 until it is accepted)."""
+
     def number(key):
         value = metrics.get(key)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     pid = number("partition-id")
-    return {"partition-id": int(pid) if pid is not None and np.isfinite(pid) else int(node_id),
-            "num-examples": number("num-examples"), "train-loss": number("train-loss"), "bytes": 0}
+    return {
+        "partition-id": int(pid) if pid is not None and np.isfinite(pid) else int(node_id),
+        "num-examples": number("num-examples"),
+        "train-loss": number("train-loss"),
+        "bytes": 0,
+    }

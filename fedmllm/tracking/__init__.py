@@ -38,8 +38,9 @@ class MetricsLog:
             return
         import wandb
 
-        artifact = wandb.Artifact(f"adapter-{self.wandb.id}", type="model",
-                                  metadata={"round": self.rows[-1].get("round")})
+        artifact = wandb.Artifact(
+            f"adapter-{self.wandb.id}", type="model", metadata={"round": self.rows[-1].get("round")}
+        )
         artifact.add_dir(str(self.path.parent / last))
         self.wandb.log_artifact(artifact, aliases=["latest", f"round-{self.rows[-1].get('round')}"])
 

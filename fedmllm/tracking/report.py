@@ -122,8 +122,15 @@ def results_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str],
     total bytes uploaded, and the best value of `metric` over the trained rounds (>= 1) with its round."""
     logged = {k for j in jobs for r in j.rows for k in r}
     if logged and metric not in logged:
-        numeric = sorted({k for j in jobs for r in j.rows for k, v in r.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        numeric = sorted(
+            {
+                k
+                for j in jobs
+                for r in j.rows
+                for k, v in r.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         raise ValueError(f"metric {metric!r} is not in any job's metrics.jsonl; choose one of {numeric}")
     keys, values = settings(jobs)
     metrics = metric_columns(jobs, metric)
@@ -191,8 +198,11 @@ def scenario_label(config: dict[str, Any]) -> str:
     """A job's modality scenario as FedMLLM's tables name it: aligned, missing (m=0.3), cross
     (k=2 image clients), hybrid (q=0.4)."""
     name = config.get("scenario.name", "aligned")
-    detail = {"missing": ("m", "scenario.mrate"), "cross": ("k", "scenario.image_clients"),
-              "hybrid": ("q", "scenario.qrate")}.get(name)
+    detail = {
+        "missing": ("m", "scenario.mrate"),
+        "cross": ("k", "scenario.image_clients"),
+        "hybrid": ("q", "scenario.qrate"),
+    }.get(name)
     return f"{name} ({detail[0]}={config.get(detail[1])})" if detail else str(name)
 
 
@@ -214,7 +224,9 @@ def grid_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str], li
     cells: dict[tuple[str, str], list[Any]] = {}
     for j in jobs:
         if j.status == "ok":
-            cells.setdefault((scenario_label(j.config), method_label(j.config)), []).append(final_row(j.rows).get(metric))
+            cells.setdefault((scenario_label(j.config), method_label(j.config)), []).append(
+                final_row(j.rows).get(metric)
+            )
     scenarios = list(dict.fromkeys(s for s, _ in cells))
     methods = list(dict.fromkeys(m for _, m in cells))
     if len(scenarios) < 2 and len(methods) < 2:
@@ -322,8 +334,9 @@ def load_job(job_dir: Path) -> Job:
 
 def job_dirs(multirun_dir: Path) -> list[Path]:
     """A multirun dir's job subdirs (numeric names, Hydra's `${hydra.job.num}`), in job order."""
-    return sorted((p for p in Path(multirun_dir).iterdir() if p.is_dir() and p.name.isdigit()),
-                  key=lambda p: int(p.name))
+    return sorted(
+        (p for p in Path(multirun_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
 
 
 def is_multirun(path: Path) -> bool:
@@ -332,8 +345,9 @@ def is_multirun(path: Path) -> bool:
     return path.is_dir() and ((path / "multirun.yaml").is_file() or bool(job_dirs(path)))
 
 
-def write_report(multirun_dir: Path | list[Path], metric: str = "accuracy",
-                 out: Path | None = None) -> tuple[str, dict[str, Path]]:
+def write_report(
+    multirun_dir: Path | list[Path], metric: str = "accuracy", out: Path | None = None
+) -> tuple[str, dict[str, Path]]:
     """Write report.md, report.csv and report.png into `out` (default: the first sweep dir);
     return (markdown, paths). Several sweep dirs (e.g. the same grid's seeds swept on different
     days) make one report, their jobs named <sweep dir name>/<job>."""
@@ -355,7 +369,10 @@ def write_report(multirun_dir: Path | list[Path], metric: str = "accuracy",
         "csv": write_csv(multirun_dir / "report.csv", columns, table),
         "png": plot_sweep(jobs, metric, multirun_dir / "report.png"),
     }
-    text = f"# Sweep report: {title}\n\nFinal round; best `{metric}` over the trained rounds (round 0 is the untrained initial adapter).\n\n" + markdown
+    text = (
+        f"# Sweep report: {title}\n\nFinal round; best `{metric}` over the trained rounds (round 0 is the untrained initial adapter).\n\n"
+        + markdown
+    )
     grouped = seed_table(jobs, metric)
     if grouped is not None:
         part = to_markdown(*grouped)
@@ -365,8 +382,10 @@ def write_report(multirun_dir: Path | list[Path], metric: str = "accuracy",
     if grid is not None:
         part = to_markdown(*grid)
         markdown += f"\nScenarios x methods, final `{metric}`:\n\n" + part
-        text += (f"\n## Scenarios x methods\n\nFinal `{metric}`, mean ± sample standard deviation (n finished "
-                 "jobs: seeds, and a local baseline's clients), as FedMLLM's tables.\n\n" + part)
+        text += (
+            f"\n## Scenarios x methods\n\nFinal `{metric}`, mean ± sample standard deviation (n finished "
+            "jobs: seeds, and a local baseline's clients), as FedMLLM's tables.\n\n" + part
+        )
         paths["grid_csv"] = write_csv(multirun_dir / "report_grid.csv", *grid)
     paths["md"].write_text(text)
     return markdown, paths

@@ -35,8 +35,9 @@ def encode(processor, prompts: list[str], images: list, answers: list[str] | Non
     """Processor outputs for prompts (+ answers appended); the processor expands each image
     placeholder to the image's tokens. Images are in prompt order, one per placeholder."""
     texts = prompts if answers is None else [p + a for p, a in zip(prompts, answers)]
-    return dict(processor(text=texts, images=images or None, padding=True, return_tensors="pt",
-                          add_special_tokens=False))
+    return dict(
+        processor(text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False)
+    )
 
 
 @functools.cache

@@ -17,8 +17,14 @@ CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-           "<global-img>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+]
 
 
 def _model_cls():
@@ -54,20 +60,33 @@ def build_tiny(preset: dict[str, Any], out: Path) -> None:
     from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
     v = preset["vision"]
-    tokenizer = tiny_tokenizer(SPECIAL, CHAT_TEMPLATE, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                               pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer = tiny_tokenizer(
+        SPECIAL,
+        CHAT_TEMPLATE,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     scale = 2
     seq_len = (v["image_size"] // v["patch_size"]) ** 2 // scale**2
     image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=False,  # one global image: seq_len tokens (SmolVLM splits into 512 px tiles)
-        size={"longest_edge": v["image_size"]}, max_image_size={"longest_edge": v["image_size"]},
+        size={"longest_edge": v["image_size"]},
+        max_image_size={"longest_edge": v["image_size"]},
     )
-    processor = _processor_cls()(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
-                                 chat_template=CHAT_TEMPLATE)
+    processor = _processor_cls()(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len, chat_template=CHAT_TEMPLATE
+    )
     config = Idefics3Config(
-        vision_config=dict(hidden_size=v["hidden_size"], intermediate_size=v["hidden_size"] * 2,
-                           num_hidden_layers=v["layers"], num_attention_heads=v["heads"],
-                           image_size=v["image_size"], patch_size=v["patch_size"]),
+        vision_config=dict(
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["hidden_size"] * 2,
+            num_hidden_layers=v["layers"],
+            num_attention_heads=v["heads"],
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+        ),
         text_config=dict(text_sizes(preset, tokenizer), model_type="llama"),
         scale_factor=scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),

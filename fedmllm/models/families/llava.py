@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedmllm.models.families.common import ATTENTION, TOWER_PROJECTOR_LM, chat_prompt, encode, save_tiny, text_sizes, tiny_tokenizer
+from fedmllm.models.families.common import (
+    ATTENTION,
+    TOWER_PROJECTOR_LM,
+    chat_prompt,
+    encode,
+    save_tiny,
+    text_sizes,
+    tiny_tokenizer,
+)
 from fedmllm.models.registry import Family, register_family
 
 # ChatML that reads typed parts (and plain strings); an image part renders as "<image>\n" before
@@ -57,9 +65,7 @@ def processor(tokenizer, v: dict[str, Any]):
     from transformers.models.clip import CLIPImageProcessorPil  # PIL path: no torchvision
 
     size = v["image_size"]
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -84,6 +90,7 @@ def assemble(text_config, tokenizer, preset: dict[str, Any], out: Path, lm_state
         vision_feature_layer=-1,
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
     )
+
     def load_lm(model) -> None:  # the real language model's weights (smol-llava)
         missing, unexpected = model.model.language_model.load_state_dict(lm_state["model"], strict=False)
         if unexpected or [m for m in missing if "rotary" not in m]:
@@ -99,8 +106,12 @@ def build_tiny(preset: dict[str, Any], out: Path) -> None:
     from transformers import LlamaConfig
 
     tokenizer = tiny_tokenizer(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], CHATML,
-        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
+        CHATML,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
     )
     tokenizer.save_pretrained(out)
     assemble(LlamaConfig(**text_sizes(preset, tokenizer)), tokenizer, preset, out)

@@ -6,7 +6,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedmllm.models.families.common import ATTENTION, TOWER_PROJECTOR_LM, chat_prompt, encode, image_only, save_tiny, text_sizes, tiny_tokenizer
+from fedmllm.models.families.common import (
+    ATTENTION,
+    TOWER_PROJECTOR_LM,
+    chat_prompt,
+    encode,
+    image_only,
+    save_tiny,
+    text_sizes,
+    tiny_tokenizer,
+)
 from fedmllm.models.registry import Family, register_family
 
 # llava-hf/llava-onevision-qwen2-*-ov-hf chat template (images first, then text), video and
@@ -67,22 +76,32 @@ def build_tiny(preset: dict[str, Any], out: Path) -> None:
 
     v = preset["vision"]
     size = v["image_size"]
-    tokenizer = tiny_tokenizer(SPECIAL, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                               unk_token="<|endoftext|>")
+    tokenizer = tiny_tokenizer(
+        SPECIAL, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     pinpoints = [[size, size]]  # the hub checkpoints list 36 (384..2304 px); one keeps images small
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": size, "width": size}, image_grid_pinpoints=pinpoints
     )
     processor = _processor_cls()(
-        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(size // v["patch_size"]) ** 2,
-        vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(size // v["patch_size"]) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
     )
     ids = tokenizer.convert_tokens_to_ids
     config = LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=v["hidden_size"],
-                           intermediate_size=v["hidden_size"] * 2, num_hidden_layers=v["layers"],
-                           num_attention_heads=v["heads"], image_size=size, patch_size=v["patch_size"],
-                           vision_use_head=False),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["hidden_size"] * 2,
+            num_hidden_layers=v["layers"],
+            num_attention_heads=v["heads"],
+            image_size=size,
+            patch_size=v["patch_size"],
+            vision_use_head=False,
+        ),
         text_config=dict(text_sizes(preset, tokenizer), model_type="qwen2"),
         image_token_index=ids("<image>"),
         video_token_index=ids("<video>"),

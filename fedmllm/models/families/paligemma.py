@@ -49,7 +49,7 @@ def encode(processor, prompts: list[str], images: list, answers: list[str] | Non
     types = torch.zeros_like(batch["input_ids"])
     if answers is not None:
         for row, answer in enumerate(answers):
-            types[row, -len(tok(answer, add_special_tokens=False)["input_ids"]):] = 1
+            types[row, -len(tok(answer, add_special_tokens=False)["input_ids"]) :] = 1
     batch["token_type_ids"] = types
     if images:
         batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -68,8 +68,14 @@ def build_tiny(preset: dict[str, Any], out: Path) -> None:
     from transformers.models.siglip import SiglipImageProcessorPil
 
     v = preset["vision"]
-    tokenizer = tiny_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", IMAGE], None,
-                               bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer = tiny_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>", IMAGE],
+        None,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     image_processor = SiglipImageProcessorPil(
         size={"height": v["image_size"], "width": v["image_size"]},
         image_seq_length=(v["image_size"] // v["patch_size"]) ** 2,
@@ -78,10 +84,17 @@ def build_tiny(preset: dict[str, Any], out: Path) -> None:
     processor = _processor_cls()(image_processor=image_processor, tokenizer=tokenizer)
     text = text_sizes(preset, tokenizer)
     config = PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=v["hidden_size"],
-                           intermediate_size=v["hidden_size"] * 2, num_hidden_layers=v["layers"],
-                           num_attention_heads=v["heads"], image_size=v["image_size"], patch_size=v["patch_size"],
-                           projection_dim=text["hidden_size"], vision_use_head=False),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["hidden_size"] * 2,
+            num_hidden_layers=v["layers"],
+            num_attention_heads=v["heads"],
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+            projection_dim=text["hidden_size"],
+            vision_use_head=False,
+        ),
         text_config=dict(text, model_type="gemma", head_dim=text["hidden_size"] // text["num_attention_heads"]),
         projection_dim=text["hidden_size"],
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),

@@ -33,11 +33,19 @@ def build_tiny(preset: dict[str, Any], out: Path) -> None:
     v, text = preset["vision"], text_sizes(preset, tokenizer)
     layers = max(2, v["layers"])  # one windowed block and one full-attention block
     config = Qwen2_5_VLConfig(
-        vision_config=dict(depth=layers, hidden_size=v["hidden_size"], intermediate_size=v["hidden_size"] * 2,
-                           num_heads=v["heads"], out_hidden_size=text["hidden_size"], patch_size=v["patch_size"],
-                           spatial_merge_size=2, temporal_patch_size=2,
-                           # windows of window_size px = 2x2 merged tokens at patch 8
-                           window_size=v["patch_size"] * 2 * 2, fullatt_block_indexes=[layers - 1]),
+        vision_config=dict(
+            depth=layers,
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["hidden_size"] * 2,
+            num_heads=v["heads"],
+            out_hidden_size=text["hidden_size"],
+            patch_size=v["patch_size"],
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            # windows of window_size px = 2x2 merged tokens at patch 8
+            window_size=v["patch_size"] * 2 * 2,
+            fullatt_block_indexes=[layers - 1],
+        ),
         text_config=dict(text, rope_parameters=qwen2_vl.mrope(preset)),
         tie_word_embeddings=True,
         **qwen2_vl.token_ids(tokenizer),

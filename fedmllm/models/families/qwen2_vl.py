@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedmllm.models.families.common import ATTENTION, chat_prompt, encode, image_only, save_tiny, text_sizes, tiny_tokenizer
+from fedmllm.models.families.common import (
+    ATTENTION,
+    chat_prompt,
+    encode,
+    image_only,
+    save_tiny,
+    text_sizes,
+    tiny_tokenizer,
+)
 from fedmllm.models.registry import Family, register_family
 
 # Qwen2-VL-Instruct's chat template (hub tokenizer_config.json), video branch left out.
@@ -18,8 +26,15 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # Module groups, transformers 5: Qwen2VLForConditionalGeneration.model.visual.{patch_embed,
 # rotary_pos_emb, blocks, merger} + .model.language_model + lm_head. The merger (the 2x2
@@ -50,8 +65,7 @@ def image_seq_len(config, processor, height: int, width: int) -> int:
 
     v = config.vision_config
     size = processor.image_processor.size
-    h, w = smart_resize(height, width, v.patch_size * v.spatial_merge_size,
-                        size["shortest_edge"], size["longest_edge"])
+    h, w = smart_resize(height, width, v.patch_size * v.spatial_merge_size, size["shortest_edge"], size["longest_edge"])
     return (h // v.patch_size) * (w // v.patch_size) // v.spatial_merge_size**2
 
 
@@ -60,11 +74,14 @@ def tiny_tokenizer_and_processor(preset: dict[str, Any], processor_cls):
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     v = preset["vision"]
-    tokenizer = tiny_tokenizer(SPECIAL, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                               unk_token="<|endoftext|>")
+    tokenizer = tiny_tokenizer(
+        SPECIAL, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     pixels = v["image_size"] ** 2
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=v["patch_size"], merge_size=2, temporal_patch_size=2,
+        patch_size=v["patch_size"],
+        merge_size=2,
+        temporal_patch_size=2,
         size={"shortest_edge": pixels, "longest_edge": pixels},
     )
     return tokenizer, processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
@@ -80,8 +97,12 @@ def mrope(preset: dict[str, Any]) -> dict[str, Any]:
 
 def token_ids(tokenizer) -> dict[str, int]:
     ids = tokenizer.convert_tokens_to_ids
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
 
 
 def build_tiny(preset: dict[str, Any], out: Path) -> None:
@@ -91,9 +112,16 @@ def build_tiny(preset: dict[str, Any], out: Path) -> None:
     tokenizer, processor = tiny_tokenizer_and_processor(preset, _processor_cls())
     v, text = preset["vision"], text_sizes(preset, tokenizer)
     config = Qwen2VLConfig(
-        vision_config=dict(depth=v["layers"], embed_dim=v["hidden_size"], hidden_size=text["hidden_size"],
-                           num_heads=v["heads"], patch_size=v["patch_size"], spatial_merge_size=2,
-                           temporal_patch_size=2, mlp_ratio=2),
+        vision_config=dict(
+            depth=v["layers"],
+            embed_dim=v["hidden_size"],
+            hidden_size=text["hidden_size"],
+            num_heads=v["heads"],
+            patch_size=v["patch_size"],
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            mlp_ratio=2,
+        ),
         text_config=dict(text, rope_parameters=mrope(preset)),
         tie_word_embeddings=True,
         **token_ids(tokenizer),
