@@ -350,30 +350,28 @@ def _evaluate(argv: list[str]) -> None:
         _fail(
             f"fedmllm evaluate takes one run dir (and optionally round=N and key=value overrides), got {dirs or 'none'}"
         )
-    rnd = _override(argv, "round")
     overrides = [a for a in argv if "=" in a and not a.startswith("round=")]
-    if rnd is not None and not rnd.isdigit():
-        _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
-    run_dir, rnd = _run_dir_and_round(dirs[0], rnd)
-    dirs = [str(run_dir)]
+    run_dir, rnd = _run_dir_and_round(dirs[0], _override(argv, "round"))
     try:
-        result = evaluate_checkpoint(dirs[0], None if rnd is None else int(rnd), overrides)
+        result = evaluate_checkpoint(run_dir, rnd, overrides)
     except (ConfigError, MissingAssetError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     print(format_round(result))
-    print(f"metrics: {Path(dirs[0]) / 'eval' / ('round-%d.json' % result['round'])}", flush=True)
+    print(f"metrics: {run_dir / 'eval' / ('round-%d.json' % result['round'])}", flush=True)
 
 
-def _run_dir_and_round(path: str, rnd: str | None) -> tuple[Path, str | None]:
-    """A run dir as given, or a checkpoint dir (<run dir>/checkpoints/round-<N>) read as that run
-    and round (a round=N given as well must agree)."""
-    p = Path(path)
-    name = p.resolve().name
-    if p.resolve().parent.name == "checkpoints" and name.startswith("round-") and name[6:].isdigit():
-        if rnd is not None and rnd != name[6:]:
-            _fail(f"{path} is round {name[6:]}, but round={rnd} was given; pass one of them")
-        return p.resolve().parent.parent, name[6:]
-    return p, rnd
+def _run_dir_and_round(path: str, rnd: str | None) -> tuple[Path, int | None]:
+    """(run dir, round or None) from the command line: a run dir with the optional round=N, or a
+    checkpoint dir (<run dir>/checkpoints/round-<N>) read as that run and round (a round=N given
+    as well must agree)."""
+    if rnd is not None and not rnd.isdigit():
+        _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
+    p = Path(path).resolve()
+    if p.parent.name == "checkpoints" and p.name.startswith("round-") and p.name[6:].isdigit():
+        if rnd is not None and rnd != p.name[6:]:
+            _fail(f"{path} is round {p.name[6:]}, but round={rnd} was given; pass one of them")
+        return p.parent.parent, int(p.name[6:])
+    return Path(path), None if rnd is None else int(rnd)
 
 
 def _export(argv: list[str]) -> None:
@@ -392,14 +390,12 @@ def _export(argv: list[str]) -> None:
             "fedmllm export takes one run dir and out=DIR (optionally round=N, merge=true|false, dtype=...)"
             + (f"; unknown: {unknown}" if unknown else "")
         )
-    rnd, merge = _override(argv, "round"), (_override(argv, "merge") or "true").lower()
-    if rnd is not None and not rnd.isdigit():
-        _fail(f"round={rnd}: a round number (checkpoints/round-<N>)")
+    merge = (_override(argv, "merge") or "true").lower()
     if merge not in ("true", "false"):
         _fail(f"merge={merge}: true (the adapter merged into the weights) or false (kept beside them)")
-    run_dir, rnd = _run_dir_and_round(dirs[0], rnd)
+    run_dir, rnd = _run_dir_and_round(dirs[0], _override(argv, "round"))
     try:
-        ckpt = checkpoint_dir(run_dir, None if rnd is None else int(rnd))
+        ckpt = checkpoint_dir(run_dir, rnd)
         cfg = run_config(run_dir)
         family = family_of(cfg["model"], PeftConfig.from_pretrained(ckpt).base_model_name_or_path)
         out = export_checkpoint(

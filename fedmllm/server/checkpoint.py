@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmllm.models.adapter import load_adapter_state
+from fedmllm.stages.cache import WEIGHTS
 
 
 def save_checkpoint(
@@ -228,7 +229,7 @@ def prune_checkpoints(run_dir: Path, keep: int | None, best: int | None = None) 
     return gone
 
 
-STAGE1_FILE = "stage1.safetensors"  # the server's stage-1 vision tower + projector (stages.cache.WEIGHTS)
+STAGE1_FILE = WEIGHTS  # the server's stage-1 vision tower + projector, as its cache names it
 
 
 def checkpoint_dir(run_dir: Path, server_round: int | None = None) -> Path:

@@ -114,6 +114,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     # what each checkpoint names as its base, and carries besides the adapter (stage 1's tower + projector)
     base_name = resolve_path(cfg["model"])
     stage1_files = (Path(stage1["dir"]) / WEIGHTS,) if stage1 is not None else ()
+    # rows logged so far (a resumed run's included), for keep_best's best round: read once
+    history = logged_rows(run_dir) if cfg.get("keep_best") else []
     mlog = MetricsLog(run_dir, cfg["logger"], cfg)
     t0 = time.time()
     n_rounds = cfg["num_rounds"]
@@ -155,7 +157,10 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         )
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
         write_manifest(ckpt)  # last: resume trusts a round only when its files match it
-        best = best_round([*logged_rows(run_dir), row]) if cfg.get("keep_best") else None
+        best = None
+        if cfg.get("keep_best"):
+            history.append(row)
+            best = best_round(history)
         prune_checkpoints(run_dir, cfg.get("keep_checkpoints"), best)
         row["checkpoint"] = str(ckpt.relative_to(run_dir))
         row["seconds"] = round(time.time() - t0, 2)

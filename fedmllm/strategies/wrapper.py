@@ -199,18 +199,16 @@ class AdapterStrategy(Strategy):
         replies = list(replies)
         metric_keys = _usual_metric_keys(replies)  # the keys every client sends: the odd reply is dropped
         valid: list[Message] = []
+        rows: list[dict] = []  # the client row of each valid reply
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._drop(
-                    server_round,
-                    stats,
-                    node,
-                    {"partition-id": int(node), "bytes": 0},
-                    f"error reply (code {msg.error.code}: {msg.error.reason})",
-                )
+                row = {"partition-id": int(node), "bytes": 0}
+                stats.clients.append(row)
+                self._drop(server_round, node, row, f"error reply (code {msg.error.code}: {msg.error.reason})")
                 continue
-            metrics = next(iter(msg.content.metric_records.values()), {})
+            records = list(msg.content.metric_records.values())
+            metrics = records[0] if records else {}
             row = _client_row(metrics, node)
             stats.clients.append(row)
             if metrics.get("empty-partition"):
@@ -227,12 +225,13 @@ class AdapterStrategy(Strategy):
                     self.strategy.leave_out(node)
                 continue
             try:
-                nbytes = self._check(msg, metric_keys)
+                nbytes = self._check(msg, records, metric_keys)
             except REPLY_ERRORS as err:
-                self._drop(server_round, stats, node, row, unreadable(err))
+                self._drop(server_round, node, row, unreadable(err))
                 continue
             stats.bytes_up_per_client[row["partition-id"]] = row["bytes"] = nbytes
             valid.append(msg)
+            rows.append(row)
         stats.clients.sort(key=lambda c: c["partition-id"])
         arrays, metrics = None, None
         need = max(1, self.min_train_nodes - len(self.empty_nodes))
@@ -242,11 +241,11 @@ class AdapterStrategy(Strategy):
                 break
             except UnusableReplies as err:  # the strategy read the values: drop those it names, ask again
                 for i, reason in err.reasons.items():
-                    row = next(r for r in stats.clients if r["partition-id"] == _partition_id(valid[i]))
-                    stats.bytes_up_per_client.pop(row["partition-id"], None)
-                    row["bytes"] = 0
-                    self._drop(server_round, stats, valid[i].metadata.src_node_id, row, reason)
+                    stats.bytes_up_per_client.pop(rows[i]["partition-id"], None)
+                    rows[i]["bytes"] = 0
+                    self._drop(server_round, valid[i].metadata.src_node_id, rows[i], reason)
                 valid = [m for i, m in enumerate(valid) if i not in err.reasons]
+                rows = [r for i, r in enumerate(rows) if i not in err.reasons]
         if len(valid) < need:
             log(
                 WARNING,
@@ -279,9 +278,9 @@ class AdapterStrategy(Strategy):
             self.on_round(stats)
         return arrays, metrics
 
-    def _check(self, msg: Message, metric_keys: set[str] | None) -> int:
-        """Raise InvalidReply (or a decoding error) unless the reply is one to aggregate; its bytes."""
-        records = list(msg.content.metric_records.values())
+    def _check(self, msg: Message, records: list[MetricRecord], metric_keys: set[str] | None) -> int:
+        """Raise InvalidReply (or a decoding error) unless the reply (with its MetricRecords
+        `records`) is one to aggregate; its bytes."""
         if len(records) != 1:
             raise InvalidReply(f"{len(records)} MetricRecords, expected one")
         metrics = records[0]
@@ -339,12 +338,10 @@ class AdapterStrategy(Strategy):
         if not norm <= self.max_update_norm:
             raise InvalidReply(f"update norm {norm:.4g} > aggregator.max_update_norm={self.max_update_norm:g}")
 
-    def _drop(self, server_round: int, stats: RoundStats, node: int, row: dict, reason: str) -> None:
+    def _drop(self, server_round: int, node: int, row: dict, reason: str) -> None:
         log(WARNING, "round %s: dropped reply from node %s: %s", server_round, node, reason)
         self.dropped.append((server_round, reason))
         row["dropped"] = reason
-        if row not in stats.clients:
-            stats.clients.append(row)
 
     # --- evaluation is centralized on the server: delegated as Flower's --------------------------------
     def configure_evaluate(
@@ -375,10 +372,6 @@ def _usual_metric_keys(replies: list[Message]) -> set[str] | None:
         if not m.has_error() and len(m.content.metric_records) == 1
     )
     return set(sets.most_common(1)[0][0]) if sets else None
-
-
-def _partition_id(msg: Message) -> int:
-    return _client_row(next(iter(msg.content.metric_records.values()), {}), msg.metadata.src_node_id)["partition-id"]
 
 
 def _client_row(metrics: Any, node_id: int) -> dict:
