@@ -73,7 +73,7 @@ SMOL_SHAPE = [
     "model.text.heads=9",
     "model.text.kv_heads=3",
     "+model.text.intermediate=1536",
-    "+model.lora_leaves=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+    "model.lora_leaves=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
 ]
 
 

@@ -5,13 +5,94 @@ from __future__ import annotations
 import math
 import random
 import sys
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
+from fedmllm.config import Number, integer, need, number
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
 from fedmllm.models.device import to_model
+
+
+SCHEDULES = ("constant", "cosine")  # within a round
+ROUND_SCHEDULES = ("constant", "cosine_warm")  # across rounds (FedMLLM's cosine_warm_learning_rate)
+WEIGHT_BY = ("partition_size", "examples_seen")
+
+
+@dataclass
+class AdaptiveRegSettings:
+    """`train.adaptive_reg`: FedMLLM's modality-agnostic adaptive regularization."""
+
+    enabled: bool = False
+    mu: Number = 0.01
+    mu_w: Number = 0.1
+    s_layer: int = 4
+
+    def __post_init__(self) -> None:
+        need(
+            integer(self.s_layer) and self.s_layer >= 0,
+            f"train.adaptive_reg.s_layer={self.s_layer!r} must be an integer >= 0",
+        )
+
+
+@dataclass
+class TrainSettings:
+    """`train`: the clients' local training (fedmllm/conf/train/*.yaml say what each does)."""
+
+    local_steps: int = 6
+    weight_by: str = "partition_size"
+    batch_size: int = 8
+    grad_accum: int = 1
+    local_epochs: Optional[int] = None
+    schedule: str = "constant"
+    warmup_ratio: Number = 0.0
+    round_schedule: str = "constant"
+    round_warmup: Number = 0.01
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    gradient_checkpointing: bool = False
+    lr: Number = 1e-3
+    projector_lr: Number = 2e-4
+    weight_decay: Number = 0.0
+    max_grad_norm: Number = 1.0
+    eval_batch_size: int = 32
+    adaptive_reg: AdaptiveRegSettings = field(default_factory=AdaptiveRegSettings)
+
+    def __post_init__(self) -> None:
+        for key in ("local_steps", "batch_size"):
+            v = getattr(self, key)
+            need(integer(v) and v >= 1, f"train.{key}={v!r} must be an integer >= 1")
+        for key in ("lr", "projector_lr"):
+            v = getattr(self, key)
+            need(number(v) and 0 < v < float("inf"), f"train.{key}={v!r} must be a finite number > 0")
+        need(
+            integer(self.grad_accum) and self.grad_accum >= 1,
+            f"train.grad_accum={self.grad_accum!r} must be an integer >= 1",
+        )
+        ep = self.local_epochs
+        need(
+            ep is None or (integer(ep) and ep >= 1),
+            f"train.local_epochs={ep!r} must be null (use train.local_steps) or an integer >= 1",
+        )
+        need(self.schedule in SCHEDULES, f"train.schedule={self.schedule!r}: choose constant or cosine")
+        need(
+            self.round_schedule in ROUND_SCHEDULES,
+            f"train.round_schedule={self.round_schedule!r}: choose constant or cosine_warm (FedMLLM's)",
+        )
+        for key in ("warmup_ratio", "round_warmup"):
+            v = getattr(self, key)
+            need(number(v) and 0 <= v < 1, f"train.{key}={v!r} must be a number in [0, 1) (e.g. 0.01)")
+        betas = self.adam_betas
+        need(
+            isinstance(betas, (list, tuple)) and len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas),
+            f"train.adam_betas={betas!r} must be two numbers in [0, 1), e.g. [0.9,0.95]",
+        )
+        need(
+            self.weight_by in WEIGHT_BY,
+            f"train.weight_by={self.weight_by!r}: choose partition_size (each client's dataset size, "
+            "FedMLLM's weighting) or examples_seen (local_steps x batch_size)",
+        )
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:

@@ -40,7 +40,13 @@ def test_every_group_option_composes(group, option):
         (["train.lr=inf"], "train.lr=inf must be a finite number > 0"),
         (["eval_every=0"], "eval_every=0 must be an integer >= 1"),
         (["seed=abc"], "seed='abc' must be an integer"),
-        (["num_rounds=true"], "num_rounds=True must be an integer >= 1"),
+        (["num_rounds=true"], "num_rounds=True must be an integer"),  # the schema's type
+        (["train.batch_size=abc"], "train.batch_size='abc' must be an integer"),
+        (
+            ["train.gradient_checkpointing=yes please"],
+            "train.gradient_checkpointing='yes please' must be true or false",
+        ),
+        (["peft.targets=llm"], "peft.targets='llm' must be a list"),
         (["train.grad_accum=0"], "train.grad_accum=0 must be an integer >= 1"),
         (["train.round_schedule=linear"], "train.round_schedule='linear': choose constant or cosine_warm"),
         (["clients_per_round=9"], "clients_per_round=9 exceeds num_clients=4"),
@@ -56,6 +62,33 @@ def test_bad_input_gives_one_short_message_naming_it(overrides, fragment):
         compose(overrides)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_composed_config_builds_typed_settings_each_section_owned_by_its_package():
+    """fedmllm.conf.RunSettings: one dataclass per section; the composed dict holds exactly what the
+    yaml files and overrides set (a key a preset does not set stays out of it)."""
+    from fedmllm.conf import RunSettings, check
+    from fedmllm.models.load import ModelSettings
+    from fedmllm.stages import AdapterStageSettings
+    from fedmllm.training import TrainSettings
+
+    cfg = compose(["model=tiny-llava", "train.lr=0.01"])
+    settings = check(cfg)
+    assert isinstance(settings, RunSettings) and isinstance(settings.model, ModelSettings)
+    assert isinstance(settings.train, TrainSettings) and settings.train.lr == 0.01
+    assert isinstance(settings.server_stage.pretrain.lora, AdapterStageSettings)
+    assert settings.server_stage.pretrain.lora.stop_accuracy == cfg["server_stage"]["pretrain"]["lora"]["stop_accuracy"]
+    assert "hf_config" not in cfg["model"] and "lora_leaves" not in cfg["model"]  # tiny-llava sets neither
+    assert "r" not in compose(["peft=ia3"])["peft"]
+
+
+def test_a_section_built_with_a_key_it_does_not_have_names_it():
+    from fedmllm.conf import check
+
+    cfg = compose()
+    cfg["train"]["lrr"] = 0.1
+    with pytest.raises(ConfigError, match=r"^unknown setting train.lrr; did you mean train.lr\?"):
+        check(cfg)
 
 
 def test_run_config_overrides_are_hydra_overrides():

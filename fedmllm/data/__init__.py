@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
+from fedmllm.config import Number, need, number
+from fedmllm.data import crisismmd
 from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
@@ -14,6 +16,63 @@ __all__ = ["DataError", "Sample", "Task", "check_source", "load_public", "load_t
 
 
 NEW_SOURCES = ("hateful_memes", "crisismmd", "llava_json")
+TEMPLATES = ("mc", "short")
+
+
+@dataclass
+class DatasetSettings:
+    """`dataset`: the task's source and its held-out set (fedmllm/conf/dataset/*.yaml say which keys
+    each source reads; a key a source does not read stays unset)."""
+
+    name: str = "easyvqa"
+    template: str = "short"
+    eval_samples: int = 0
+    public_fraction: Number = 0.0
+    strict: bool = False
+    balanced: bool = False  # easyvqa
+    root: Optional[str] = None  # hateful_memes, crisismmd
+    train_split: Optional[str] = None
+    test_split: Optional[str] = None
+    fedmllm_letters: Optional[str] = None
+    fedmllm_topup: Optional[str] = None
+    task: Optional[str] = None  # crisismmd
+    agreed: Optional[bool] = None
+    label_column: Optional[str] = None
+    path: Optional[str] = None  # llava_json
+    test_path: Optional[str] = None
+    image_root: Optional[str] = None
+    labels: Optional[List[str]] = None
+    question: Optional[str] = None
+    instruction: Optional[str] = None
+
+    @property
+    def captioned(self) -> bool:
+        """Whether the source gives its images captions (the server stages' public pool): easy-vqa only."""
+        return self.name.startswith("easyvqa")
+
+    def __post_init__(self) -> None:
+        frac = self.public_fraction
+        need(
+            number(frac) and 0 <= frac < 1,
+            f"dataset.public_fraction={frac!r} must be a number in [0, 1) (0.2: a fifth of the images stay with the server)",
+        )
+        need(self.template in TEMPLATES, f"dataset.template={self.template!r}: choose mc or short")
+        if not self.captioned:
+            # The server stages need the public pool's image captions, which only easy-vqa provides.
+            need(
+                frac == 0,
+                f"dataset.public_fraction={frac} is supported for easy-vqa only; "
+                f"set dataset.public_fraction=0 for dataset={self.name}",
+            )
+        if self.name == "crisismmd":
+            need(
+                self.task in crisismmd.LABELS,
+                f"dataset.task={self.task!r}: choose humanitarian, informative or damage",
+            )
+            need(
+                not (self.agreed and self.task == "damage"),
+                "CrisisMMD has no agreed-label damage split; set dataset.agreed=false for dataset.task=damage",
+            )
 
 
 def load_task(

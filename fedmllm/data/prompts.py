@@ -16,7 +16,23 @@ Two templates (`Task.template`, set by `dataset.template`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from fedmllm.config import need
 from fedmllm.data.schema import Sample, Task, modality
+
+PROMPTS = ("plain", "aug")
+
+
+@dataclass
+class PromptSettings:
+    """`prompt`: FedMLLM's plain prompt or its modality-agnostic one (aug)."""
+
+    name: str = "plain"
+
+    def __post_init__(self) -> None:
+        need(self.name in PROMPTS, f"prompt={self.name!r}: choose plain or aug")
+
 
 PREAMBLE = "Select the best answer to the following multiple-choice question{based_on}."
 ANSWER_CUE = "Answer with the option's letter from the given choices directly and only give the best option. The best answer is: "

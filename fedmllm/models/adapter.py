@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional
 
 import numpy as np
 
+from fedmllm.config import Number, need
 from fedmllm.models.registry import MODULE_GROUPS, Family
 
 # peft=<variant>: the PEFT method behind each config file in conf/peft/.
 METHODS = ("lora", "dora", "rslora", "ia3")
 PROJECTOR_POLICIES = ("frozen", "lora", "full")
+
+
+@dataclass
+class PeftSettings:
+    """`peft`: the adapter method and where it goes (fedmllm/conf/peft/*.yaml; IA3 has no rank,
+    alpha or dropout, only IA3 has `feedforward`)."""
+
+    name: str = "lora"
+    r: Optional[int] = 16  # ia3: unused
+    alpha: Optional[Number] = 32
+    dropout: Optional[Number] = 0.0
+    targets: List[str] = field(default_factory=lambda: ["llm"])
+    leaves: Optional[List[str]] = None
+    vision_leaves: Optional[List[str]] = None
+    projector: str = "full"
+    feedforward: Optional[List[str]] = None  # ia3
+
+    def __post_init__(self) -> None:
+        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        problem = peft_problem(given)
+        need(problem is None, str(problem))
+        need(self.r is None or self.r >= 1, f"peft.r={self.r!r} must be >= 1")
 
 
 def method_of(peft_cfg: dict[str, Any]) -> str:

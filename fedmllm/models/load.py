@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 import fedmllm.models.families  # noqa: F401  (registers every family)
+from fedmllm.config import need
 from fedmllm.models.build import ensure_built
 from fedmllm.models.device import avoid_cudnn_attention
 from fedmllm.models.quantize import from_pretrained_quantized, keep_cpu_layout, uses_cache
@@ -35,6 +37,42 @@ def family_of(model_cfg: dict[str, Any], path: str) -> Family:
 
 COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+QUANTIZATIONS = ("4bit", "8bit", "none")
+
+
+@dataclass
+class ModelSettings:
+    """`model`: a preset (fedmllm/conf/model/*.yaml): built offline (`builder` with its `vision` and
+    `text` sizes), a hub id (`hf_config`) or a local checkpoint (`path`)."""
+
+    name: str = ""
+    family: str = ""
+    path: Optional[str] = None
+    seed: int = 0
+    quantization: str = "4bit"
+    quantized_cache: bool = True
+    compute_dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    hf_config: Optional[str] = None  # hub presets: the bundled config the shapes are read from
+    builder: Optional[str] = None  # offline presets
+    vision: Optional[Dict[str, Any]] = None
+    text: Optional[Dict[str, Any]] = None
+    lora_leaves: Optional[List[str]] = None  # the llm layers peft.leaves defaults to (else q, v)
+
+    def __post_init__(self) -> None:
+        need(
+            self.quantization in QUANTIZATIONS,
+            f"model.quantization={self.quantization!r} is not one of 4bit, 8bit, none",
+        )
+        need(
+            self.compute_dtype in COMPUTE_DTYPES,
+            f"model.compute_dtype={self.compute_dtype!r}: choose one of {list(COMPUTE_DTYPES)} "
+            "(auto: fp32 on CPU, bf16 on GPU)",
+        )
+        need(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            f"model.attn_implementation={self.attn_implementation!r}: choose sdpa, eager or flash_attention_2",
+        )
 
 
 def compute_dtype(model_cfg: dict[str, Any]):

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional
 
+from fedmllm.config import Number, need, number
 from fedmllm.data.schema import Sample
+
+PARTITIONERS = ("iid", "dirichlet", "fedmllm")
+TOPUPS = ("all", "first")  # FedMLLM's Hateful Memes script | its CrisisMMD script
+
+
+@dataclass
+class PartitionerSettings:
+    """`partitioner`: how the training pool is split into clients (fedmllm/conf/partitioner/*.yaml)."""
+
+    name: str = "iid"
+    alpha: Optional[Number] = None  # dirichlet, fedmllm
+    min_partition_size: Optional[int] = None  # dirichlet (default 10)
+    topup: Optional[str] = None  # fedmllm (default all)
+
+    def __post_init__(self) -> None:
+        need(
+            self.name in PARTITIONERS,
+            f"partitioner.name={self.name!r}: choose iid, dirichlet or fedmllm",
+        )
+        if self.name in ("dirichlet", "fedmllm"):
+            need(
+                number(self.alpha) and self.alpha > 0,
+                f"partitioner.alpha={self.alpha!r} must be a number > 0 (e.g. 0.5 for strong skew)",
+            )
+        if self.name == "fedmllm":
+            need(
+                (self.topup or "all") in TOPUPS,
+                f"partitioner.topup={self.topup!r}: choose all (FedMLLM's Hateful Memes script) or first "
+                "(its CrisisMMD script)",
+            )
 
 
 def make_partitioner(cfg: dict[str, Any], num_partitions: int, seed: int):

@@ -4,14 +4,36 @@ after the label partition, and the held-out set's `eval.scenario`."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
+from fedmllm.config import Number, need, rate
 from fedmllm.data.schema import Sample
 
 SCENARIOS = ("aligned", "missing", "cross", "hybrid")
 EVAL_SCENARIOS = ("aligned", "missing", "image_only", "text_only")
+
+
+@dataclass
+class ScenarioSettings:
+    """`scenario`: which modalities each client's samples keep (fedmllm/conf/scenario/*.yaml)."""
+
+    name: str = "aligned"
+    mrate: Optional[Number] = None  # missing
+    qrate: Optional[Number] = None  # hybrid
+    image_clients: Optional[int] = None  # cross (at most num_clients: the run's check)
+
+    def __post_init__(self) -> None:
+        need(
+            self.name in SCENARIOS,
+            f"scenario={self.name!r}: choose one of aligned, missing, cross, hybrid",
+        )
+        if self.name == "missing":
+            rate("scenario.mrate", self.mrate)
+        elif self.name == "hybrid":
+            rate("scenario.qrate", self.qrate)
 
 
 def sample_rng(seed: int, stream: str, client: int | str) -> random.Random:

@@ -4,8 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
+
+from fedmllm.config import need
+
+LOGGERS = ("none", "wandb")
+
+
+@dataclass
+class LoggerSettings:
+    """`logger`: none, or wandb (fedmllm/conf/logger/wandb.yaml says what each key does)."""
+
+    name: str = "none"
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    mode: Optional[str] = None
+    run_name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    log_checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        need(self.name in LOGGERS, f"logger={self.name!r}: choose none or wandb")
 
 
 class MetricsLog:
