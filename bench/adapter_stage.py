@@ -21,15 +21,15 @@ import numpy as np
 def main() -> None:
     import torch
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.config import compose
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
-    from fedmllm.stages.cache import model_config
     from fedmllm.server.evaluate import evaluate
     from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.cache import model_config
     from fedmllm.stages.vision import ensure_pretrained
-    from fedmllm.algorithms import server_peft
 
     if {"-h", "--help"} & set(sys.argv[1:]):
         raise SystemExit(__doc__)

@@ -23,16 +23,16 @@ import numpy as np
 def main() -> None:
     import torch
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.config import compose
     from fedmllm.data import load_task
-    from fedmllm.stages.captions import load_public_captioned
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
     from fedmllm.models.quantize import dequantized
-    from fedmllm.stages.cache import model_config
-    from fedmllm.stages.vision import ensure_pretrained
     from fedmllm.stages.adapter import _text_accuracy
-    from fedmllm.algorithms import server_peft
+    from fedmllm.stages.cache import model_config
+    from fedmllm.stages.captions import load_public_captioned
+    from fedmllm.stages.vision import ensure_pretrained
     from fedmllm.training import answer_loss
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -63,9 +63,8 @@ def bench_size(size: str, clients: int, repeats: int) -> dict:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedmllm.records import from_record, to_record
     from fedmllm.algorithms import algorithm_class
-
+    from fedmllm.records import from_record, to_record
     from fedmllm.strategies.wrapper import AdapterStrategy
 
     FedAvg = algorithm_class("fedavg")().strategy_class()

@@ -77,12 +77,12 @@ def child(spawned: float, overrides: list[str], data_dir: str, messages: int) ->
     t["ml"] = time.time()
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.stages.cache import model_config
     from fedmllm.records import to_record
-    from fedmllm.algorithms import server_peft
+    from fedmllm.stages.cache import model_config
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as flwr-clientapp sets them
     cfg = compose(overrides)
@@ -153,11 +153,11 @@ def fill_quantized_cache(overrides: list[str], adapter: Path) -> None:
     (which import no torch)."""
     import numpy as np
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
     from fedmllm.stages.cache import model_config
-    from fedmllm.algorithms import server_peft
 
     cfg = compose(overrides)
     np.savez(adapter, **adapter_state(get_model(model_config(cfg), server_peft(cfg)).model))

@@ -106,14 +106,14 @@ def server_side(cfg, quiet: bool = False):
     the initial adapter. Returns (lm, collator, heldout, arrays, stage-1 summary, adapter summary)."""
     import torch
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.stages.cache import model_config
     from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.cache import model_config
     from fedmllm.stages.vision import ensure_pretrained
-    from fedmllm.algorithms import server_peft
 
     say = (lambda _: None) if quiet else log
     stage1 = ensure_pretrained(cfg, log=say)
@@ -149,14 +149,14 @@ def check(quick: bool) -> dict[str, Any]:
     """Part 1: the 4-bit path of a run, on tiny-llava."""
     import torch
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.config import compose
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models import clear_cache, get_model
     from fedmllm.models.adapter import load_adapter_state
-    from fedmllm.stages.cache import model_config
     from fedmllm.server.evaluate import evaluate
+    from fedmllm.stages.cache import model_config
     from fedmllm.strategies.aggregate import weighted_average
-    from fedmllm.algorithms import server_peft
 
     cfg = compose(TINY)
     t0 = time.perf_counter()
@@ -262,15 +262,15 @@ def timing(quick: bool) -> dict[str, Any]:
     """Part 2: the one-time stages at the demo's settings, and 4-bit vs bf16 step times."""
     import torch
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.config import compose
     from fedmllm.data import load_task
-    from fedmllm.stages.captions import load_public_captioned
     from fedmllm.data.collate import Collator
     from fedmllm.models import clear_cache, get_model
-    from fedmllm.stages.cache import model_config
     from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.cache import model_config
+    from fedmllm.stages.captions import load_public_captioned
     from fedmllm.stages.vision import ensure_pretrained
-    from fedmllm.algorithms import server_peft
 
     # Random weights never reach the stop accuracy, so the adapter stage runs to a cap: 100 steps,
     # as in the recorded H200 figure (the demo's cap is 150 since; a real run stops at 70-90).

@@ -24,14 +24,14 @@ DEFAULT = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "train.local_
 def centralized(overrides: list[str]) -> None:
     """Train sequentially in one process: same partitions, batches and evaluations."""
     from fedmllm.client import local_data
-    from fedmllm.training import round_seed, train_steps
     from fedmllm.config import NodeIdentity, compose
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.models import get_model
-    from fedmllm.stages.cache import model_config
     from fedmllm.server.evaluate import evaluate
+    from fedmllm.stages.cache import model_config
     from fedmllm.stages.vision import ensure_pretrained
+    from fedmllm.training import round_seed, train_steps
 
     cfg = compose(overrides)
     ensure_pretrained(cfg)  # the same stage-1 base as the federated run (cached)

@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides")
     args = ap.parse_args()
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.config import compose
     from fedmllm.data.collate import Collator
     from fedmllm.data.easyvqa import YESNO, yesno_samples
@@ -57,7 +58,6 @@ def main() -> None:
     from fedmllm.models import get_model
     from fedmllm.stages.cache import model_config
     from fedmllm.stages.vision import ensure_pretrained
-    from fedmllm.algorithms import server_peft
     from fedmllm.training import train_steps
 
     overrides = ["model=smol-llava", "model.quantization=none", f"peft.leaves=[{args.leaves}]", *args.overrides]

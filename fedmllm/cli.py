@@ -3,8 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from fedmllm.common import MissingAssetError
+from fedmllm.config import ConfigError, compose, unknown_setting
+from fedmllm.data import DataError, check_source, easyvqa
+from fedmllm.models.build import smollm2_gguf_path
+from fedmllm.models.inspection import footprint, format_footprint
+from fedmllm.models.load import family_of
+from fedmllm.partitioning.materialise import format_stats, warn_empty, write_partitions
+from fedmllm.server.checkpoint import checkpoint_dir, export_checkpoint, latest_state
+from fedmllm.server.evaluate import evaluate_checkpoint, run_config
+from fedmllm.tracking import format_round, plot_run, read_metrics
+from fedmllm.tracking.report import is_multirun, write_report
 
 USAGE = """usage: fedmllm <command> [args]
 
@@ -39,13 +63,7 @@ def _fail(msg: str) -> None:
 
 
 def _run(argv: list[str]) -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig
 
-    from fedmllm.config import ConfigError, compose
-    from fedmllm.data import DataError
-    from fedmllm.common import MissingAssetError
     from fedmllm.server.run import ResumeError
 
     failed: list[str] = []  # a sweep's failed jobs: the sweep goes on, and exits 2 at its end
@@ -53,7 +71,6 @@ def _run(argv: list[str]) -> None:
     @hydra.main(version_base="1.3", config_path="pkg://fedmllm.conf", config_name="config")
     def job(_: DictConfig) -> float | None:
         """One run; returns its final held-out accuracy (what a Hydra sweeper such as Optuna's maximizes)."""
-        from hydra.types import RunMode
 
         hc = HydraConfig.get()
         out_dir = hc.runtime.output_dir
@@ -99,8 +116,6 @@ def _run(argv: list[str]) -> None:
         print(f"run dir: {out_dir}", flush=True)
         return final_accuracy(out_dir)
 
-    from fedmllm.config import unknown_setting
-
     problem = unknown_setting([a for a in argv if "=" in a and not a.startswith("-")])
     if problem:  # before Hydra, whose message for it is five lines
         _fail(problem)
@@ -130,7 +145,6 @@ def _run(argv: list[str]) -> None:
 
 def final_accuracy(run_dir: str) -> float | None:
     """The last evaluated round's held-out accuracy of a run, or None."""
-    from fedmllm.tracking import read_metrics
 
     try:
         rows = read_metrics(Path(run_dir))
@@ -151,8 +165,6 @@ def stop_on_signals(run_dir: str) -> None:
     hands the PIDs of every process this run started (Ray's daemons and workers) to a small
     reaper, exits at once, and the reaper kills them when this process is gone. The reaper keeps
     stdout/stderr open, so a caller that reads them to the end also waits for the cleanup."""
-    import os
-    import signal
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
@@ -167,8 +179,6 @@ def stop_on_signals(run_dir: str) -> None:
         try:
             pids = descendants(os.getpid())
             if pids:
-                import subprocess
-
                 subprocess.Popen(
                     [sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
                     stdin=subprocess.DEVNULL,
@@ -183,7 +193,6 @@ def stop_on_signals(run_dir: str) -> None:
 
 
 def _shutdown_ray() -> None:
-    import threading
 
     try:
         import ray
@@ -214,7 +223,6 @@ for pid in pids:
 def descendants(pid: int) -> list[int]:
     """PIDs of every process below `pid` (children, their children, ...), read from /proc; [] where
     there is no /proc."""
-    import os
 
     children: dict[int, list[int]] = {}
     try:
@@ -239,15 +247,11 @@ def descendants(pid: int) -> list[int]:
 def resume_hint(run_dir: str, cause: BaseException) -> str:
     """ "; continue it with: fedmllm run resume=DIR" where resuming can help: the run checkpointed
     a round it can continue from, and it did not fail in a way a resume repeats."""
-    from fedmllm.server.checkpoint import latest_state
     from fedmllm.server.run import NoRoundAggregated
 
     if isinstance(cause, NoRoundAggregated):
         return ""
     try:
-        import contextlib
-        import io
-
         with contextlib.redirect_stderr(io.StringIO()):
             latest_state(Path(run_dir))
     except (FileNotFoundError, OSError):
@@ -263,9 +267,6 @@ def _override(args, key: str) -> str | None:
 def resume_overrides(run_dir: str, current: tuple[str, ...]) -> tuple[str, ...]:
     """A resumed run composes the stopped run's overrides (its `.hydra/overrides.yaml`), then the
     ones given now (e.g. a larger num_rounds); it writes into the stopped run's dir."""
-    from pathlib import Path
-
-    import yaml
 
     saved_file = Path(run_dir) / ".hydra" / "overrides.yaml"
     saved: list[str] = []
@@ -279,11 +280,8 @@ def resume_overrides(run_dir: str, current: tuple[str, ...]) -> tuple[str, ...]:
 
 def preflight(cfg: dict) -> None:
     """Check offline assets before starting workers, so a missing one fails in one short line."""
-    from fedmllm.data import check_source, easyvqa
 
     if cfg["model"].get("builder") == "smollm2":
-        from fedmllm.models.build import smollm2_gguf_path
-
         smollm2_gguf_path()
     if cfg["dataset"]["name"].startswith("easyvqa"):
         easyvqa._easy_vqa()
@@ -292,9 +290,6 @@ def preflight(cfg: dict) -> None:
 
 
 def _partition(argv: list[str]) -> None:
-    from fedmllm.config import ConfigError, compose
-    from fedmllm.common import MissingAssetError
-    from fedmllm.partitioning.materialise import format_stats, warn_empty, write_partitions
 
     outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
     overrides = [a for a in argv if not a.startswith("out=")]
@@ -317,9 +312,6 @@ def _partition(argv: list[str]) -> None:
 
 
 def _inspect(argv: list[str]) -> None:
-    from fedmllm.config import ConfigError, compose
-    from fedmllm.common import MissingAssetError
-    from fedmllm.models.inspection import footprint, format_footprint
 
     bad = [a for a in argv if "=" not in a]
     if bad:
@@ -340,10 +332,6 @@ def _without_run_bounds(overrides: list[str]) -> list[str]:
 
 
 def _evaluate(argv: list[str]) -> None:
-    from fedmllm.common import MissingAssetError
-    from fedmllm.config import ConfigError
-    from fedmllm.server.evaluate import evaluate_checkpoint
-    from fedmllm.tracking import format_round
 
     dirs = [a for a in argv if "=" not in a]
     if len(dirs) != 1:
@@ -377,11 +365,6 @@ def _run_dir_and_round(path: str, rnd: str | None) -> tuple[Path, int | None]:
 def _export(argv: list[str]) -> None:
     from peft import PeftConfig
 
-    from fedmllm.common import MissingAssetError
-    from fedmllm.models.load import family_of
-    from fedmllm.server.checkpoint import checkpoint_dir, export_checkpoint
-    from fedmllm.server.evaluate import run_config
-
     dirs = [a for a in argv if "=" not in a]
     known = ("round", "out", "merge", "dtype")
     unknown = [a for a in argv if "=" in a and a.split("=", 1)[0] not in known]
@@ -407,10 +390,6 @@ def _export(argv: list[str]) -> None:
 
 
 def _report(argv: list[str]) -> None:
-    from pathlib import Path
-
-    from fedmllm.tracking import format_round, plot_run, read_metrics
-    from fedmllm.tracking.report import is_multirun, write_report
 
     p = argparse.ArgumentParser(prog="fedmllm report")
     p.add_argument(

@@ -6,9 +6,9 @@ import ctypes
 import math
 import platform
 from collections.abc import Mapping
-from typing import NamedTuple
 from functools import lru_cache
 from io import BytesIO
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord

@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedmllm import data as sources  # sources.load_task is looked up on each call (tests replace it)
+from fedmllm.partitioning.materialise import empty_clients, warn_empty
+
 
 def quiet_flower_env() -> None:
     """No telemetry, no update checks (no network here)."""
@@ -22,15 +25,13 @@ def quiet_flower_env() -> None:
 def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
     """Simulate `cfg['num_clients']` SuperNodes; the apps compose the same config from `overrides`."""
     quiet_flower_env()
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
-    from fedmllm.data import load_task
-    from fedmllm.partitioning.materialise import empty_clients, warn_empty
-
-    warn_empty(empty_clients(cfg, load_task(cfg["dataset"], cfg["seed"])[1]))  # up front, not mid-round
+    # Flower is imported here, once its environment is set.
+    import flwr.simulation  # its run_simulation looked up on each call (tests replace it)
 
     from fedmllm.client.app import make_client_app
     from fedmllm.server.app import make_server_app
+
+    warn_empty(empty_clients(cfg, sources.load_task(cfg["dataset"], cfg["seed"])[1]))  # up front, not mid-round
 
     verbose = bool(cfg.get("verbose", False))
     init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, cfg["client_cpus"])}
@@ -48,7 +49,7 @@ def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
     # the config, runs Hydra sweeps and stops on Ctrl-C, so it keeps the in-process simulation.
     try:
         with run_log(cfg.get("out_dir"), verbose):
-            flwr_run_simulation(
+            flwr.simulation.run_simulation(
                 server_app=make_server_app(overrides),
                 client_app=make_client_app(overrides),
                 num_supernodes=cfg["num_clients"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import sys
@@ -9,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fedmllm.config import Number, integer, need, number
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
 from fedmllm.models.device import to_model
-
 
 SCHEDULES = ("constant", "cosine")  # within a round
 ROUND_SCHEDULES = ("constant", "cosine_warm")  # across rounds (FedMLLM's cosine_warm_learning_rate)
@@ -231,7 +232,6 @@ def shared_prefix_logits(model, inputs: dict[str, Any], keep: int, min_prefix: i
 
     The server's adapter pre-training trains on captions as text: 17 of its 49 tokens per row are
     the chat template and the caption's "The image shows a", about a third of every step."""
-    import inspect
 
     import torch
 
@@ -285,7 +285,6 @@ class StepBar:
     after each step; every `every` steps it shows the mean of the last `every` losses and `extra()`."""
 
     def __init__(self, desc: str, total: int, every: int, extra: Callable[[], dict] | None = None):
-        from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0)
         self.every, self.extra = every, extra

@@ -47,9 +47,9 @@ def tiny_lm(request, tiny_cfg):
 
     import torch
 
+    from fedmllm.models import LoadedModel
     from fedmllm.models.adapter import apply_peft
     from fedmllm.models.load import load_model
-    from fedmllm.models import LoadedModel
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg["model"]["quantization"] = request.param

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_overrides
 from fedmllm.strategies.aggregate import (
     flora_merge,
     flora_stack,
@@ -225,8 +225,8 @@ def test_check_reply_free_rank_accepts_other_ranks_only_for_lora():
 
 
 def test_heterogeneous_ranks_need_flora():
-    from fedmllm.config import compose
     from fedmllm.algorithms import algorithm_of
+    from fedmllm.config import compose
 
     cfg = compose(tiny_overrides())
     with pytest.raises(ValueError, match="aggregator=flora"):
@@ -363,8 +363,8 @@ def test_local_baseline_trains_one_client_alone_and_centralized_pools_every_part
     adapter; the others sit out once. aggregator=centralized: one trainer on the union of all
     partitions, the federation's step count per round."""
     from fedmllm.config import compose
-    from fedmllm.partitioning import client_partition
     from fedmllm.data import load_task
+    from fedmllm.partitioning import client_partition
     from fedmllm.tracking import read_metrics
 
     run = _run(tmp_path, "local", "aggregator=local", "aggregator.client.only=1")

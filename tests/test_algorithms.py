@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from fedmllm.algorithms import Algorithm, algorithm_class, builtin_names, register, unregister
 from fedmllm.config import ConfigError, compose
 

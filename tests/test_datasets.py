@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fedmllm.data import DataError, check_source, load_task
-from fedmllm.data import crisismmd, hateful_memes
+from fedmllm.data import DataError, check_source, crisismmd, hateful_memes, load_task
 from fedmllm.data.fixtures import (
     BROKEN_CRISISMMD,
     BROKEN_HATEFUL,
@@ -216,8 +215,8 @@ def test_new_datasets_compose_without_server_stage(tmp_path):
 
 def test_hateful_memes_prompt_collate_score_with_and_without_images(tmp_path):
     import torch
-
     from conftest import tiny_overrides
+
     from fedmllm.config import compose
     from fedmllm.data.collate import IGNORE, Collator
     from fedmllm.data.prompts import SYSTEM, user_prompt

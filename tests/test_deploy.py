@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from conftest import tiny_overrides
 from deployment import ROOT, Deployment
+
 from fedmllm.tracking import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import tiny_overrides
+
 from fedmllm.tracking import read_metrics
 
 pytestmark = pytest.mark.slow

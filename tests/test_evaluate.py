@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from fedmllm.config import ConfigError, compose
 from fedmllm.data.schema import modality
 from fedmllm.evaluation.generation import generate_answers, parse_predictions

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from fedmllm.data.collate import IGNORE, Collator
 from fedmllm.models.families import FAMILIES
 from fedmllm.models.registry import Family, family_for_model_type, get_family, register_family
@@ -178,9 +178,9 @@ def test_model_path_loads_any_registered_family(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_federated_round(tmp_path, family, quant):
     import numpy as np
+    from inprocess import run_in_process
 
     from fedmllm.tracking import read_metrics
-    from inprocess import run_in_process
 
     run_in_process(
         tiny_overrides(

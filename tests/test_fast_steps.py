@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import loss_and_grads, tiny_lora
+
 from fedmllm.models.families import FAMILIES
 
 

@@ -1,14 +1,13 @@
 """`flwr run .` with Hydra overrides through run_config, on a SuperLink the test starts and stops."""
 
 import os
-import time
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-
 from test_e2e import assert_none_left, ray_processes
 
 pytestmark = pytest.mark.slow

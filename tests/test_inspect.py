@@ -4,8 +4,8 @@ for hub presets from the bundled config (no weights) and offline presets (equal 
 from __future__ import annotations
 
 import pytest
-
 from conftest import tiny_overrides
+
 from fedmllm.models.adapter import METHODS
 
 # LLaVA-1.5-7B by hand. CLIP ViT-L/14-336 (from the checkpoint's config) counts 303,507,456.

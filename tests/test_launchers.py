@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import tiny_overrides
 from test_e2e import assert_none_left, ray_processes, run_cli
 

@@ -171,9 +171,8 @@ def _crisismmd_with_rare_label(root, n_rows=120, rare="missing_or_found_people",
 def test_crisismmd_partition_equals_fedmllms_script_with_a_rare_label(tmp_path):
     """Sample by sample against the transcription, with a label rarer than the clients: tops up
     only the first label group, never fails, and some client holds none of the rare label."""
-    from fedmllm.partitioning.fedmllm_split import fedmllm_partition
-
     from fedmllm.data import load_task
+    from fedmllm.partitioning.fedmllm_split import fedmllm_partition
 
     root, tsv = _crisismmd_with_rare_label(tmp_path / "cm")
     cfg = {"name": "crisismmd", "root": str(root), "task": "humanitarian", "eval_samples": 0}

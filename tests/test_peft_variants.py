@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import tiny_overrides
+
 from fedmllm.models.adapter import METHODS, adapter_params, adapter_state, payload_bytes, trainable_bytes
 
 
@@ -131,8 +131,8 @@ def test_unsupported_combinations_name_the_setting_and_the_fix(overrides, names)
 
 @pytest.mark.parametrize("variant", ["rslora", "lora"])
 def test_flora_keeps_the_scale_of_every_rank(variant):
-    from fedmllm.config import compose
     from fedmllm.algorithms import algorithm_of
+    from fedmllm.config import compose
 
     cfg = compose(
         tiny_overrides(

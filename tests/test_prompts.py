@@ -107,8 +107,8 @@ def test_load_task_applies_prompt_group_and_template_override():
 
 
 def _processor(preset: str):
-    from fedmllm.config import compose
     from fedmllm.common import MissingAssetError
+    from fedmllm.config import compose
     from fedmllm.models.load import resolve_path
     from fedmllm.models.registry import get_family
 

@@ -56,9 +56,8 @@ def test_pre_quantized_cache_gives_the_same_model_without_requantizing(tmp_path,
     import bitsandbytes.functional as bnbf
     import torch
 
-    from fedmllm.models.load import load_model
+    from fedmllm.models.load import load_model, quantization_config
     from fedmllm.models.quantize import quantized_dir
-    from fedmllm.models.load import quantization_config
     from fedmllm.models.registry import get_family
 
     monkeypatch.setenv("FEDMLLM_CACHE", str(tmp_path))

@@ -288,7 +288,7 @@ def test_jobs_that_differ_only_in_seed_are_grouped_into_mean_and_std(grid):
 
 
 def test_grid_table_has_scenarios_as_rows_methods_as_columns_and_pools_local_clients(grid):
-    from fedmllm.tracking.report import load_job, grid_table
+    from fedmllm.tracking.report import grid_table, load_job
 
     jobs = [load_job(d) for d in sorted(grid.iterdir(), key=lambda p: int(p.name))]
     columns, table = grid_table(jobs)

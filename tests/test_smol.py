@@ -32,11 +32,11 @@ def test_language_model_weights_are_the_real_smollm2(smol):
 
 def test_smol_llava_is_4bit_trains_and_scores(smol):
     lm, cfg = smol
-    from fedmllm.training import train_steps
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.evaluation.scoring import score_options
     from fedmllm.models.adapter import adapter_state, payload_bytes, trainable_bytes
+    from fedmllm.training import train_steps
 
     assert any(type(m).__name__ == "Linear4bit" for m in lm.model.modules())
     task, train, heldout = load_task(cfg["dataset"], cfg["seed"])

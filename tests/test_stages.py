@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_overrides
 
 
@@ -125,8 +124,8 @@ def test_run_with_pretrain_and_align_logs_both(tmp_path):
     # the pre-trained adapter is the initial global adapter: round 0's checkpoint holds it
     from safetensors.numpy import load_file
 
-    from fedmllm.stages.cache import ADAPTER
     from fedmllm.server.checkpoint import STATE_FILE, read_state
+    from fedmllm.stages.cache import ADAPTER
 
     adapter = json.loads((out / "stage1_adapter.json").read_text())
     assert "pretrain_adapter_seconds" in rows[0] and adapter["steps"] == 3
@@ -144,7 +143,6 @@ def test_stage1_embed_trains_every_family_and_the_model_carries_it(fresh_cache, 
     from fedmllm.config import compose
     from fedmllm.models.load import load_model
     from fedmllm.stages.cache import WEIGHTS, model_config, stage1_dir
-
     from fedmllm.stages.vision import ensure_pretrained
 
     cfg = compose(
@@ -201,9 +199,9 @@ def _adapter_cfg(*extra):
 def _server_model(cfg):
     import torch
 
+    from fedmllm.algorithms import server_peft
     from fedmllm.models import clear_cache, get_model
     from fedmllm.stages.cache import model_config
-    from fedmllm.algorithms import server_peft
 
     clear_cache()
     torch.manual_seed(cfg["seed"])
@@ -214,8 +212,8 @@ def test_adapter_pretrain_learns_from_captions_is_cached_and_loads_into_a_fresh_
     from fedmllm.data.collate import Collator
     from fedmllm.data.easyvqa import YESNO
     from fedmllm.models.adapter import adapter_state
-    from fedmllm.stages.cache import ADAPTER, adapter_dir
     from fedmllm.stages.adapter import ensure_adapter_pretrained
+    from fedmllm.stages.cache import ADAPTER, adapter_dir
     from fedmllm.stages.vision import ensure_pretrained
 
     cfg = _adapter_cfg()

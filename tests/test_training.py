@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import loss_and_grads, tiny_lora
 
 

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import tiny_overrides
+
 from fedmllm.client import worker
 from fedmllm.config import ConfigError
 
@@ -54,12 +54,12 @@ def wait_dead(pid: int, timeout: float = 10) -> bool:
 
 
 def request(cfg_overrides: list[str], node_config: dict, server_round: int = 1):
+    from fedmllm.algorithms import server_peft
     from fedmllm.client import TrainRequest
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
     from fedmllm.stages.cache import model_config
-    from fedmllm.algorithms import server_peft
 
     cfg = compose(cfg_overrides)
     arrays = {k: np.array(v) for k, v in adapter_state(get_model(model_config(cfg), server_peft(cfg)).model).items()}

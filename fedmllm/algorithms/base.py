@@ -17,6 +17,9 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import fedmllm.algorithms as pkg
+from fedmllm.models.adapter import load_adapter_state
+
 if TYPE_CHECKING:  # pragma: no cover
     from fedmllm.client.local import LocalRound
 
@@ -143,7 +146,6 @@ class Algorithm:
     # --- client: one local round ---------------------------------------------------------------
     def prepare(self, r: "LocalRound") -> None:
         """Load what the server sent into the model and freeze what must not train."""
-        from fedmllm.models.adapter import load_adapter_state
 
         load_adapter_state(r.model, r.arrays)
 
@@ -177,7 +179,6 @@ def unregister(name: str) -> None:
 
 def builtin_names() -> list[str]:
     """The algorithms that ship with fedmllm (one module each in fedmllm/algorithms/)."""
-    import fedmllm.algorithms as pkg
 
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base")
 

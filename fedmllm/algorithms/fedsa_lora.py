@@ -9,7 +9,8 @@ import functools
 import numpy as np
 
 from fedmllm.algorithms.base import Algorithm, register
-from fedmllm.strategies.aggregate import lora_role
+from fedmllm.models.adapter import load_adapter_state
+from fedmllm.strategies.aggregate import InvalidReply, lora_role, weighted_average
 
 
 @register
@@ -30,7 +31,6 @@ class FedSALoRA(Algorithm):
         return _strategy()
 
     def prepare(self, r) -> None:
-        from fedmllm.models.adapter import load_adapter_state
 
         own_b = r.store.get("lora_b") or {
             k: np.zeros(tuple(p.shape), np.float32) for k, p in r.params.items() if lora_role(k) == "B"
@@ -46,7 +46,6 @@ class FedSALoRA(Algorithm):
 @functools.cache
 def _strategy() -> type:
     from fedmllm.records import from_record
-    from fedmllm.strategies.aggregate import InvalidReply, weighted_average
     from fedmllm.strategies.fused import FusedAverage
 
     class FedSALoRAStrategy(FusedAverage):

@@ -4,6 +4,7 @@ and the projector travel and train, so FedAvg of B is exact: avg_k(B_k) A = avg_
 from __future__ import annotations
 
 from fedmllm.algorithms.base import Algorithm, register
+from fedmllm.models.adapter import init_lora_a, load_adapter_state
 from fedmllm.strategies.aggregate import lora_role
 
 
@@ -19,7 +20,6 @@ class FFALoRA(Algorithm):
         return lora_role(key) != "A"
 
     def prepare_server_model(self, model, seed: int) -> None:
-        from fedmllm.models.adapter import init_lora_a
 
         init_lora_a(model, seed)  # the frozen A every client derives from the same seed
 
@@ -27,7 +27,6 @@ class FFALoRA(Algorithm):
         return lora_role(key) == "A"  # the clients' A is derived from the seed and frozen: train B only
 
     def prepare(self, r) -> None:
-        from fedmllm.models.adapter import init_lora_a, load_adapter_state
 
         init_lora_a(r.model, r.seed)  # the same A in every process: derived from the run seed
         for k, p in r.params.items():

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from fedmllm.algorithms.base import Algorithm, peft_at_rank, register
-from fedmllm.strategies.aggregate import lora_pairs, lora_role
+from fedmllm.models.adapter import init_lora_a, load_adapter_state
+from fedmllm.strategies.aggregate import flora_merge, flora_stack, lora_pairs, lora_role
 
 
 @register
@@ -69,8 +70,6 @@ class FLoRA(Algorithm):
         """Model rank = R (global update, frozen) + r (this round's fresh local factors)."""
         import torch
 
-        from fedmllm.models.adapter import init_lora_a, load_adapter_state
-
         rank = self.max_rank
         params = r.params
         init_lora_a(r.model, r.round_seed)  # fresh local A; B starts at zero as in PEFT
@@ -111,7 +110,6 @@ def _strategy() -> type:
     from flwr.serverapp import Grid
 
     from fedmllm.records import from_record, to_record
-    from fedmllm.strategies.aggregate import flora_merge, flora_stack
     from fedmllm.strategies.fused import FusedAverage
 
     class FLoRAStrategy(FusedAverage):

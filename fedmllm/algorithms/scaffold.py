@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 from fedmllm.algorithms.base import Algorithm, register
+from fedmllm.strategies.aggregate import InvalidReply, scaffold_client_variate, scaffold_server_update
 
 
 @register
@@ -54,7 +55,6 @@ class Scaffold(Algorithm):
         r.scratch["steps"] += 1
 
     def finish(self, r, state):
-        from fedmllm.strategies.aggregate import scaffold_client_variate
 
         c_i = r.scratch["c_i"]
         grads = {k: v.float().cpu().numpy() for k, v in r.scratch["grad_sum"].items()}
@@ -70,7 +70,6 @@ def _strategy() -> type:
     from flwr.serverapp import Grid
 
     from fedmllm.records import from_record, to_record
-    from fedmllm.strategies.aggregate import InvalidReply, scaffold_server_update
     from fedmllm.strategies.fused import FusedAverage
 
     class ScaffoldStrategy(FusedAverage):

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from fedmllm import data as sources  # sources.load_task is looked up on each call (tests replace it)
 from fedmllm.algorithms import adaptive_reg_settings, algorithm_of
-from fedmllm.config import NodeIdentity
+from fedmllm.client.local import ClientStore, LocalRound, client_state_path
+from fedmllm.config import NodeIdentity, from_run_config, node_identity
+from fedmllm.data import task_for
+from fedmllm.data.collate import Collator
 from fedmllm.models import get_model
-from fedmllm.stages.cache import model_config
 from fedmllm.models.adapter import payload_bytes, trainable_bytes
+from fedmllm.partitioning import client_partition
+from fedmllm.partitioning.materialise import read_client, read_task
+from fedmllm.stages.cache import model_config
+from fedmllm.training import optimizer_steps, round_lr, round_seed, train_steps
 
 
 @dataclass
@@ -31,8 +40,6 @@ class TrainRequest:
 
 def train_request(req: TrainRequest):
     """Compose the config, run the client's round: (adapter, metrics, extra records, state to keep)."""
-    from fedmllm.client.local import ClientStore, client_state_path
-    from fedmllm.config import from_run_config, node_identity
 
     ident = node_identity(req.node_config)
     cfg = from_run_config(req.run_config, req.base_overrides)
@@ -55,9 +62,6 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     dataset is read (the task comes from the directory's task.json); else built the same way from
     the configured dataset, partitioner and modality scenario. Under aggregator=centralized
     (`pooled`) the training partition holds every partition's samples, each with its scenario."""
-    from fedmllm.data import load_task, task_for
-    from fedmllm.partitioning import client_partition
-    from fedmllm.partitioning.materialise import read_client, read_task
 
     ids = range(ident.num_partitions) if algorithm_of(cfg).pooled else [ident.partition_id]
     if ident.data_dir:
@@ -65,12 +69,12 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
         task = (
             task_for(task, cfg["dataset"], cfg.get("prompt"))
             if task is not None
-            else load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))[0]
+            else sources.load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))[0]
         )  # a partition from before task.json
         return task, [
             s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions, ident.image_root)
         ]
-    task, pool, _ = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
+    task, pool, _ = sources.load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
     return task, [s for i in ids for s in client_partition(pool, cfg, i, ident.num_partitions)]
 
 
@@ -121,9 +125,6 @@ def train_round(
     this client keeps across rounds (fedmllm.client.local.ClientStore).
     Every client replies with the same metric keys (Flower rejects inconsistent replies).
     """
-    import time
-
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     algorithm = algorithm_of(cfg)
@@ -135,10 +136,6 @@ def train_round(
             flush=True,
         )
         return arrays, sit_out_metrics(ident.partition_id), {}
-
-    from fedmllm.client.local import ClientStore, LocalRound, client_state_path
-    from fedmllm.data.collate import Collator
-    from fedmllm.training import optimizer_steps, round_lr, round_seed, train_steps
 
     rank = algorithm.client_rank(cfg, ident.partition_id, ident.lora_rank)
     lm = get_model(model_config(cfg), algorithm.client_peft(cfg, ident.partition_id, ident.lora_rank))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmllm.client import TrainRequest, train_request, worker
 from fedmllm.config import node_identity
 from fedmllm.records import from_record, to_record
 
@@ -25,7 +26,6 @@ def make_client_app(base_overrides: tuple[str, ...] = ()) -> ClientApp:
 
 def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...] = ()) -> Message:
     """One train message: run the client's round, reply (and keep its state)."""
-    from fedmllm.client import TrainRequest, worker
 
     node_identity(context.node_config)  # first: a misconfigured SuperNode fails in a second
     saved = context.state.array_records.get(STATE_KEY)
@@ -41,8 +41,6 @@ def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...]
     if worker.wanted(context.node_config):
         out, metrics, extra_out, state = worker.call(request)
     else:
-        from fedmllm.client import train_request
-
         out, metrics, extra_out, state = train_request(request)
     if state:
         context.state[STATE_KEY] = to_record(state)

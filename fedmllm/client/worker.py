@@ -20,6 +20,7 @@ Security: requests are pickles, so the socket lives in a directory only this use
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import pickle
@@ -29,11 +30,15 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from fedmllm.client import train_request
+from fedmllm.config import ConfigError
 
 IDLE_S = 900.0
 START_TIMEOUT_S = 300.0
@@ -55,7 +60,6 @@ def wanted(node_config: dict[str, Any]) -> bool:
     text = str(value).strip().lower()
     if text in _TRUE | _FALSE:
         return text in _TRUE
-    from fedmllm.config import ConfigError
 
     raise ConfigError(
         f"node_config worker={value!r} must be true or false; restart the SuperNode with "
@@ -65,7 +69,6 @@ def wanted(node_config: dict[str, Any]) -> bool:
 
 def socket_dir() -> Path:
     """The private directory holding this user's worker sockets (created 0700; refused if others may enter)."""
-    import tempfile
 
     base = Path(os.environ.get("FEDMLLM_WORKER_DIR") or Path(tempfile.gettempdir()) / f"fedmllm-{os.getuid()}")
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -191,7 +194,6 @@ def connect_or_start(supernode_pid: int | None = None) -> socket.socket:
     """A connection to this SuperNode's worker, starting one when there is none. `supernode_pid`:
     the process that launches the ClientApps (default: this process's parent, which in Flower 1.42 is
     the SuperNode's `flower-superexec`; it exits with the SuperNode)."""
-    import fcntl
 
     supernode_pid = supernode_pid or os.getppid()
     path = socket_path(supernode_pid)
@@ -272,7 +274,6 @@ def _portable(err: BaseException) -> BaseException:
 
 def serve(path: Path, supernode_pid: int, idle_s: float = IDLE_S) -> None:
     """Listen on `path` and train one message at a time until stopped, idle or orphaned."""
-    from fedmllm.client import train_request
 
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from fedmllm.config import Number, need, number
-from fedmllm.data import crisismmd
+from fedmllm.data import crisismmd, easyvqa, hateful_memes, llava_json
 from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
@@ -111,7 +111,6 @@ def prompt_name(prompt: dict[str, Any] | str | None) -> str:
 
 def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sample]]:
     """(task, train split, test split) of the configured source, before held-out sampling."""
-    from fedmllm.data import crisismmd, easyvqa, hateful_memes, llava_json
 
     name = cfg["name"]
     strict = bool(cfg.get("strict", False))
@@ -168,7 +167,6 @@ def check_source(dataset_cfg: dict[str, Any]) -> None:
 
     For `fedmllm run`'s preflight: a wrong path fails before any worker starts.
     """
-    from fedmllm.data import crisismmd, hateful_memes, llava_json
 
     name = dataset_cfg["name"]
     if name == "hateful_memes":

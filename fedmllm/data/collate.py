@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 
 from fedmllm.data.prompts import SYSTEM, user_prompt
+from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
 IGNORE = -100  # label value the loss ignores
@@ -16,7 +17,6 @@ IGNORE = -100  # label value the loss ignores
 def load_image(path: str) -> Image.Image:
     """The image as RGB; a file PIL cannot decode (a PNG cut after its header passes the loaders'
     header check) raises DataError naming it, instead of a decoder error naming nothing."""
-    from fedmllm.data.reading import DataError
 
     try:
         with Image.open(path) as im:

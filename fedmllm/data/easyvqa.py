@@ -7,6 +7,7 @@ import random
 from collections import defaultdict
 from functools import lru_cache
 
+from fedmllm.common import MissingAssetError
 from fedmllm.data.schema import Sample, Task
 
 YESNO = Task("easyvqa", labels=("no", "yes"), instruction="Answer yes or no.")
@@ -35,8 +36,6 @@ def _easy_vqa():
     try:
         import easy_vqa
     except ImportError:
-        from fedmllm.common import MissingAssetError
-
         raise MissingAssetError(f"the easy-vqa tasks need the PyPI package easy-vqa: {INSTALL}") from None
     return easy_vqa
 

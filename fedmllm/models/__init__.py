@@ -7,6 +7,8 @@ import threading
 from typing import Any, NamedTuple
 
 import fedmllm.models.families  # noqa: F401  (registers every family; registry.families() lists them)
+from fedmllm.models.adapter import apply_peft
+from fedmllm.models.load import load_model
 from fedmllm.models.registry import Family, get_family, register_family  # noqa: F401
 
 
@@ -28,9 +30,6 @@ def get_model(model_cfg: dict[str, Any], peft_cfg: dict[str, Any]) -> LoadedMode
     key = json.dumps([model_cfg, peft_cfg], sort_keys=True, default=str)
     with _LOCK:
         if key not in _CACHE:
-            from fedmllm.models.adapter import apply_peft
-            from fedmllm.models.load import load_model
-
             model, processor, family = load_model(model_cfg)
             _CACHE.clear()  # one model per process: memory beats a second cached preset
             _CACHE[key] = LoadedModel(apply_peft(model, family, peft_cfg), processor, family)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
@@ -240,8 +242,6 @@ def init_lora_a(model, seed: int, keys=None) -> None:
     """Set LoRA A tensors to PEFT's default init (Kaiming-uniform, a=sqrt(5)) drawn from a
     generator seeded by `seed` and the key, so every process gets the same A (FFA-LoRA's shared
     frozen A; FLoRA's fresh local factors)."""
-    import hashlib
-    import math
 
     import torch
 

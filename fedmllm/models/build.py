@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmllm.common import MissingAssetError, cache_root, write_atomically
+from fedmllm.models.families.llava import assemble
+from fedmllm.models.registry import get_family
 
 # bump when a builder changes what it writes, so old caches are not reused
 # (2: one tiny builder per family; llava's chat template reads typed parts)
@@ -57,7 +59,6 @@ def ensure_built(preset: dict[str, Any]) -> Path:
 
 def builder(preset: dict[str, Any]):
     """The function that writes an offline preset: `tiny` is the family's own tiny checkpoint."""
-    from fedmllm.models.registry import get_family
 
     kind = preset.get("builder")
     if kind == "tiny":
@@ -87,6 +88,5 @@ def _build_smollm2(preset: dict[str, Any], out: Path) -> None:
     text_config.vocab_size = len(tokenizer)
     state = {"model": lm.model.state_dict(), "lm_head": lm.lm_head.weight.detach().clone()}
     tokenizer.save_pretrained(out)
-    from fedmllm.models.families.llava import assemble
 
     assemble(text_config, tokenizer, preset, out, lm_state=state)

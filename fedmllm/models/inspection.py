@@ -15,6 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fedmllm.algorithms import algorithm_of
+from fedmllm.models.adapter import adapter_params, apply_peft, method_of
+from fedmllm.models.build import ensure_built
+from fedmllm.models.load import family_of
+from fedmllm.models.registry import get_family  # importing fedmllm.models registers the families
+
 HUB_CONFIGS = Path(__file__).parent / "hub_configs"
 MB = 1e6
 
@@ -28,8 +34,6 @@ def local_checkpoint(model_cfg: dict[str, Any]) -> Path | None:
 def family_of_preset(model_cfg: dict[str, Any]):
     """The family that loads the preset: a local `model.path`'s config.json `model_type` decides
     (as loading does), else `model.family`."""
-    from fedmllm.models.load import family_of
-    from fedmllm.models.registry import get_family  # importing fedmllm.models registers the families
 
     local = local_checkpoint(model_cfg)
     return family_of(model_cfg, str(local)) if local is not None else get_family(model_cfg["family"])
@@ -50,8 +54,6 @@ def hf_config(model_cfg: dict[str, Any]):
             )
         return cls.from_dict(json.loads(path.read_text()))
     if model_cfg.get("builder"):
-        from fedmllm.models.build import ensure_built
-
         return cls.from_pretrained(ensure_built(model_cfg))
     raise ValueError(
         f"preset {model_cfg.get('name')!r} has no config available offline: add `hf_config: <preset>.json` "
@@ -72,7 +74,6 @@ def meta_model(model_cfg: dict[str, Any]):
 def _adapter_sizes(model, family, peft_cfg: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
     """(payload key -> numel, module group -> trainable params) of a meta-device model under
     `peft_cfg` (the model is wrapped in place)."""
-    from fedmllm.models.adapter import adapter_params, apply_peft
 
     with warnings.catch_warnings():  # PEFT calls transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing")
@@ -93,8 +94,6 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
     (B only for the server's evaluation); SCAFFOLD adds a control variate of the adapter's size
     each way; FLoRA sends the client's own rank-r factors up and the rank-max_rank global down.
     """
-    from fedmllm.algorithms import algorithm_of
-    from fedmllm.models.adapter import method_of
 
     model_cfg = cfg["model"]
     model, family = meta_model(model_cfg)

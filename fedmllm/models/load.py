@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from fedmllm.models.build import ensure_built
 from fedmllm.models.device import avoid_cudnn_attention
 from fedmllm.models.quantize import from_pretrained_quantized, keep_cpu_layout, uses_cache
 from fedmllm.models.registry import Family, family_for_model_type, get_family
+from fedmllm.models.stage1 import load_stage1
 
 
 def resolve_path(model_cfg: dict[str, Any]) -> str:
@@ -91,7 +93,6 @@ def compute_dtype(model_cfg: dict[str, Any]):
 
 def attn_implementation(model_cfg: dict[str, Any]) -> str:
     """`model.attn_implementation`, checked: flash_attention_2 needs the flash-attn package and CUDA."""
-    import importlib.util
 
     impl = model_cfg.get("attn_implementation", "sdpa")
     if impl not in ATTN_IMPLEMENTATIONS:
@@ -163,8 +164,6 @@ def load_model(model_cfg: dict[str, Any]):
     if quant is not None:
         keep_cpu_layout(model)  # the same 4-bit weights in every pass, on every CPU
     if model_cfg.get("stage1_weights"):  # the server's stage-1 vision tower + projector
-        from fedmllm.models.stage1 import load_stage1
-
         load_stage1(model, model_cfg["stage1_weights"])
     processor = family.processor_cls().from_pretrained(path)
     if processor.tokenizer.pad_token is None:

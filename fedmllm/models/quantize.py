@@ -17,6 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedmllm.common import cache_root, write_atomically
+from fedmllm.models.build import preset_dir
+
 QUANT_CACHE_VERSION = 1  # bump when what is saved changes, so old entries are not reused
 
 
@@ -24,7 +27,6 @@ def weights_key(model_cfg: dict[str, Any]) -> str:
     """What identifies a preset's full-precision weights: its build key (offline presets) or path."""
     if model_cfg.get("path"):
         return str(model_cfg["path"])
-    from fedmllm.models.build import preset_dir
 
     return preset_dir(model_cfg).name  # name + hash of the build settings + BUILD_VERSION
 
@@ -33,8 +35,6 @@ def quantized_dir(model_cfg: dict[str, Any], quant_config) -> Path:
     """Cache directory of a preset quantized with `quant_config` (a BitsAndBytesConfig)."""
     import bitsandbytes
     import transformers
-
-    from fedmllm.common import cache_root
 
     key = json.dumps(
         {
@@ -61,7 +61,6 @@ def from_pretrained_quantized(model_cls, source: str, model_cfg: dict[str, Any],
 
     Returns (model, where it came from: "cache" or "quantized now").
     """
-    from fedmllm.common import write_atomically
 
     out = quantized_dir(model_cfg, kwargs["quantization_config"])
     if (out / "config.json").is_file():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
 from fedmllm.config import Number, need, number
 from fedmllm.data.schema import Sample
+from fedmllm.partitioning.fedmllm_split import fedmllm_partition
+from fedmllm.partitioning.scenarios import apply_scenario
 
 PARTITIONERS = ("iid", "dirichlet", "fedmllm")
 TOPUPS = ("all", "first")  # FedMLLM's Hateful Memes script | its CrisisMMD script
@@ -71,8 +75,6 @@ def partition_indices(
 def _partition_indices(labels, cfg_items, num_partitions, seed):
     cfg = dict(cfg_items)
     if cfg["name"] == "fedmllm":
-        from fedmllm.partitioning.fedmllm_split import fedmllm_partition
-
         return fedmllm_partition(labels, num_partitions, float(cfg["alpha"]), seed, topup=cfg.get("topup") or "all")
     from datasets import Dataset
 
@@ -84,7 +86,6 @@ def _partition_indices(labels, cfg_items, num_partitions, seed):
     ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
     part = make_partitioner(cfg, num_partitions, seed)
     part.dataset = ds
-    import warnings
 
     try:
         with warnings.catch_warnings():  # one warning per retry; a failure below says it in one line
@@ -119,9 +120,6 @@ def label_partition(samples: list[Sample], cfg: dict[str, Any], num_partitions: 
 def client_partition(pool: list[Sample], cfg: dict[str, Any], partition_id: int, num_partitions: int) -> list[Sample]:
     """One client's training samples: the label partition, then the modality scenario (copies,
     image paths absolute), so every process and `fedmllm partition` build the same samples."""
-    import os
-
-    from fedmllm.partitioning.scenarios import apply_scenario
 
     samples = client_samples(pool, cfg["partitioner"], partition_id, num_partitions, cfg["seed"])
     out = apply_scenario(samples, cfg["scenario"], partition_id, num_partitions, cfg["seed"])

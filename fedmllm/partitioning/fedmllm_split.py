@@ -7,7 +7,6 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-
 TOPUPS = ("all", "first")  # which label groups the script tops up: Hateful Memes' | CrisisMMD's
 
 

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedmllm.config import ConfigError
-from fedmllm.data.schema import Sample, Task, modality
 from fedmllm.common import write_atomically
+from fedmllm.config import ConfigError
+from fedmllm.data import load_task
+from fedmllm.data.schema import Sample, Task, modality
 from fedmllm.partitioning import client_partition, label_partition
 from fedmllm.partitioning.scenarios import scenario_tag
 
@@ -110,8 +111,6 @@ def write_partitions(
     `partition_path(cfg, out)`; returns (that directory, stats). The files are written into a
     temporary sibling first and renamed into place, so a crash never leaves half a partition."""
     if pool is None or task is None:
-        from fedmllm.data import load_task
-
         task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
     parts = build_partitions(cfg, pool)
     stats = partition_stats(parts, task.labels)

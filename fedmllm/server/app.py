@@ -6,6 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmllm.config import from_run_config
+from fedmllm.server.run import run_server
 
 
 def make_server_app(base_overrides: tuple[str, ...] = ()) -> ServerApp:
@@ -14,8 +15,6 @@ def make_server_app(base_overrides: tuple[str, ...] = ()) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedmllm.server.run import run_server
-
         run_server(grid, from_run_config(context.run_config, base_overrides))
 
     return app

@@ -15,7 +15,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
+from fedmllm.common import write_atomically
 from fedmllm.models.adapter import load_adapter_state
 from fedmllm.stages.cache import WEIGHTS
 
@@ -93,8 +95,6 @@ def _adapter_tensors(ckpt_dir: Path) -> dict[str, np.ndarray]:
     path = Path(ckpt_dir) / ADAPTER_FILE
     if not path.is_file():
         return {}
-    from safetensors.numpy import load_file
-
     return load_file(str(path))
 
 
@@ -258,8 +258,6 @@ def export_checkpoint(ckpt: Path, out: Path, family, merge: bool = True, dtype: 
     from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
     from transformers import AutoProcessor
-
-    from fedmllm.common import write_atomically
 
     ckpt, out = Path(ckpt), Path(out)
     if out.exists():

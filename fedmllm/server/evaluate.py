@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm.auto import tqdm
 
+from fedmllm.algorithms import server_peft
+from fedmllm.config import ConfigError, validate
+from fedmllm.data import load_task
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample, modality
 from fedmllm.evaluation.generation import generate_answers, parse_predictions
 from fedmllm.evaluation.metrics import choice_metrics, classification_metrics, fedmllm_metrics, group_metrics
 from fedmllm.evaluation.parsing import fedmllm_parse, option_letters
 from fedmllm.evaluation.scoring import score_options
+from fedmllm.models import get_model
 from fedmllm.models.adapter import load_adapter_state
+from fedmllm.partitioning.scenarios import apply_eval_scenario
+from fedmllm.server.checkpoint import STAGE1_FILE, STATE_FILE, checkpoint_dir, read_state
+from fedmllm.stages.cache import model_config, stage1_dir
 
 MODES = ("score", "generate")
 PROTOCOLS = ("ours", "fedmllm")
@@ -112,10 +124,6 @@ def run_config(run_dir, overrides: list[str] | tuple[str, ...] = ()) -> dict[str
     """The config a run used (its config.yaml, fully resolved) with `overrides` (key=value, e.g.
     eval.mode=generate dataset.eval_samples=500) applied and validated; a key the run's config
     does not have fails naming it."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fedmllm.config import ConfigError, validate
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -138,17 +146,6 @@ def evaluate_checkpoint(
     split as the run did, or with `overrides` (another eval mode, protocol, scenario or sample
     count). Writes `<run dir>/eval/round-<N>.json` and the predictions beside it; returns the metrics
     with `round` and `checkpoint`."""
-    import json
-    import sys
-
-    from tqdm.auto import tqdm
-
-    from fedmllm.algorithms import server_peft
-    from fedmllm.data import load_task
-    from fedmllm.models import get_model
-    from fedmllm.stages.cache import model_config, stage1_dir
-    from fedmllm.partitioning.scenarios import apply_eval_scenario
-    from fedmllm.server.checkpoint import STAGE1_FILE, STATE_FILE, checkpoint_dir, read_state
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, overrides)

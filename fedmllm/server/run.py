@@ -10,10 +10,33 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from fedmllm.algorithms import algorithm_of, strategy_settings
+from fedmllm.data import load_public, load_task
+from fedmllm.data.collate import Collator
 from fedmllm.models import clear_cache, get_model
-from fedmllm.models.load import resolve_path
-from fedmllm.stages.cache import WEIGHTS, model_config
 from fedmllm.models.adapter import adapter_state
+from fedmllm.models.load import resolve_path
+from fedmllm.partitioning.scenarios import apply_eval_scenario
+from fedmllm.records import from_record, to_record
+from fedmllm.server.checkpoint import (
+    latest_state,
+    prune_checkpoints,
+    save_checkpoint,
+    save_strategy_state,
+    write_manifest,
+)
+from fedmllm.server.evaluate import eval_options, evaluate, save_predictions
+from fedmllm.stages.adapter import ensure_adapter_pretrained, format_adapter_summary
+from fedmllm.stages.align import Aligner
+from fedmllm.stages.cache import WEIGHTS, model_config
+from fedmllm.stages.vision import ensure_pretrained, format_summary
+from fedmllm.strategies.wrapper import AdapterStrategy
+from fedmllm.tracking import MetricsLog, format_round, plot_run, read_metrics
 
 
 def default_run_dir() -> Path:
@@ -24,9 +47,6 @@ def build_strategy(cfg: dict[str, Any], **settings):
     """The algorithm's Flower strategy, with the `aggregator` section's settings and the sampled
     fraction following clients_per_round, inside strategies.wrapper.AdapterStrategy (reply checks;
     `settings`: its fixed, round_offset, post_aggregate, on_round)."""
-    from fedmllm.algorithms import algorithm_of, strategy_settings
-    from fedmllm.strategies.wrapper import AdapterStrategy
-
     algorithm = algorithm_of(cfg)
     kwargs = strategy_settings(cfg["aggregator"])
     checks = {k: kwargs.pop(k) for k in ("max_update_norm", "max_num_examples") if k in kwargs}
@@ -38,27 +58,6 @@ def build_strategy(cfg: dict[str, Any], **settings):
 def run_server(grid, cfg: dict[str, Any]) -> Path:
     """Run all rounds on `grid`; returns the run directory."""
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-    from omegaconf import OmegaConf
-    from tqdm.auto import tqdm
-
-    from fedmllm.data import load_public, load_task
-    from fedmllm.partitioning.scenarios import apply_eval_scenario
-    from fedmllm.records import from_record, to_record
-    from fedmllm.data.collate import Collator
-    from fedmllm.server.checkpoint import (
-        latest_state,
-        prune_checkpoints,
-        save_checkpoint,
-        save_strategy_state,
-        write_manifest,
-    )
-    from fedmllm.algorithms import algorithm_of
-    from fedmllm.server.evaluate import eval_options, evaluate, save_predictions
-    from fedmllm.stages.adapter import ensure_adapter_pretrained, format_adapter_summary
-    from fedmllm.stages.align import Aligner
-    from fedmllm.stages.vision import ensure_pretrained, format_summary
-    from fedmllm.tracking import MetricsLog, format_round, plot_run
 
     run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
     resumed = None
@@ -199,7 +198,6 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
 
 def logged_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The rows metrics.jsonl holds so far (a resumed run's included), [] before the first."""
-    from fedmllm.tracking import read_metrics
 
     return read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
 
@@ -230,7 +228,6 @@ RESUME_FIXED = ("model", "peft", "dataset", "partitioner", "scenario", "prompt",
 def check_resumable(run_dir: Path, cfg: dict[str, Any]) -> None:
     """Raise ResumeError, naming each setting that differs, when `cfg` would continue `run_dir`
     under another model, PEFT, dataset, partition, scenario, prompt, aggregator, clients or seed."""
-    import yaml
 
     if not run_dir.is_dir():
         raise ResumeError(f"resume={run_dir}: no such directory; pass the 'run dir:' a stopped run printed")
@@ -264,7 +261,6 @@ def _differences(old: Any, new: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
 
 def keep_rows_until(run_dir: Path, last_round: int) -> None:
     """Rewrite metrics.jsonl without the rows of rounds after `last_round` (atomically)."""
-    import json
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from fedmllm.algorithms import algorithm_of
 from fedmllm.common import write_atomically
@@ -34,8 +35,6 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     `algorithm.server_peft(cfg)`), training and caching it first unless cached; returns its summary (`seconds`
     0 and `cached` true when it was there), or None when `server_stage.pretrain.lora` is off or
     the aggregator cannot use it."""
-    from safetensors.numpy import load_file, save_file
-
     algorithm = algorithm_of(cfg)
     out = adapter_dir(cfg)
     if out is None:

@@ -10,6 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedmllm.algorithms import algorithm_of
+from fedmllm.common import cache_root
+from fedmllm.models.build import preset_dir
+
 STAGE1_VERSION = 1  # bump when the stage-1 trainer changes what it produces
 WEIGHTS = "stage1.safetensors"
 SUMMARY = "summary.json"
@@ -19,8 +23,6 @@ ADAPTER = "adapter.safetensors"
 
 def stage1_dir(cfg: dict[str, Any]) -> Path | None:
     """Cache directory of the stage-1 result the config asks for, or None (no pretraining)."""
-    from fedmllm.common import cache_root
-    from fedmllm.models.build import preset_dir
 
     stage = (cfg.get("server_stage") or {}).get("pretrain") or {}
     if not stage.get("enabled", False):
@@ -48,8 +50,6 @@ def adapter_dir(cfg: dict[str, Any]) -> Path | None:
     Keyed by everything that shapes it: the stage-1 result it trains on, its own settings, the
     PEFT settings and aggregator algorithm (FFA-LoRA freezes A), the model preset (quantization
     included), the task (dataset, template, prompt) and the seed."""
-    from fedmllm.common import cache_root
-    from fedmllm.algorithms import algorithm_of
 
     base = stage1_dir(cfg)
     lora = ((cfg.get("server_stage") or {}).get("pretrain") or {}).get("lora") or {}

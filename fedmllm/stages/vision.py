@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from fedmllm.common import write_atomically
+from fedmllm.data.collate import Collator
+from fedmllm.data.schema import Task
 from fedmllm.models.device import to_model
+from fedmllm.models.load import load_model
 from fedmllm.stages.cache import SUMMARY, WEIGHTS, _result, stage1_dir
 from fedmllm.stages.captions import load_public_captions
-from fedmllm.training import StepBar, optimize
+from fedmllm.training import StepBar, answer_loss, optimize
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,7 +38,6 @@ def ensure_pretrained(cfg: dict[str, Any], log=print) -> dict[str, Any] | None:
         return None
     if (out / WEIGHTS).is_file():
         return _result(json.loads((out / SUMMARY).read_text()), out, cached=True)
-    from fedmllm.models.load import load_model
 
     pairs = load_public_captions(cfg["dataset"], cfg["seed"])
     if len(pairs) < 10:
@@ -108,7 +111,6 @@ def _augment(x, rng: random.Random):
     if isinstance(x, torch.Tensor):
         x = torch.rot90(x, turns, (2, 3))
         return torch.flip(x, (3,)) if flip else x
-    from PIL import Image
 
     ops = [Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270]
     x = [im.transpose(ops[turns - 1]) if turns else im for im in x]
@@ -124,7 +126,6 @@ def pretrain(model, processor, family, pairs, stage: dict[str, Any], seed: int) 
     """Train the vision tower + projector of `model` in place; returns a summary with the loss
     curve and held-out (10% of the public images) nearest-word accuracy per caption slot."""
     import torch
-    from PIL import Image
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -257,10 +258,6 @@ def _embed_objective(model, processor, family, train, val, images, stage):
 def _caption_objective(model, processor, family, train, val):
     """LLaVA stage 1: '<image> Describe the image.' -> 'a <word> <word>', loss on the caption."""
     import torch
-
-    from fedmllm.data.collate import Collator
-    from fedmllm.data.schema import Task
-    from fedmllm.training import answer_loss
 
     captions = sorted({"a " + " ".join(words) for _, words in train + val})
     task = Task("caption", labels=tuple(captions), instruction="Describe the image.")

@@ -7,6 +7,7 @@ import functools
 from typing import Mapping, Sequence
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 
 class InvalidReply(ValueError):
@@ -93,8 +94,6 @@ except ImportError:  # pragma: no cover
 
 @functools.lru_cache(maxsize=1)
 def _blas_threads():
-    from threadpoolctl import ThreadpoolController  # with scikit-learn
-
     return ThreadpoolController()
 
 

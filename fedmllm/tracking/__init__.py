@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import numpy as np
+
 from fedmllm.config import need
 
 LOGGERS = ("none", "wandb")
@@ -133,7 +135,6 @@ def plot_run(run_dir: Path) -> Path:
 def majority_accuracy(run_dir: Path) -> float | None:
     """The held-out accuracy of always answering the most frequent label (from the latest
     predictions/round-N.npz), or None when the run saved no predictions."""
-    import numpy as np
 
     files = sorted(Path(run_dir).glob("predictions/round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
     if not files:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+
 from fedmllm.evaluation.metrics import MODALITY_ORDER
 
 # Final-round columns, in this order, when at least one job logged them.
@@ -154,7 +157,6 @@ def results_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str],
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
     """(mean, sample standard deviation (ddof 1; None for one value), n) of the values given."""
-    import numpy as np
 
     v = np.asarray([x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)], dtype=float)
     if not len(v):
@@ -315,7 +317,6 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 def load_job(job_dir: Path) -> Job:
     """A job dir's overrides, config and metrics, with its status (a missing file makes it failed)."""
-    import yaml
 
     job_dir = Path(job_dir)
     ov_path = job_dir / ".hydra" / "overrides.yaml"

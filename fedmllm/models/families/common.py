@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the LoRA targets of every decoder here
 
@@ -88,7 +89,6 @@ def tiny_tokenizer(special: list[str], chat_template: str | None, vocab_size: in
     `special`: the family's special tokens (never split); `roles`: bos_token, eos_token,
     pad_token, unk_token, each one of `special`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
