@@ -36,6 +36,12 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+@lru_cache(maxsize=4096)
+def _float32_layout(shape: tuple[int, ...]) -> tuple[bytes, int]:
+    """(the .npy header of a C-ordered float32 array of `shape`, its element count)."""
+    return _npy_header(tuple(int(d) for d in shape)), math.prod(shape)
+
+
 def encode(value) -> Array:
     """A float32 Array with exactly the bytes `np.save` writes (what Flower's `Array(ndarray)`
     stores), built with one copy and a cached header instead of a BytesIO round trip per tensor."""
@@ -123,15 +129,20 @@ def _npy_layout(array: Array) -> tuple[np.dtype, tuple[int, ...], int, int] | No
         return None
     size = 2 if data[6] == 1 else 4
     start = 8 + size + int.from_bytes(data[8 : 8 + size], "little")
-    dtype = _dtype(array.dtype)
-    shape = tuple(array.shape)
+    layout = _header_layout(data[8 + size : start], array.dtype, tuple(array.shape), len(data) - start)
+    return None if layout is None else (*layout, start)
+
+
+@lru_cache(maxsize=4096)
+def _header_layout(
+    header: bytes, dtype_name: str, shape: tuple[int, ...], nbytes: int
+) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, count) when a .npy header is C-ordered and the data's length fits the declared
+    dtype and shape; None otherwise. Cached: an adapter's tensors share a few headers per round."""
+    dtype = _dtype(dtype_name)
     count = math.prod(shape)
-    if (
-        len(data) - start == count * dtype.itemsize
-        and not dtype.hasobject
-        and data.find(b"'fortran_order': False", 8, start) > 0
-    ):
-        return dtype, shape, count, start
+    if nbytes == count * dtype.itemsize and not dtype.hasobject and b"'fortran_order': False" in header:
+        return dtype, shape, count
     return None
 
 
@@ -143,6 +154,11 @@ def decode(array: Array) -> np.ndarray:
     Arrays that are not plain C-ordered .npy (or whose header disagrees with the Array's dtype and
     shape) fall back to `Array.numpy()`.
     """
+    data, shape = array.data, array.shape
+    if array.dtype == "float32" and array.stype == "numpy.ndarray" and type(shape) is tuple:
+        header, count = _float32_layout(shape)  # what to_record and np.save write for this shape
+        if len(data) == len(header) + 4 * count and data.startswith(header):
+            return np.frombuffer(data, dtype=np.float32, count=count, offset=len(header)).reshape(shape)
     layout = _npy_layout(array)
     if layout is None:
         return array.numpy()

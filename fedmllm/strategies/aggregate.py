@@ -79,7 +79,7 @@ def weighted_average_fused(
 
     everyone = list(range(len(payloads)))
     result = average(everyone)
-    if all(np.isfinite(v).all() for v in result.values()):
+    if all(all_finite(v) for v in result.values()):
         return result, []
     bad = [i for i, p in enumerate(payloads) if not all(np.isfinite(v).all() for v in p.values())]
     keep = [i for i in everyone if i not in bad]
@@ -134,6 +134,17 @@ def all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
+def check_weight(num_examples) -> None:
+    """Raise InvalidReply unless a reply's num-examples (its aggregation weight) is a finite number > 0."""
+    if (
+        not isinstance(num_examples, (int, float))
+        or isinstance(num_examples, bool)
+        or not np.isfinite(num_examples)
+        or num_examples <= 0
+    ):
+        raise InvalidReply(f"num-examples={num_examples!r} must be a finite number > 0")  # NaN <= 0 is False
+
+
 def check_reply(
     reference: Mapping[str, np.ndarray],
     payload: Mapping[str, np.ndarray],
@@ -160,13 +171,7 @@ def check_reply(
             raise InvalidReply(f"{k}: dtype {arr.dtype}, expected float32")
         if finite and not np.isfinite(arr).all():
             raise InvalidReply(f"{k}: non-finite values")
-    if (
-        not isinstance(num_examples, (int, float))
-        or isinstance(num_examples, bool)
-        or not np.isfinite(num_examples)
-        or num_examples <= 0
-    ):
-        raise InvalidReply(f"num-examples={num_examples!r} must be a finite number > 0")  # NaN <= 0 is False
+    check_weight(num_examples)
     if free_rank:
         for a_key, b_key in lora_pairs(list(payload)).values():
             if np.shape(payload[a_key])[0] != np.shape(payload[b_key])[1]:

@@ -46,6 +46,7 @@ from fedmllm.strategies.aggregate import (
     UnusableReplies,
     all_finite,
     check_reply,
+    check_weight,
     unreadable,
 )
 
@@ -115,6 +116,7 @@ class AdapterStrategy(Strategy):
         self.dropped: list[tuple[int, str]] = []  # (round, reason) of every dropped reply
         self.empty_nodes: set[int] = set()  # nodes that reported an empty partition
         self._reference: dict | None = None  # the global adapter sent this round
+        self._layout: dict | None = None
         self._stats = RoundStats(0)
 
     def __repr__(self) -> str:
@@ -182,6 +184,8 @@ class AdapterStrategy(Strategy):
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self._reference = from_record(arrays)
+        # what a reply's adapter must declare, per key: (shape, bytes) of the float32 tensor sent
+        self._layout = {k: (tuple(v.shape), 4 * v.size) for k, v in self._reference.items()}
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         down = (
             sum(sum(a.nbytes for a in from_record(rec).values()) for rec in messages[0].content.array_records.values())
@@ -292,6 +296,14 @@ class AdapterStrategy(Strategy):
             )
         record = msg.content[self.arrayrecord_key]
         per_reply_finite = not getattr(self.strategy, "checks_values", False)
+        if not per_reply_finite and self.max_update_norm is None and len(msg.content.array_records) == 1:
+            nbytes = self._declares_the_layout(record)
+            if nbytes is not None:  # keys, shapes and dtypes as sent: only the weight is left to check
+                weight = metrics.get(self.weighted_by_key)
+                check_weight(weight)
+                if self.max_num_examples is not None and weight > self.max_num_examples:
+                    raise InvalidReply(f"num-examples={weight!r} > aggregator.max_num_examples={self.max_num_examples}")
+                return nbytes
         # the values are read only where a check here needs them; otherwise keys, shapes and dtypes
         # are the Arrays' declared ones and the strategy decodes the replies (naming the unreadable)
         arrays = (
@@ -321,6 +333,21 @@ class AdapterStrategy(Strategy):
             for name in extras:
                 del msg.content[name]
         return sum(a.nbytes for a in arrays.values()) + sum(a.nbytes for e in extras.values() for a in e.values())
+
+    def _declares_the_layout(self, record: ArrayRecord) -> int | None:
+        """The bytes of a reply's adapter when every Array declares the key, shape and dtype
+        (float32) of the adapter sent this round, else None (check_reply then names what differs).
+        Reads only the declarations: the strategy decodes the values and names unreadable ones."""
+        layout = self._layout
+        if layout is None or self.free_rank or len(record) != len(layout):
+            return None
+        total = 0
+        for k, a in record.items():
+            want = layout.get(k)
+            if want is None or a.shape != want[0] or a.dtype != "float32":
+                return None
+            total += want[1]
+        return total
 
     def _check_norm(self, arrays: dict) -> None:
         """`max_update_norm`: drop a reply whose update (its adapter minus the global one sent)
