@@ -65,10 +65,18 @@ class Deployment:
             self.env["FEDMLLM_NODE_AUTH"] = "1"
         self.started: set[int] = set()  # process-group leaders, from the pid files
 
-    def sh(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        """Run `scripts/deploy.sh ARGS` and remember the processes it started."""
+    def sh(
+        self, *args: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run `scripts/deploy.sh ARGS` (with `env` added to the deployment's environment) and
+        remember the processes it started."""
         proc = subprocess.run(
-            [str(SCRIPT), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+            [str(SCRIPT), *args],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         self._remember()
         if check:

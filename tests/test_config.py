@@ -91,6 +91,20 @@ def test_a_section_built_with_a_key_it_does_not_have_names_it():
         check(cfg)
 
 
+def test_a_model_path_replaces_an_offline_presets_build_but_not_a_hub_presets_settings():
+    """Issue 21: model.path=DIR on the default preset no longer keeps smol-llava's name, build keys
+    (its cache key) and LoRA leaves."""
+    cfg = compose(["model.path=/ckpts/my-llava/"])
+    assert cfg["model"]["name"] == "my-llava" and cfg["model"]["path"] == "/ckpts/my-llava/"
+    assert not {"builder", "vision", "text", "seed", "lora_leaves"} & set(cfg["model"])
+    assert cfg["peft"]["leaves"] == ["q_proj", "v_proj"]
+    assert compose(["model.path=/c/m", "peft.leaves=[q_proj,o_proj]"])["peft"]["leaves"] == ["q_proj", "o_proj"]
+    default = compose()
+    assert default["model"]["name"] == "smol-llava" and len(default["peft"]["leaves"]) == 7
+    hub = compose(["model=llava-1.5-7b", "model.path=/c/llava"])
+    assert hub["model"]["name"] == "llava-1.5-7b" and hub["model"]["hf_config"] == "llava-1.5-7b.json"
+
+
 def test_run_config_overrides_are_hydra_overrides():
     cfg = from_run_config({"overrides": "model=tiny-llava num_rounds=2 'train.lr=0.001'"})
     assert cfg["model"]["name"] == "tiny-llava" and cfg["num_rounds"] == 2 and cfg["train"]["lr"] == 0.001

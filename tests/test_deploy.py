@@ -105,3 +105,55 @@ def test_tls_authenticated_supernodes_run_two_rounds_exchanging_adapters_only(tm
         assert dep.wait_stopped() == []  # no SuperLink, SuperNode, ServerApp, ClientApp or worker left
     finally:
         dep.close()
+
+
+def test_supernodes_holding_only_their_partitions_train_a_round_without_the_dataset(tmp_path):
+    """Issue 20, own data only: the server holds the dataset (its held-out split); each SuperNode
+    holds its partition folder and a copy of the images (node_config data-dir + image-root), and
+    every Python process of the SuperNodes fails to open any file of the dataset."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from fedmllm.data.fixtures import write_hateful_memes
+
+    memes = write_hateful_memes(tmp_path / "memes", n_rows=24)
+    settings = ["dataset=hateful_memes", f"dataset.root={memes}", "num_clients=2", "clients_per_round=2"]
+    part = subprocess.run(
+        [sys.executable, "-m", "fedmllm.cli", "partition", *settings, f"out={tmp_path / 'parts'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert part.returncode == 0, part.stderr[-2000:]
+    data_dir = next(line.split()[2] for line in part.stdout.splitlines() if line.startswith("partition dir:"))
+    site_images = tmp_path / "site-images"
+    shutil.copytree(memes / "img", site_images)  # partition paths are relative to the images folder
+    no_dataset = {
+        "FEDMLLM_TEST_ABSENT": str(memes),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "assets" / "no_dataset"), str(ROOT)]),
+    }
+    dep = Deployment(tmp_path / "flwr")
+    out = tmp_path / "run"
+    try:
+        dep.sh("superlink")
+        for i in range(2):
+            dep.sh("supernode", str(i), "2", f"data-dir={data_dir}", f"image-root={site_images}", env=no_dataset)
+        dep.wait_online(2)
+        proc = dep.sh("run", overrides(out, 2, 1, *settings[:2]), timeout=600)
+        assert "server finished" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+        rows = read_metrics(out)
+        assert [r["round"] for r in rows] == [0, 1]
+        stats = json.loads((Path(data_dir) / "stats.json").read_text())
+        # each site trained on its own partition: its weight is that partition's size
+        assert {c["partition-id"]: c["num-examples"] for c in rows[1]["clients"]} == {
+            c["client"]: c["num_samples"] for c in stats
+        }
+        assert all(not c.get("dropped") for c in rows[1]["clients"])
+        for name in ("supernode-0", "supernode-1"):
+            assert "this site holds no copy" not in dep.log(name)
+    finally:
+        dep.close()

@@ -26,7 +26,7 @@ from fedmllm.data import DatasetSettings
 from fedmllm.data.prompts import PromptSettings
 from fedmllm.evaluation import EvalSettings
 from fedmllm.models.adapter import PeftSettings
-from fedmllm.models.load import ModelSettings
+from fedmllm.models.load import ModelSettings, local_checkpoint_replaces_build
 from fedmllm.partitioning import PartitionerSettings
 from fedmllm.partitioning.scenarios import ScenarioSettings
 from fedmllm.stages import ServerStageSettings
@@ -113,6 +113,11 @@ class RunSettings:
                 f"server_stage={stage.name} trains on the server's public pool, but dataset.public_fraction=0; "
                 "set dataset.public_fraction=0.5 (or server_stage=none)",
             )
+        need(
+            self.dataset.answers != "open" or self.eval.mode == "generate",
+            "dataset.answers=open: free-text answers are evaluated by generation; add eval.mode=generate "
+            "(and eval.max_new_tokens for the longest answer, e.g. 16)",
+        )
         if self.resume:
             need(
                 Path(str(self.resume)).is_dir(),
@@ -122,7 +127,9 @@ class RunSettings:
 
 def check(cfg: dict[str, Any]) -> RunSettings:
     """The typed settings of a composed config, every check run (ConfigError names the setting and
-    the fix); then its algorithm's own check (`Algorithm.problems`), which reads the whole config."""
+    the fix); then its algorithm's own check (`Algorithm.problems`), which reads the whole config.
+    A `model.path` on an offline-built preset first replaces its build settings (in `cfg`)."""
+    local_checkpoint_replaces_build(cfg)
     settings = build(RunSettings, cfg, "")
     try:
         algorithm = algorithm_of(cfg)

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from fedmllm.config import Number, need, number
-from fedmllm.data import crisismmd, easyvqa, hateful_memes, llava_json
+from fedmllm.data import crisismmd, easyvqa, hateful_memes, hf, llava_json
 from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
 __all__ = ["DataError", "Sample", "Task", "check_source", "load_public", "load_task", "task_for"]
 
 
-NEW_SOURCES = ("hateful_memes", "crisismmd", "llava_json")
+NEW_SOURCES = ("hateful_memes", "crisismmd", "llava_json", "hf")
 TEMPLATES = ("mc", "short")
 
 
@@ -44,6 +44,11 @@ class DatasetSettings:
     labels: Optional[List[str]] = None
     question: Optional[str] = None
     instruction: Optional[str] = None
+    format: Optional[str] = None  # hf
+    image_column: Optional[str] = None
+    text_column: Optional[str] = None
+    answer_column: Optional[str] = None
+    answers: str = "closed"  # closed: options scored | open: free-text answers generated (hf)
 
     @property
     def captioned(self) -> bool:
@@ -64,6 +69,18 @@ class DatasetSettings:
                 f"dataset.public_fraction={frac} is supported for easy-vqa only; "
                 f"set dataset.public_fraction=0 for dataset={self.name}",
             )
+        need(
+            self.answers in hf.ANSWERS,
+            f"dataset.answers={self.answers!r}: choose closed (answer options, scored) or open (free text, generated)",
+        )
+        need(
+            self.format is None or self.format in hf.FORMATS,
+            f"dataset.format={self.format!r}: choose one of {list(hf.FORMATS)}",
+        )
+        need(
+            self.answers != "open" or self.template == "short",
+            "dataset.answers=open needs dataset.template=short (the answer is written out, not a lettered option)",
+        )
         if self.name == "crisismmd":
             need(
                 self.task in crisismmd.LABELS,
@@ -157,6 +174,8 @@ def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sa
             )
         held = set(random.Random(seed).sample(range(len(rows)), n))
         return task, [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    if name == "hf":
+        return hf.load(cfg, seed)
     raise ValueError(
         f"dataset.name={name!r} is unknown; choose easyvqa, easyvqa_caption, easyvqa_flag, {', '.join(NEW_SOURCES)}"
     )
@@ -183,6 +202,8 @@ def check_source(dataset_cfg: dict[str, Any]) -> None:
             llava_json.check_path(dataset_cfg["test_path"], "test_path")
         if dataset_cfg.get("image_root") and not Path(dataset_cfg["image_root"]).is_dir():
             raise DataError(f"llava_json: dataset.image_root={dataset_cfg['image_root']} is not a directory")
+    elif name == "hf":
+        hf.check(dataset_cfg)
 
 
 def _root(cfg: dict[str, Any], name: str) -> str:

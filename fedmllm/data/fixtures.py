@@ -168,3 +168,55 @@ def write_llava_json(
     tail = ',\n{"id": "cut", "conversations": [' if broken else ""
     path.write_text(f"[\n{body}{tail}\n]\n" if not broken else f"[\n{body}{tail}\n", encoding="utf-8")
     return path
+
+
+COLOR_NAMES = ("red", "green", "blue", "yellow", "black", "white")
+
+
+def write_hf_vqa(root: str | Path, n_rows: int = 24, seed: int = 0) -> Path:
+    """A Hugging Face dataset saved with `save_to_disk` under `root` (train + test splits): an
+    Image column of solid-colour PNGs (bytes inside the dataset, no files), a `question` and an
+    open-ended `answer` ("red", ...) or yes/no, as in VQA-RAD and SLAKE."""
+    import datasets
+
+    rng, pngs = random.Random(seed), _encoded("PNG")
+
+    def rows(n: int) -> dict[str, list]:
+        out: dict[str, list] = {"image": [], "question": [], "answer": []}
+        for i in range(n):
+            c = rng.randrange(len(COLORS))
+            out["image"].append({"bytes": pngs[c], "path": None})
+            if i % 2:
+                out["question"].append("What colour is the image?")
+                out["answer"].append(COLOR_NAMES[c])
+            else:
+                asked = rng.randrange(len(COLORS))
+                out["question"].append(f"Is the image {COLOR_NAMES[asked]}?")
+                out["answer"].append("yes" if asked == c else "no")
+        return out
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}
+    )
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows(n_rows), features=features),
+            "test": datasets.Dataset.from_dict(rows(_held_out(n_rows)), features=features),
+        }
+    )
+    ds.save_to_disk(str(root))
+    return Path(root)
+
+
+def write_imagefolder(
+    root: str | Path, n_rows: int = 24, seed: int = 0, classes: tuple[str, ...] = ("cat", "dog")
+) -> Path:
+    """An image folder as `datasets`' imagefolder reads it: `root/{train,test}/<class>/<n>.png`."""
+    root, rng, pngs = Path(root), random.Random(seed), _encoded("PNG")
+    for split, n in (("train", n_rows), ("test", _held_out(n_rows))):
+        for i in range(n):
+            label = rng.randrange(len(classes))
+            folder = root / split / classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:04d}.png").write_bytes(pngs[label % len(pngs)])
+    return root

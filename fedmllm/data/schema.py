@@ -34,10 +34,15 @@ class Task:
     template: str = "short"
     both: str = "text and image"  # how `question` names both modalities (FedMLLM's CrisisMMD: "image and text")
     aug: bool = False  # ", without considering the modality" replaces the modality phrase
+    # open-ended answers: `labels` is the answer vocabulary; evaluated by generation, exact match and
+    # VQA-normalized accuracy, not by scoring options (dataset.answers=open)
+    open: bool = False
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"Task {self.name!r}: template={self.template!r}; choose one of {TEMPLATES}")
+        if self.open and self.template != "short":
+            raise ValueError(f"Task {self.name!r}: open-ended answers need the short template (answered in words)")
         if self.template == "mc" and len(self.labels) > 26:
             raise ValueError(f"Task {self.name!r}: {len(self.labels)} labels exceed the mc template's letters A-Z")
 

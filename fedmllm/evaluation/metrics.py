@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 UNPARSED = -1  # hard prediction of an answer that names no option
@@ -100,4 +102,64 @@ def fedmllm_metrics(pred: np.ndarray, labels: np.ndarray, n_options: int, prefix
     }
     if n_options == 2 and len(set(labels.tolist())) == 2:
         out[f"{prefix}auroc"] = float(roc_auc_score(labels, pred))
+    return out
+
+
+# --- open-ended answers (dataset.answers=open) ---------------------------------------------------
+
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"(?<!\d)\.(?!\d)|[^\w\s.]")  # every mark but a decimal point
+
+
+def vqa_normalize(text: str) -> str:
+    """An answer as the VQA evaluation compares it: its first line, lowercased, punctuation
+    removed (a decimal point kept), number words as digits, articles dropped, spaces collapsed."""
+    first = (text.strip().splitlines() or [""])[0].lower()
+    words = _PUNCTUATION.sub(" ", first.replace("'", "")).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def open_predictions(answers: list[str], vocabulary: tuple[str, ...], labels: np.ndarray) -> np.ndarray:
+    """Each generated answer as an index into the answer vocabulary: the true answer's index when
+    they normalize alike, else the first vocabulary entry that does, else UNPARSED."""
+    index: dict[str, int] = {}
+    for i, v in enumerate(vocabulary):
+        index.setdefault(vqa_normalize(v), i)
+    out = []
+    for answer, label in zip(answers, np.asarray(labels).tolist()):
+        norm = vqa_normalize(answer)
+        out.append(label if norm == vqa_normalize(vocabulary[label]) else index.get(norm, UNPARSED))
+    return np.asarray(out, dtype=np.int64)
+
+
+def open_metrics(answers: list[str], truths: list[str], prefix: str = "") -> dict[str, float]:
+    """Open-ended answers against the true ones: `accuracy`, VQA-normalized exact match (with
+    one reference answer, VQA accuracy is this match); `exact_match`, the trimmed answers equal
+    ignoring case; `accuracy_closed` / `accuracy_open` over the questions answered yes/no and the
+    others (as medical VQA reports them), each when present."""
+    if len(answers) != len(truths):
+        raise ValueError(f"open_metrics: {len(answers)} answers for {len(truths)} reference answers")
+    norm = np.asarray([vqa_normalize(a) == vqa_normalize(t) for a, t in zip(answers, truths)], dtype=bool)
+    exact = [a.strip().lower() == t.strip().lower() for a, t in zip(answers, truths)]
+    closed = np.asarray([vqa_normalize(t) in ("yes", "no") for t in truths], dtype=bool)
+    out = {f"{prefix}accuracy": float(norm.mean()) if len(norm) else 0.0}
+    out[f"{prefix}exact_match"] = float(np.mean(exact)) if exact else 0.0
+    if closed.any():
+        out[f"{prefix}accuracy_closed"] = float(norm[closed].mean())
+    if (~closed).any():
+        out[f"{prefix}accuracy_open"] = float(norm[~closed].mean())
     return out

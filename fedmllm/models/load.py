@@ -26,6 +26,28 @@ def resolve_path(model_cfg: dict[str, Any]) -> str:
     raise ValueError(f"model preset {model_cfg.get('name')!r} sets neither `path` nor `builder`")
 
 
+BUILD_KEYS = ("builder", "vision", "text", "seed", "lora_leaves")  # what an offline preset's build reads
+DEFAULT_LEAVES = ["q_proj", "v_proj"]  # peft.leaves when the preset names no lora_leaves
+
+
+def local_checkpoint_replaces_build(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`model.path=DIR` on an offline-built preset (the default smol-llava, a tiny-* one): DIR's
+    checkpoint replaces the build, so the preset's build settings (`BUILD_KEYS`) go, the model is
+    named after DIR (run dirs, caches, reports), and `peft.leaves` falls back to the default
+    q_proj, v_proj where it came from the preset's `lora_leaves`. Hub presets keep their settings:
+    DIR is then a local copy of the preset's own checkpoint. Edits `cfg` in place; returns it."""
+    model = cfg.get("model") or {}
+    if not model.get("path") or not model.get("builder"):
+        return cfg
+    leaves = model.get("lora_leaves")
+    name = Path(str(model["path"]).rstrip("/")).name or str(model.get("name"))
+    cfg["model"] = {**{k: v for k, v in model.items() if k not in BUILD_KEYS}, "name": name}
+    peft = cfg.get("peft") or {}
+    if leaves is not None and peft.get("leaves") == leaves:
+        peft["leaves"] = list(DEFAULT_LEAVES)
+    return cfg
+
+
 def family_of(model_cfg: dict[str, Any], path: str) -> Family:
     """The family of a local checkpoint is its config.json's `model_type` (so `model.path=DIR`
     loads any registered family); a hub id uses the preset's `model.family`."""

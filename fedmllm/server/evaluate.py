@@ -18,7 +18,14 @@ from fedmllm.data import load_task
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample, modality
 from fedmllm.evaluation.generation import generate_answers, parse_predictions
-from fedmllm.evaluation.metrics import choice_metrics, classification_metrics, fedmllm_metrics, group_metrics
+from fedmllm.evaluation.metrics import (
+    choice_metrics,
+    classification_metrics,
+    fedmllm_metrics,
+    group_metrics,
+    open_metrics,
+    open_predictions,
+)
 from fedmllm.evaluation.parsing import fedmllm_parse, option_letters
 from fedmllm.evaluation.scoring import score_options
 from fedmllm.models import get_model
@@ -57,7 +64,9 @@ def evaluate(
 
     mode `score`: option log-likelihoods -> accuracy, macro-F1, AUROC from probabilities.
     mode `generate`: greedy answers of up to `max_new_tokens` tokens, parsed to an option
-    (FedMLLM's protocol) -> accuracy, macro-F1, AUROC on hard predictions, `unparsed` count.
+    (FedMLLM's protocol) -> accuracy, macro-F1, AUROC on hard predictions, `unparsed` count;
+    for an open-ended task (dataset.answers=open) matched to the true answer instead ->
+    accuracy (VQA-normalized), exact_match, accuracy_closed / accuracy_open (open_metrics).
     protocol `fedmllm` (with mode generate): FedMLLM's evaluation scripts -- answers sampled with
     `fedmllm` (temperature, top_p, top_k, repetition_penalty, seed), read by their regex over the
     letter range `fedmllm["letters"]` with index 2 for anything else, AUROC and macro-F1 on those
@@ -72,6 +81,10 @@ def evaluate(
             f"eval.protocol={protocol!r} with eval.mode={mode!r}: choose eval.protocol=ours, or "
             "eval.protocol=fedmllm with eval.mode=generate (FedMLLM reads generated answers)"
         )
+    if collator.task.open and mode != "generate":
+        raise ValueError(
+            "open-ended answers (dataset.answers=open) are evaluated by generation: set eval.mode=generate"
+        )
     if arrays is not None:
         load_adapter_state(model, arrays)
     labels = np.asarray([s["label"] for s in samples])
@@ -82,6 +95,12 @@ def evaluate(
             scores = score_options(model, collator, samples, batch_size, drop_image=drop_image, on_batch=tick)
             return classification_metrics(scores, labels, prefix), scores.argmax(axis=1), {"scores": scores}
         n = len(collator.task.labels)
+        if collator.task.open:  # free-text answers: matched after VQA normalization, not parsed to options
+            answers = generate_answers(model, collator, samples, max_new_tokens, batch_size, drop_image, tick)
+            vocabulary = collator.task.labels
+            metrics = open_metrics(answers, [vocabulary[i] for i in labels.tolist()], prefix)
+            pred = open_predictions(answers, vocabulary, labels)
+            return metrics, pred, {"answers": np.asarray(answers), "pred": pred}
         if protocol == "fedmllm":
             answers = generate_answers(
                 model, collator, samples, max_new_tokens, batch_size, drop_image, tick, sampling=fedmllm
