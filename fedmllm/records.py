@@ -45,6 +45,8 @@ def _float32_layout(shape: tuple[int, ...]) -> tuple[bytes, int]:
 def encode(value) -> Array:
     """A float32 Array with exactly the bytes `np.save` writes (what Flower's `Array(ndarray)`
     stores), built with one copy and a cached header instead of a BytesIO round trip per tensor."""
+    if np.asarray(value).dtype.kind in "iu":  # an encoded upload's codes, indices, bit patterns
+        return Array(np.ascontiguousarray(value))
     arr = np.ascontiguousarray(value, dtype=np.float32)
     if arr.dtype.byteorder == ">":
         return Array(arr)

@@ -22,6 +22,7 @@ from fedmllm.partitioning import client_partition
 from fedmllm.partitioning.materialise import read_client, read_task
 from fedmllm.stages.cache import model_config
 from fedmllm.training import optimizer_steps, round_lr, round_seed, train_steps
+from fedmllm.transport import RESIDUAL, compress_update, settings_of
 
 
 @dataclass
@@ -181,6 +182,11 @@ def train_round(
             after_backward=local.after_backward,
         )
         out, extra_out = local.finish()
+        transport = settings_of(cfg)
+        if transport.active:  # the update travels encoded; what encoding lost waits for the next round
+            out, residual = compress_update(out, arrays, transport, store.get(RESIDUAL))
+            if residual is not None:
+                store.put(RESIDUAL, residual)
     else:  # the global adapter back with weight 0: the strategy drops the reply (num-examples <= 0)
         print(
             f"client {ident.partition_id}: empty partition, nothing to train; replying num-examples 0",

@@ -4,7 +4,8 @@
 section, each owned by the package that reads it (`model`: models.load, `peft`: models.adapter,
 `dataset`: data, `prompt`: data.prompts, `partitioner`: partitioning, `scenario`:
 partitioning.scenarios, `server_stage`: stages, `train`: training, `eval`: evaluation, `logger`:
-tracking). `aggregator` stays a mapping: its keys are its algorithm's (fedmllm.algorithms).
+tracking, `transport`: transport). `aggregator` stays a mapping: its keys are its algorithm's
+(fedmllm.algorithms).
 
 Importing this module registers the schema in Hydra's ConfigStore as `fedmllm_settings`, the
 first entry of config.yaml's defaults: composition then rejects a key no section has and a value
@@ -32,6 +33,7 @@ from fedmllm.partitioning.scenarios import ScenarioSettings
 from fedmllm.stages import ServerStageSettings
 from fedmllm.tracking import LoggerSettings
 from fedmllm.training import TrainSettings
+from fedmllm.transport import TransportSettings
 
 SCHEMA = "fedmllm_settings"
 
@@ -64,6 +66,7 @@ class RunSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     logger: LoggerSettings = field(default_factory=LoggerSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
 
     def __post_init__(self) -> None:
         for key in ("num_clients", "num_rounds", "clients_per_round", "eval_every"):
@@ -137,6 +140,12 @@ def check(cfg: dict[str, Any]) -> RunSettings:
         raise ConfigError(str(err)) from None
     for problem in algorithm.problems(cfg):
         need(False, problem)
+    need(
+        not (settings.transport.active and algorithm.free_rank),
+        f"transport.codec={settings.transport.codec} / transport.topk={settings.transport.topk}: aggregator="
+        f"{algorithm.name}'s replies have each client's own rank, which the server cannot decode against the "
+        "adapter it sent; use transport.codec=fp32 transport.topk=null with it",
+    )
     return settings
 
 

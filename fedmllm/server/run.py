@@ -37,6 +37,7 @@ from fedmllm.stages.cache import WEIGHTS, model_config
 from fedmllm.stages.vision import ensure_pretrained, format_summary
 from fedmllm.strategies.wrapper import AdapterStrategy
 from fedmllm.tracking import MetricsLog, format_round, plot_run, read_metrics
+from fedmllm.transport import settings_of
 
 
 def default_run_dir() -> Path:
@@ -52,7 +53,13 @@ def build_strategy(cfg: dict[str, Any], **settings):
     checks = {k: kwargs.pop(k) for k in ("max_update_norm", "max_num_examples") if k in kwargs}
     kwargs.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
     kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
-    return AdapterStrategy(algorithm.strategy_class()(**kwargs), free_rank=algorithm.free_rank, **checks, **settings)
+    return AdapterStrategy(
+        algorithm.strategy_class()(**kwargs),
+        free_rank=algorithm.free_rank,
+        transport=settings_of(cfg),
+        **checks,
+        **settings,
+    )
 
 
 def run_server(grid, cfg: dict[str, Any]) -> Path:

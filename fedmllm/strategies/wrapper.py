@@ -49,6 +49,9 @@ from fedmllm.strategies.aggregate import (
     check_weight,
     unreadable,
 )
+from fedmllm.transport import TransportSettings
+from fedmllm.transport import decode as transport_decode
+from fedmllm.transport import nbytes as transport_nbytes
 
 
 @dataclass
@@ -98,6 +101,7 @@ class AdapterStrategy(Strategy):
         round_offset: int = 0,
         post_aggregate: Callable | None = None,
         on_round: Callable[[RoundStats], None] | None = None,
+        transport: TransportSettings | None = None,
     ):
         for name, value in (("max_update_norm", max_update_norm), ("max_num_examples", max_num_examples)):
             if value is not None and not (
@@ -112,6 +116,7 @@ class AdapterStrategy(Strategy):
         self.round_offset = int(round_offset)
         self.post_aggregate = post_aggregate
         self.on_round = on_round
+        self.transport = transport if transport is not None and transport.active else None
         self.rounds_aggregated = 0  # rounds whose replies were aggregated (a run with none fails)
         self.dropped: list[tuple[int, str]] = []  # (round, reason) of every dropped reply
         self.empty_nodes: set[int] = set()  # nodes that reported an empty partition
@@ -204,6 +209,7 @@ class AdapterStrategy(Strategy):
         metric_keys = _usual_metric_keys(replies)  # the keys every client sends: the odd reply is dropped
         valid: list[Message] = []
         rows: list[dict] = []  # the client row of each valid reply
+        sent_bytes = dense_bytes = 0  # encoded uploads (transport) and the fp32 adapters they decode to
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -229,14 +235,21 @@ class AdapterStrategy(Strategy):
                     self.strategy.leave_out(node)
                 continue
             try:
+                encoded = self._decode_upload(msg) if self.transport is not None else None
                 nbytes = self._check(msg, records, metric_keys)
             except REPLY_ERRORS as err:
                 self._drop(server_round, node, row, unreadable(err))
                 continue
+            if encoded is not None:  # what travelled: the encoded update, not the adapter it decodes to
+                nbytes += encoded[0] - encoded[1]
+                sent_bytes += encoded[0]
+                dense_bytes += encoded[1]
             stats.bytes_up_per_client[row["partition-id"]] = row["bytes"] = nbytes
             valid.append(msg)
             rows.append(row)
         stats.clients.sort(key=lambda c: c["partition-id"])
+        if dense_bytes:
+            stats.extra["transport_ratio"] = sent_bytes / dense_bytes  # the uploads' bytes / their fp32 bytes
         arrays, metrics = None, None
         need = max(1, self.min_train_nodes - len(self.empty_nodes))
         while len(valid) >= need:
@@ -333,6 +346,20 @@ class AdapterStrategy(Strategy):
             for name in extras:
                 del msg.content[name]
         return sum(a.nbytes for a in arrays.values()) + sum(a.nbytes for e in extras.values() for a in e.values())
+
+    def _decode_upload(self, msg: Message) -> tuple[int, int]:
+        """Replace a reply's encoded update (transport) by the adapter it decodes to: the global
+        adapter sent plus the update. Returns (bytes sent, bytes of the fp32 adapter)."""
+        if self._reference is None:
+            raise InvalidReply("an encoded update, but no adapter was sent this round")
+        encoded = from_record(msg.content[self.arrayrecord_key])
+        try:
+            update = transport_decode(encoded, {k: v.shape for k, v in self._reference.items()}, self.transport.block)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise InvalidReply(f"undecodable update ({self.transport.codec}): {err}") from None
+        adapter = {k: self._reference[k] + u for k, u in update.items()}
+        msg.content[self.arrayrecord_key] = to_record(adapter)
+        return transport_nbytes(encoded), sum(4 * u.size for u in update.values())
 
     def _declares_the_layout(self, record: ArrayRecord) -> int | None:
         """The bytes of a reply's adapter when every Array declares the key, shape and dtype
