@@ -110,6 +110,7 @@ _GROUPS = (
     "server_stage",
     "train",
     "logger",
+    "transport",
     "experiment",
     "cell",
 )
@@ -167,7 +168,7 @@ def _type_problem(err: BaseException) -> str | None:
 def _explain(err: Exception, overrides: list[str]) -> str:
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
     groups = ("model", "peft", "dataset", "prompt", "partitioner", "scenario", "aggregator", "server_stage", "train")
-    for group in (*groups, "logger"):
+    for group in (*groups, "logger", "transport"):
         for o in overrides:
             if o.startswith(group + "=") and f"'{group}'" in str(err):
                 return f"unknown {group} {o.split('=', 1)[1]!r}; choose one of {_choices(group)} ({msg})"

@@ -13,7 +13,14 @@ adapter key): `k#fp16` / `k#bf16` (the 16-bit patterns as uint16), `k#q` + `k#ab
 `k#q4` + `k#absmax` (nf4), `k#val` (fp32 values), and `k#idx` with top-k. The server decodes it
 against the global adapter it sent (strategies.wrapper) before any check or strategy sees it, so
 every algorithm that averages adapters composes with it; FLoRA's stacking (replies of another
-rank) is refused. Downlink compression is not implemented: the server sends fp32.
+rank) is refused.
+`transport.down_codec` compresses downloads the same way: the server keeps, per node, the global
+adapter as that node decoded it (x_n) and sends the difference between the new global adapter
+and x_n, encoded; both sides add the decoded difference to x_n. What the encoding lost stays in
+the next difference, so this is error feedback on the server, and it holds with partial
+participation (each node's x_n is its own). A node the server has no x_n for (its first round, or
+after a resume) gets the difference from zeros (`#base` 0). Downloads carry each tensor's shape
+(`k#shape`, int32), since a client decodes them before its model exists.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from fedmllm.config import Number, integer, need, number
 CODECS = ("fp32", "fp16", "bf16", "int8", "nf4")
 SEP = "#"
 RESIDUAL = "transport-residual"  # the client store's name for the error-feedback residual
+MODEL = "transport-model"  # the client store's name for the global adapter as this client decoded it
+BASE = f"{SEP}base"  # a download's base: 0 zeros (first contact, or the server lost track), 1 the last one
 
 
 @dataclass
@@ -38,9 +47,11 @@ class TransportSettings:
     topk: Optional[Number] = None
     error_feedback: bool = True
     block: int = 64
+    down_codec: str = "fp32"
 
     def __post_init__(self) -> None:
         need(self.codec in CODECS, f"transport.codec={self.codec!r}: choose one of {list(CODECS)}")
+        need(self.down_codec in CODECS, f"transport.down_codec={self.down_codec!r}: choose one of {list(CODECS)}")
         need(
             self.topk is None or (number(self.topk) and 0 < self.topk <= 1),
             f"transport.topk={self.topk!r} must be null (dense) or a fraction in (0, 1], e.g. 0.1",
@@ -52,7 +63,16 @@ class TransportSettings:
 
     @property
     def active(self) -> bool:
+        """Whether anything travels encoded (uploads or downloads)."""
+        return self.up or self.down
+
+    @property
+    def up(self) -> bool:
         return self.codec != "fp32" or self.topk is not None
+
+    @property
+    def down(self) -> bool:
+        return self.down_codec != "fp32"
 
 
 def settings_of(cfg: Mapping) -> TransportSettings:
@@ -167,6 +187,8 @@ def split(encoded: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]
     """{key: {part: array}} of an encoded payload; ValueError when a key has no part."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in encoded.items():
+        if name == BASE:
+            continue
         key, sep, part = name.rpartition(SEP)
         if not sep:
             raise ValueError(f"{name!r} is not an encoded tensor (expected '<key>{SEP}<part>')")
@@ -212,3 +234,42 @@ def compress_update(
         return encoded, None
     decoded = decode(encoded, {k: u.shape for k, u in update.items()}, settings.block)
     return encoded, {k: update[k] - decoded[k] for k in update}
+
+
+# --- downloads ------------------------------------------------------------------------------------
+
+
+def is_encoded(arrays: Mapping[str, np.ndarray]) -> bool:
+    """Whether a payload is encoded (its keys carry a part) rather than plain adapter tensors."""
+    return any(SEP in k for k in arrays)
+
+
+def encode_download(
+    new: Mapping[str, np.ndarray], last: Mapping[str, np.ndarray] | None, settings: TransportSettings
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The server's side: (encoded download, the node's adapter after decoding it) for the new
+    global adapter and what the node holds (`last`; None: nothing, it decodes onto zeros)."""
+    usable = last is not None and all(k in last and last[k].shape == np.shape(v) for k, v in new.items())
+    base = {k: (last[k] if usable else np.zeros(np.shape(v), np.float32)) for k, v in new.items()}
+    delta = {k: np.asarray(v, np.float32) - base[k] for k, v in new.items()}
+    down = TransportSettings(codec=settings.down_codec, block=settings.block)
+    encoded = encode(delta, down)
+    for k, v in new.items():
+        encoded[f"{k}{SEP}shape"] = np.asarray(np.shape(v), np.int32)
+    encoded[BASE] = np.asarray([1 if usable else 0], np.uint8)
+    decoded = decode(encoded, {k: np.shape(v) for k, v in new.items()}, settings.block)
+    return encoded, {k: base[k] + decoded[k] for k in new}
+
+
+def decode_download(
+    encoded: Mapping[str, np.ndarray], last: Mapping[str, np.ndarray] | None, block: int
+) -> dict[str, np.ndarray]:
+    """The client's side: the global adapter a download encodes, added onto what the client held
+    (`last`, when the download says so)."""
+    parts = split(encoded)
+    shapes = {k: tuple(int(d) for d in p["shape"]) for k, p in parts.items()}
+    onto_last = bool(np.asarray(encoded.get(BASE, [0]))[0])
+    if onto_last and (last is None or any(k not in last or last[k].shape != s for k, s in shapes.items())):
+        raise ValueError("a download onto this client's last adapter, which it does not hold; restart the run")
+    delta = decode(encoded, shapes, block)
+    return {k: (last[k] if onto_last else 0) + delta[k] for k in shapes}

@@ -7,7 +7,7 @@ import pytest
 from fedmllm.config import ConfigError, compose, from_run_config, node_identity, run_config_overrides
 
 CONF = Path(__file__).parents[1] / "fedmllm" / "conf"
-GROUPS = ["model", "peft", "dataset", "prompt", "partitioner", "scenario", "aggregator", "train", "logger"]
+GROUPS = ["model", "peft", "dataset", "prompt", "partitioner", "scenario", "aggregator", "train", "logger", "transport"]
 
 
 def test_defaults_compose_to_the_demo_setting():

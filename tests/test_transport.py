@@ -113,8 +113,12 @@ def test_settings_are_checked_and_flora_is_refused():
         compose(["transport.topk=1.5"])
     with pytest.raises(ConfigError, match=r"transport.block=100 must be a power of two"):
         compose(["transport.block=100"])
-    with pytest.raises(ConfigError, match=r"aggregator=flora's replies have each client's own rank"):
+    with pytest.raises(ConfigError, match=r"aggregator=flora's adapters have each client's own rank"):
         compose(["aggregator=flora", "transport.codec=int8"])
+    with pytest.raises(ConfigError, match=r"down_codec=nf4\): aggregator=flora"):
+        compose(["aggregator=flora", "transport.down_codec=nf4"])
+    with pytest.raises(ConfigError, match=r"transport.down_codec='fp8': choose one of"):
+        compose(["transport.down_codec=fp8"])
     compose(["aggregator=flora"])  # fp32 uploads: as before
 
 
@@ -131,6 +135,32 @@ def test_a_reply_that_does_not_decode_is_dropped_naming_why():
     assert issubclass(InvalidReply, Exception)
 
 
+def test_downloads_track_the_global_adapter_per_node_with_partial_participation():
+    """The server encodes each node's difference from what that node holds; a node that sat out
+    rounds catches up in one download; what both sides hold is bit-identical, and its distance to
+    the global adapter stays one encoding's error (the error feedback)."""
+    from fedmllm.transport import decode_download, encode_download
+
+    settings = TransportSettings(down_codec="nf4")
+    rng = np.random.default_rng(11)
+    glob = {k: v * 100 for k, v in UPDATE.items()}
+    server: dict[int, dict] = {}
+    client: dict[int, dict] = {}
+    for rnd in range(12):
+        glob = {k: v + (rng.standard_normal(v.shape) * 1e-3).astype(np.float32) for k, v in glob.items()}
+        for node in [0, 1] if rnd % 3 else [0, 1, 2]:  # node 2 is sampled every third round
+            encoded, server[node] = encode_download(glob, server.get(node), settings)
+            assert encoded["#base"][0] == (node in client)  # first contact decodes onto zeros
+            client[node] = decode_download(encoded, client.get(node), settings.block)
+            for k in glob:
+                np.testing.assert_array_equal(client[node][k], server[node][k])
+                assert (np.abs(client[node][k] - glob[k]) <= block_absmax(glob[k] - 0) * 0.15 + 1e-6).all()
+    n = sum(v.size for v in glob.values())
+    assert nbytes(encoded) < 0.2 * 4 * n  # nf4: half a byte + a 4-byte absmax per 64, + the shapes
+    with pytest.raises(ValueError, match="does not hold"):
+        decode_download(encode_download(glob, server[0], settings)[0], None, 64)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("aggregator", ["fedavg", "ffa_lora", "fedsa_lora", "scaffold"])
 def test_runs_with_compressed_uploads_count_what_travels(tmp_path, aggregator):
@@ -143,18 +173,25 @@ def test_runs_with_compressed_uploads_count_what_travels(tmp_path, aggregator):
     out = tmp_path / "run"
     run_in_process(
         tiny_overrides(
-            f"aggregator={aggregator}", "server_stage=none", "transport.codec=int8", "num_rounds=2", f"out_dir={out}"
+            f"aggregator={aggregator}",
+            "server_stage=none",
+            "transport.codec=int8",
+            "transport.down_codec=int8",
+            "num_rounds=3",
+            f"out_dir={out}",
         )
     )
     rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         ratio = r["transport_ratio"]
         assert 0.26 <= ratio <= 0.30, ratio  # 1 byte + a 4-byte absmax per 64 entries, per 4 bytes
         assert all(not c.get("dropped") for c in r["clients"])
-        if aggregator in ("fedavg", "ffa_lora"):  # the adapter is all that goes up (SCAFFOLD's dc and
-            assert r["bytes_up"] < 0.3 * r["bytes_down"]  # FedSA-LoRA's B ride beside it in fp32)
+        if aggregator in ("fedavg", "ffa_lora"):  # the adapter is all that travels (SCAFFOLD's c and
+            dense = 2 * r["bytes_up"] / ratio  # FedSA-LoRA's B ride beside it in fp32)
+            assert r["bytes_up"] + r["bytes_down"] < 0.3 * 2 * dense
         assert np.isfinite(r["accuracy"])
-    state = list((out / "client-state").glob("partition-0-round-2.npz"))
-    with np.load(state[0]) as z:  # the error-feedback residual is kept per client and round
+    state = list((out / "client-state").glob("partition-0-round-3.npz"))
+    with np.load(state[0]) as z:  # the residual and the decoded global adapter, per client and round
         assert any(k.startswith("transport-residual/") for k in z.files)
+        assert any(k.startswith("transport-model/") for k in z.files)

@@ -22,7 +22,7 @@ from fedmllm.partitioning import client_partition
 from fedmllm.partitioning.materialise import read_client, read_task
 from fedmllm.stages.cache import model_config
 from fedmllm.training import optimizer_steps, round_lr, round_seed, train_steps
-from fedmllm.transport import RESIDUAL, compress_update, settings_of
+from fedmllm.transport import MODEL, RESIDUAL, compress_update, decode_download, is_encoded, settings_of
 
 
 @dataclass
@@ -45,10 +45,14 @@ def train_request(req: TrainRequest):
     ident = node_identity(req.node_config)
     cfg = from_run_config(req.run_config, req.base_overrides)
     store = ClientStore(req.state, client_state_path(cfg, ident.partition_id), int(req.config["server-round"]))
+    arrays = req.arrays
+    if is_encoded(arrays):  # transport.down_codec: the new adapter's difference from the one this client holds
+        arrays = decode_download(arrays, store.get(MODEL), settings_of(cfg).block)
+        store.put(MODEL, arrays)
     out, metrics, extra_out = train_round(
         cfg,
         ident,
-        req.arrays,
+        arrays,
         int(req.config["server-round"]),
         float(req.config.get("proximal-mu", 0.0)),
         req.extra,
@@ -183,7 +187,7 @@ def train_round(
         )
         out, extra_out = local.finish()
         transport = settings_of(cfg)
-        if transport.active:  # the update travels encoded; what encoding lost waits for the next round
+        if transport.up:  # the update travels encoded; what encoding lost waits for the next round
             out, residual = compress_update(out, arrays, transport, store.get(RESIDUAL))
             if residual is not None:
                 store.put(RESIDUAL, residual)

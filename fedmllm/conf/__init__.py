@@ -142,9 +142,9 @@ def check(cfg: dict[str, Any]) -> RunSettings:
         need(False, problem)
     need(
         not (settings.transport.active and algorithm.free_rank),
-        f"transport.codec={settings.transport.codec} / transport.topk={settings.transport.topk}: aggregator="
-        f"{algorithm.name}'s replies have each client's own rank, which the server cannot decode against the "
-        "adapter it sent; use transport.codec=fp32 transport.topk=null with it",
+        f"transport (codec={settings.transport.codec}, topk={settings.transport.topk}, down_codec="
+        f"{settings.transport.down_codec}): aggregator={algorithm.name}'s adapters have each client's own rank, "
+        "which the server cannot encode or decode against one adapter; use the transport defaults (fp32) with it",
     )
     return settings
 

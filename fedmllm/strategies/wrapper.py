@@ -34,7 +34,7 @@ from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -49,7 +49,7 @@ from fedmllm.strategies.aggregate import (
     check_weight,
     unreadable,
 )
-from fedmllm.transport import TransportSettings
+from fedmllm.transport import TransportSettings, encode_download
 from fedmllm.transport import decode as transport_decode
 from fedmllm.transport import nbytes as transport_nbytes
 
@@ -117,6 +117,7 @@ class AdapterStrategy(Strategy):
         self.post_aggregate = post_aggregate
         self.on_round = on_round
         self.transport = transport if transport is not None and transport.active else None
+        self._held: dict[int, dict] = {}  # transport.down_codec: each node's global adapter as it decoded it
         self.rounds_aggregated = 0  # rounds whose replies were aggregated (a run with none fails)
         self.dropped: list[tuple[int, str]] = []  # (round, reason) of every dropped reply
         self.empty_nodes: set[int] = set()  # nodes that reported an empty partition
@@ -192,12 +193,22 @@ class AdapterStrategy(Strategy):
         # what a reply's adapter must declare, per key: (shape, bytes) of the float32 tensor sent
         self._layout = {k: (tuple(v.shape), 4 * v.size) for k, v in self._reference.items()}
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        down = (
-            sum(sum(a.nbytes for a in from_record(rec).values()) for rec in messages[0].content.array_records.values())
-            if messages
-            else 0
-        )
-        self._stats = RoundStats(server_round, bytes_down=down * len(messages), bytes_down_per_client=down)
+        if self.transport is not None and self.transport.down:
+            # each node gets the new adapter's difference from what it holds, encoded; Flower's
+            # strategies may share one RecordDict between messages, so each gets its own
+            sent = [from_record(m.content[self.arrayrecord_key]) for m in messages]
+            for m, adapter in zip(messages, sent):
+                node = m.metadata.dst_node_id
+                encoded, self._held[node] = encode_download(adapter, self._held.get(node), self.transport)
+                content = RecordDict(dict(m.content.items()))
+                content[self.arrayrecord_key] = to_record(encoded)
+                m.content = content
+        sizes = [
+            sum(sum(a.nbytes for a in from_record(r).values()) for r in m.content.array_records.values())
+            for m in messages
+        ]
+        down = round(sum(sizes) / len(sizes)) if sizes else 0
+        self._stats = RoundStats(server_round, bytes_down=sum(sizes), bytes_down_per_client=down)
         return messages
 
     def aggregate_train(
@@ -235,7 +246,7 @@ class AdapterStrategy(Strategy):
                     self.strategy.leave_out(node)
                 continue
             try:
-                encoded = self._decode_upload(msg) if self.transport is not None else None
+                encoded = self._decode_upload(msg) if self.transport is not None and self.transport.up else None
                 nbytes = self._check(msg, records, metric_keys)
             except REPLY_ERRORS as err:
                 self._drop(server_round, node, row, unreadable(err))
@@ -350,14 +361,16 @@ class AdapterStrategy(Strategy):
     def _decode_upload(self, msg: Message) -> tuple[int, int]:
         """Replace a reply's encoded update (transport) by the adapter it decodes to: the global
         adapter sent plus the update. Returns (bytes sent, bytes of the fp32 adapter)."""
-        if self._reference is None:
-            raise InvalidReply("an encoded update, but no adapter was sent this round")
+        # the adapter this node started from: the global one, or with compressed downloads its own copy
+        start = self._held.get(msg.metadata.src_node_id) if self.transport.down else self._reference
+        if start is None:
+            raise InvalidReply("an encoded update, but no adapter was sent to this node this round")
         encoded = from_record(msg.content[self.arrayrecord_key])
         try:
-            update = transport_decode(encoded, {k: v.shape for k, v in self._reference.items()}, self.transport.block)
+            update = transport_decode(encoded, {k: v.shape for k, v in start.items()}, self.transport.block)
         except (ValueError, KeyError, RuntimeError) as err:
             raise InvalidReply(f"undecodable update ({self.transport.codec}): {err}") from None
-        adapter = {k: self._reference[k] + u for k, u in update.items()}
+        adapter = {k: start[k] + u for k, u in update.items()}
         msg.content[self.arrayrecord_key] = to_record(adapter)
         return transport_nbytes(encoded), sum(4 * u.size for u in update.values())
 
