@@ -43,6 +43,10 @@ def time_codecs(size: str, clients: int) -> None:
     local = {k: v + rng.standard_normal(v.shape, dtype=np.float32) * 1e-4 for k, v in glob.items()}
     dense = sum(v.nbytes for v in glob.values())
     agg = bench_size(size, clients, 2)["warm_s"]
+    for codec, topk in SETTINGS.values():  # first calls load bitsandbytes' and torch's kernels: not timed
+        compress_update(
+            {"w": local[next(iter(local))]}, {"w": glob[next(iter(glob))]}, TransportSettings(codec, topk), None
+        )
     print(f"\n{size}: {dense / 1e6:.1f} MB per client; aggregating {clients} replies through the strategy: {agg:.3f} s")
     print(
         f"{'codec':18} {'MB sent':>8} {'ratio':>6} {'encode s':>9} {'decode x{0} s':>12} {'vs aggregation':>15}".format(

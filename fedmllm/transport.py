@@ -86,11 +86,11 @@ def _quantize(values: np.ndarray, codec: str, block: int) -> dict[str, np.ndarra
     """A 1-D float32 array in `codec`: {part: array}."""
     if codec == "fp32":
         return {"val": values}
-    if codec == "fp16":
-        return {"fp16": values.astype(np.float16).view(np.uint16)}
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(values))
+    if codec == "fp16":  # torch's conversion: numpy's astype(float16) is 15-20x slower
+        return {"fp16": t.to(torch.float16).view(torch.int16).numpy().view(np.uint16).copy()}
     if codec == "bf16":
         return {"bf16": t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()}
     import bitsandbytes.functional as bnbf
@@ -108,11 +108,13 @@ def _dequantize(parts: Mapping[str, np.ndarray], n: int, block: int) -> np.ndarr
     """The 1-D float32 values of `n` entries encoded as `parts`."""
     if "val" in parts:
         return np.asarray(parts["val"], np.float32)
+    import torch
+
     if "fp16" in parts:
-        return np.asarray(parts["fp16"], np.uint16).view(np.float16).astype(np.float32)
+        bits = torch.from_numpy(np.asarray(parts["fp16"], np.uint16).view(np.int16).copy())
+        return bits.view(torch.float16).float().numpy()
     if n == 0:
         return np.zeros(0, np.float32)
-    import torch
 
     if "bf16" in parts:
         bits = torch.from_numpy(np.asarray(parts["bf16"], np.uint16).view(np.int16).copy())
