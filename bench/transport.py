@@ -35,7 +35,8 @@ SETTINGS = {  # name: (codec, topk)
 def time_codecs(size: str, clients: int) -> None:
     from aggregate import adapter_shapes, bench_size
 
-    from fedmllm.transport import TransportSettings, compress_update, decode, nbytes
+    from fedmllm.models.adapter import payload_bytes
+    from fedmllm.transport import TransportSettings, compress_update, decode
 
     shapes = adapter_shapes(size)
     rng = np.random.default_rng(0)
@@ -62,7 +63,7 @@ def time_codecs(size: str, clients: int) -> None:
         for _ in range(clients):  # the server decodes every reply
             decode(encoded, {k: v.shape for k, v in glob.items()}, settings.block)
         t_dec = time.perf_counter() - t0
-        sent = nbytes(encoded)
+        sent = payload_bytes(encoded)
         print(
             f"{name:18} {sent / 1e6:>8.2f} {sent / dense:>6.3f} {t_enc:>9.3f} {t_dec:>12.3f} {t_dec / agg:>14.2f}x",
             flush=True,

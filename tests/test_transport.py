@@ -8,7 +8,8 @@ import pytest
 from conftest import tiny_overrides
 
 from fedmllm.config import ConfigError, compose
-from fedmllm.transport import TransportSettings, compress_update, decode, encode, nbytes
+from fedmllm.models.adapter import payload_bytes as nbytes  # what a payload weighs on the wire
+from fedmllm.transport import TransportSettings, compress_update, decode, encode
 
 RNG = np.random.default_rng(7)
 UPDATE = {

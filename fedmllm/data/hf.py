@@ -95,24 +95,21 @@ def _image_paths(ds, column: str, split: str, base: Path) -> list[str | None]:
     cells = ds.cast_column(column, datasets.Image(decode=False))[column]
     folder = cache_root() / "hf-images" / f"{split}-{ds._fingerprint}"
 
+    def source(cell: dict) -> str | None:  # the file the image came from, when it still exists
+        return cell["path"] if cell.get("path") and Path(cell["path"]).is_file() else None
+
+    def written(i: int, cell: dict) -> Path:  # where its bytes go otherwise
+        return folder / f"{i}{Path(cell.get('path') or 'x.png').suffix or '.png'}"
+
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for i, cell in enumerate(cells):
-            if cell and cell.get("bytes") and not (cell.get("path") and Path(cell["path"]).is_file()):
-                (tmp / f"{i}{Path(cell.get('path') or 'x.png').suffix or '.png'}").write_bytes(cell["bytes"])
+            if cell and cell.get("bytes") and not source(cell):
+                (tmp / written(i, cell).name).write_bytes(cell["bytes"])
 
-    if any(c and c.get("bytes") and not (c.get("path") and Path(c["path"]).is_file()) for c in cells):
-        if not folder.is_dir():
-            write_atomically(folder, write)
-    out: list[str | None] = []
-    for i, cell in enumerate(cells):
-        if not cell:
-            out.append(None)
-        elif cell.get("path") and Path(cell["path"]).is_file():
-            out.append(str(cell["path"]))
-        else:
-            out.append(str(folder / f"{i}{Path(cell.get('path') or 'x.png').suffix or '.png'}"))
-    return out
+    if not folder.is_dir() and any(c and c.get("bytes") and not source(c) for c in cells):
+        write_atomically(folder, write)
+    return [None if not cell else str(source(cell) or written(i, cell)) for i, cell in enumerate(cells)]
 
 
 def _answers(ds, cfg: dict[str, Any], split: str) -> list[str | None]:

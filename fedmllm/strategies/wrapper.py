@@ -39,6 +39,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedmllm.models.adapter import payload_bytes
 from fedmllm.records import declared, from_record, to_record
 from fedmllm.strategies.aggregate import (
     REPLY_ERRORS,
@@ -51,7 +52,6 @@ from fedmllm.strategies.aggregate import (
 )
 from fedmllm.transport import TransportSettings, encode_download
 from fedmllm.transport import decode as transport_decode
-from fedmllm.transport import nbytes as transport_nbytes
 
 
 @dataclass
@@ -203,8 +203,12 @@ class AdapterStrategy(Strategy):
                 content = RecordDict(dict(m.content.items()))
                 content[self.arrayrecord_key] = to_record(encoded)
                 m.content = content
+        record_bytes: dict[int, int] = {}  # per record object: messages may share one (read what it declares)
         sizes = [
-            sum(sum(a.nbytes for a in from_record(r).values()) for r in m.content.array_records.values())
+            sum(
+                record_bytes.setdefault(id(r), sum(declared(a).nbytes for a in r.values()))
+                for r in m.content.array_records.values()
+            )
             for m in messages
         ]
         down = round(sum(sizes) / len(sizes)) if sizes else 0
@@ -372,7 +376,7 @@ class AdapterStrategy(Strategy):
             raise InvalidReply(f"undecodable update ({self.transport.codec}): {err}") from None
         adapter = {k: start[k] + u for k, u in update.items()}
         msg.content[self.arrayrecord_key] = to_record(adapter)
-        return transport_nbytes(encoded), sum(4 * u.size for u in update.values())
+        return payload_bytes(encoded), sum(4 * u.size for u in update.values())
 
     def _declares_the_layout(self, record: ArrayRecord) -> int | None:
         """The bytes of a reply's adapter when every Array declares the key, shape and dtype
