@@ -75,7 +75,7 @@ class RecordBuffer:
 
     _zero_copy = platform.python_implementation() == "CPython"
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], touch: bool = False):
         self._data: dict[str, bytes] = {}
         self.arrays: dict[str, np.ndarray] = {}
         for k, shape in shapes.items():
@@ -91,6 +91,12 @@ class RecordBuffer:
                 self.arrays[k] = view[len(header) :].view(np.float32).reshape(shape)
             else:
                 self.arrays[k] = np.empty(shape, np.float32)
+            if touch:  # the pages mapped now (zeros), not when the average first writes them
+                self.arrays[k].fill(0.0)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.arrays.items()}
 
     def seal(self) -> ArrayRecord:
         """The ArrayRecord holding the values written into `arrays` (call once, after writing)."""
