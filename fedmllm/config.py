@@ -270,6 +270,13 @@ def build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def typed(cls: type, section: Any, where: str) -> Any:
+    """`section` as settings `cls`: itself when it is one, else built from a mapping (`build`: keys
+    it lacks take the class defaults, the values checked). Functions that take a section accept
+    either, so a caller may pass a composed config's section or a few keys of it."""
+    return section if isinstance(section, cls) else build(cls, section if section is not None else {}, where)
+
+
 def run_config_overrides(run_config: Mapping[str, Any]) -> list[str]:
     """Hydra overrides carried in Flower's run_config (`--run-config "overrides='a=1 b=2'"`)."""
     unknown = sorted(set(run_config) - {OVERRIDES_KEY})

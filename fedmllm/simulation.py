@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmllm import data as sources  # sources.load_task is looked up on each call (tests replace it)
+from fedmllm.conf import run_settings
 from fedmllm.partitioning.materialise import empty_clients, warn_empty
 
 
@@ -23,7 +24,7 @@ def quiet_flower_env() -> None:
 
 
 def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
-    """Simulate `cfg['num_clients']` SuperNodes; the apps compose the same config from `overrides`."""
+    """Simulate `num_clients` SuperNodes; the apps compose the same config from `overrides`."""
     quiet_flower_env()
     # Flower is imported here, once its environment is set.
     import flwr.simulation  # its run_simulation looked up on each call (tests replace it)
@@ -31,14 +32,15 @@ def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
     from fedmllm.client.app import make_client_app
     from fedmllm.server.app import make_server_app
 
-    warn_empty(empty_clients(cfg, sources.load_task(cfg["dataset"], cfg["seed"])[1]))  # up front, not mid-round
+    run = run_settings(cfg)
+    warn_empty(empty_clients(cfg, sources.load_task(run.dataset, run.seed)[1]))  # up front, not mid-round
 
-    verbose = bool(cfg.get("verbose", False))
-    init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, cfg["client_cpus"])}
+    verbose = bool(run.verbose)
+    init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, run.client_cpus)}
     if not verbose:  # the clients' output stays in Ray's session logs, Ray's own in run.log
         init_args.update(log_to_driver=False, logging_level=logging.ERROR)
     backend = {
-        "client_resources": {"num_cpus": cfg["client_cpus"], "num_gpus": client_gpus(cfg)},
+        "client_resources": {"num_cpus": run.client_cpus, "num_gpus": client_gpus(run.client_gpus)},
         "init_args": init_args,
     }
     flwr_logger = logging.getLogger("flwr")
@@ -48,22 +50,23 @@ def run_simulation(cfg: dict[str, Any], overrides: tuple[str, ...]) -> None:
     # starts a SuperLink and reads the app from a FAB. `fedmllm run` needs one process that composes
     # the config, runs Hydra sweeps and stops on Ctrl-C, so it keeps the in-process simulation.
     try:
-        with run_log(cfg.get("out_dir"), verbose):
+        with run_log(run.out_dir, verbose):
             flwr.simulation.run_simulation(
                 server_app=make_server_app(overrides),
                 client_app=make_client_app(overrides),
-                num_supernodes=cfg["num_clients"],
+                num_supernodes=run.num_clients,
                 backend_config=backend,
             )
     finally:
         flwr_logger.removeFilter(hide)
 
 
-def client_gpus(cfg: dict[str, Any]) -> float:
-    """GPUs Ray gives each simulated client: `client_gpus`, or when it is null 1.0 if CUDA devices
-    are visible (one client per GPU; with 0, Ray hides the GPUs and clients train on the CPU)."""
-    if cfg.get("client_gpus") is not None:
-        return float(cfg["client_gpus"])
+def client_gpus(setting: float | None) -> float:
+    """GPUs Ray gives each simulated client: the `client_gpus` setting, or when it is null 1.0 if
+    CUDA devices are visible (one client per GPU; with 0, Ray hides the GPUs and clients train on
+    the CPU)."""
+    if setting is not None:
+        return float(setting)
     import torch
 
     return 1.0 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 0.0

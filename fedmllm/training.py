@@ -6,13 +6,13 @@ import inspect
 import math
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, List, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedmllm.config import Number, integer, need, number
+from fedmllm.config import Number, integer, need, number, typed
 from fedmllm.data.collate import Collator
 from fedmllm.data.schema import Sample
 from fedmllm.models.device import to_model
@@ -53,6 +53,7 @@ class TrainSettings:
     round_warmup: Number = 0.01
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     gradient_checkpointing: bool = False
+    share_prefix: bool = False  # set by the server's adapter stage on the CPU (answer_loss), not a yaml key
     lr: Number = 1e-3
     projector_lr: Number = 2e-4
     weight_decay: Number = 0.0
@@ -125,30 +126,24 @@ PLAIN_LOOP = {
     "adam_betas": [0.9, 0.999],
     "gradient_checkpointing": False,
 }
-SCHEDULES = ("constant", "cosine")
-ROUND_SCHEDULES = ("constant", "cosine_warm")
 
 
-def round_lr(train_cfg: dict[str, Any], server_round: int, num_rounds: int) -> dict[str, Any]:
-    """`train_cfg` with `lr` and `projector_lr` for round `server_round` (1-based) of `num_rounds`.
+def round_lr(train: TrainSettings | dict[str, Any], server_round: int, num_rounds: int) -> TrainSettings:
+    """`train` with `lr` and `projector_lr` for round `server_round` (1-based) of `num_rounds`.
 
     `round_schedule=cosine_warm` is FedMLLM's `cosine_warm_learning_rate(r, lr, R, R * round_warmup)`
     at r = server_round - 1: lr (r+1)/W during the W warm-up rounds, then
     lr (1 + cos(pi (r - W) / (R - W))) / 2. With R=50 and round_warmup=0.01, W=0.5: round 1 runs at
     2 lr (their round 0 at 4e-5), round 2 at 0.9996 lr, round 50 at 1e-3 lr."""
-    how = train_cfg.get("round_schedule", "constant")
-    if how not in ROUND_SCHEDULES:
-        raise ValueError(f"train.round_schedule={how!r}: choose constant or cosine_warm")
-    if how == "constant":
-        return train_cfg
-    r, warm = server_round - 1, num_rounds * float(train_cfg.get("round_warmup", 0.01))
+    train = typed(TrainSettings, train, "train")
+    if train.round_schedule == "constant":
+        return train
+    r, warm = server_round - 1, num_rounds * float(train.round_warmup)
     if r < warm:
         factor = (r + 1) / warm
     else:
         factor = (1 + math.cos(math.pi * (r - warm) / (num_rounds - warm))) / 2
-    out = {**train_cfg, "lr": float(train_cfg["lr"]) * factor}
-    out["projector_lr"] = float(train_cfg.get("projector_lr", train_cfg["lr"])) * factor
-    return out
+    return replace(train, lr=float(train.lr) * factor, projector_lr=float(train.projector_lr) * factor)
 
 
 def lr_factor(step: int, total: int, schedule: str = "constant", warmup_ratio: float = 0.0) -> float:
@@ -166,19 +161,18 @@ def lr_factor(step: int, total: int, schedule: str = "constant", warmup_ratio: f
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def optimizer_steps(train_cfg: dict[str, Any], num_samples: int) -> int:
+def optimizer_steps(train: TrainSettings | dict[str, Any], num_samples: int) -> int:
     """Optimizer steps of a local round: `local_steps`, or with `local_epochs` that many passes over
     the client's data, each floor(n / (batch_size x grad_accum)) steps and at least one (as
     transformers' Trainer, which FedMLLM runs for one epoch: the gradients of a last incomplete
     accumulation are never applied)."""
-    epochs = train_cfg.get("local_epochs")
-    if not epochs:
-        return int(train_cfg["local_steps"])
-    per_step = int(train_cfg["batch_size"]) * int(train_cfg.get("grad_accum", 1))
-    return int(epochs) * max(1, num_samples // per_step)
+    train = typed(TrainSettings, train, "train")
+    if not train.local_epochs:
+        return int(train.local_steps)
+    return int(train.local_epochs) * max(1, num_samples // (int(train.batch_size) * int(train.grad_accum)))
 
 
-def make_optimizer(model, train_cfg: dict[str, Any]):
+def make_optimizer(model, train: TrainSettings):
     """AdamW with two groups: LoRA tensors at `lr`, the fully trained projector at `projector_lr`
     (a gentler rate: at 1e-3 a prototype's projector never learned to carry image information);
     betas `adam_betas` (FedMLLM: 0.9, 0.95)."""
@@ -188,13 +182,13 @@ def make_optimizer(model, train_cfg: dict[str, Any]):
     for name, p in model.named_parameters():
         if p.requires_grad:
             (full if "modules_to_save" in name else lora).append(p)
-    groups = [{"params": lora, "lr": float(train_cfg["lr"])}]
+    groups = [{"params": lora, "lr": float(train.lr)}]
     if full:
-        groups.append({"params": full, "lr": float(train_cfg.get("projector_lr", train_cfg["lr"]))})
-    betas = tuple(float(b) for b in train_cfg.get("adam_betas") or (0.9, 0.999))
+        groups.append({"params": full, "lr": float(train.projector_lr)})
     for g in groups:
         g["initial_lr"] = g["lr"]  # what the round's schedule scales
-    return torch.optim.AdamW(groups, weight_decay=float(train_cfg.get("weight_decay", 0.0)), betas=betas)
+    betas = tuple(float(b) for b in train.adam_betas)
+    return torch.optim.AdamW(groups, weight_decay=float(train.weight_decay), betas=betas)
 
 
 def answer_loss(model, inputs: dict[str, Any], share_prefix: bool = False, stats: dict[str, float] | None = None):
@@ -358,7 +352,7 @@ def train_steps(
     model,
     collator: Collator,
     samples: list[Sample],
-    train_cfg: dict[str, Any],
+    train: TrainSettings | dict[str, Any],
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
     stop: Callable[[], bool] | None = None,
@@ -366,7 +360,7 @@ def train_steps(
     penalty: Callable[[], Any] | None = None,
     after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Train `optimizer_steps(train_cfg, len(samples))` steps; returns mean train loss and examples seen.
+    """Train `optimizer_steps(train, len(samples))` steps; returns mean train loss and examples seen.
 
     A step accumulates `grad_accum` batches of `batch_size` (the loss of each divided by
     grad_accum, as transformers does), then clips and steps at the learning rate of `schedule`
@@ -386,18 +380,17 @@ def train_steps(
 
     if not samples:
         raise ValueError("this client's partition is empty: lower num_clients or raise partitioner.alpha")
-    steps, bs = optimizer_steps(train_cfg, len(samples)), int(train_cfg["batch_size"])
-    accum = int(train_cfg.get("grad_accum", 1))
-    schedule, warmup = train_cfg.get("schedule", "constant"), float(train_cfg.get("warmup_ratio", 0.0))
+    train = typed(TrainSettings, train, "train")
+    steps, bs, accum = optimizer_steps(train, len(samples)), int(train.batch_size), int(train.grad_accum)
     torch.manual_seed(seed)
-    checkpointing = bool(train_cfg.get("gradient_checkpointing"))
+    checkpointing = bool(train.gradient_checkpointing)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = make_optimizer(model, train_cfg)
+    opt = make_optimizer(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
     stream = batches(samples, bs, steps * accum, seed)
-    share_prefix = bool(train_cfg.get("share_prefix"))
+    share_prefix = bool(train.share_prefix)
     right: list[float] = []  # this step's batch answer accuracies (on_answers)
 
     def micro_loss(step: int):
@@ -421,8 +414,8 @@ def train_steps(
             steps,
             micro_loss,
             accum=accum,
-            lr_at=lambda step: lr_factor(step, steps, schedule, warmup),
-            max_grad_norm=train_cfg.get("max_grad_norm"),
+            lr_at=lambda step: lr_factor(step, steps, train.schedule, float(train.warmup_ratio)),
+            max_grad_norm=train.max_grad_norm,
             after_backward=after_backward,
             on_step=stepped,
             stop=stop,

@@ -39,12 +39,10 @@ def test_a_checkpoint_reloads_with_transformers_and_peft_as_the_evaluated_model(
     from safetensors.torch import load_file
 
     from fedmllm.config import compose
-    from fedmllm.data import load_task
     from fedmllm.data.collate import Collator
     from fedmllm.models.load import resolve_path
     from fedmllm.models.registry import get_family
-    from fedmllm.partitioning.scenarios import apply_eval_scenario
-    from fedmllm.server.evaluate import evaluate
+    from fedmllm.server.evaluate import evaluate, heldout_set
     from fedmllm.tracking import read_metrics
 
     ckpt = finished_run / "checkpoints" / "round-2"
@@ -63,8 +61,7 @@ def test_a_checkpoint_reloads_with_transformers_and_peft_as_the_evaluated_model(
     assert {"stage1.safetensors", "adapter_model.safetensors", "tokenizer_config.json"} <= set(manifest)
 
     # ... and scores the held-out samples exactly as the run logged for that round
-    task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
-    heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])
+    task, heldout = heldout_set(cfg)
     collator = Collator(processor, get_family(cfg["model"]["family"]), task)
     got = evaluate(model, collator, heldout, None, batch_size=8)
     logged = {r["round"]: r for r in read_metrics(finished_run)}[2]

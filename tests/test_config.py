@@ -199,11 +199,32 @@ def test_client_gpus_follows_the_visible_gpus_unless_set(monkeypatch):
 
     from fedmllm.simulation import client_gpus
 
-    assert client_gpus({"client_gpus": 0.5}) == 0.5
+    assert client_gpus(0.5) == 0.5
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert client_gpus({"client_gpus": None}) == 1.0
+    assert client_gpus(None) == 1.0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert client_gpus({"client_gpus": None}) == 0.0
+    assert client_gpus(None) == 0.0
     with pytest.raises(ConfigError, match="client_gpus=-1"):
         compose(["client_gpus=-1"])
+
+
+def test_functions_take_their_typed_section_or_a_few_keys_of_it():
+    """A function that reads a config section takes its settings dataclass; a mapping is built
+    into one (missing keys take the dataclass defaults, the one place they live), so a misspelt
+    key fails naming it instead of being read as its default."""
+    from fedmllm.config import ConfigError
+    from fedmllm.data import DatasetSettings, load_task
+    from fedmllm.training import TrainSettings, optimizer_steps, round_lr
+
+    train = TrainSettings(local_steps=3, lr=2e-5, round_schedule="cosine_warm")
+    assert optimizer_steps(train, 100) == optimizer_steps({"local_steps": 3}, 100) == 3
+    stepped = round_lr(train, 1, 50)
+    assert isinstance(stepped, TrainSettings) and stepped.lr == pytest.approx(4e-5) and train.lr == 2e-5
+    with pytest.raises(ConfigError, match=r"unknown setting train\.local_stepz; did you mean train\.local_steps\?"):
+        optimizer_steps({"local_stepz": 3}, 100)
+    typed_task = load_task(DatasetSettings(name="easyvqa", eval_samples=7), seed=1)
+    assert typed_task[1:] == load_task({"name": "easyvqa", "eval_samples": 7}, seed=1)[1:]
+    assert len(typed_task[2]) == 7
+    with pytest.raises(ConfigError, match="unknown setting dataset.eval_sample; did you mean dataset.eval_samples"):
+        load_task({"name": "easyvqa", "eval_sample": 7})

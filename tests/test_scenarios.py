@@ -115,7 +115,7 @@ def test_scenarios_return_copies_and_keep_other_fields():
         assert all(o is not s for o, s in zip(out, samples))
         assert [(o["id"], o["label"]) for o in out] == [(s["id"], s["label"]) for s in samples]
     assert json.dumps(samples) == before
-    with pytest.raises(ValueError, match="scenario.name='nope': choose one of aligned, missing, cross, hybrid"):
+    with pytest.raises(ValueError, match="scenario='nope': choose one of aligned, missing, cross, hybrid"):
         apply_scenario(samples, {"name": "nope"}, 0, 10, 42)
 
 
@@ -157,16 +157,16 @@ def test_scenario_tags():
 
 def test_eval_scenario_keeps_full_modality_by_default_and_drops_on_request():
     samples = _samples(4000)
-    assert apply_eval_scenario(samples, None, 42) == samples
-    assert apply_eval_scenario(samples, {"scenario": "aligned", "mrate": 0.5}, 42) == samples
-    assert _mix(apply_eval_scenario(samples, {"scenario": "image_only"}, 42))["image"] == 4000
-    assert _mix(apply_eval_scenario(samples, {"scenario": "text_only"}, 42))["text"] == 4000
-    missing = apply_eval_scenario(samples, {"scenario": "missing", "mrate": 0.3}, 42)
-    assert missing == apply_eval_scenario(samples, {"scenario": "missing", "mrate": 0.3}, 42)
+    assert apply_eval_scenario(samples, "aligned", 0.0, 42) == samples
+    assert apply_eval_scenario(samples, "aligned", 0.5, 42) == samples
+    assert _mix(apply_eval_scenario(samples, "image_only", 0.0, 42))["image"] == 4000
+    assert _mix(apply_eval_scenario(samples, "text_only", 0.0, 42))["text"] == 4000
+    missing = apply_eval_scenario(samples, "missing", 0.3, 42)
+    assert missing == apply_eval_scenario(samples, "missing", 0.3, 42)
     assert _within(_mix(missing)["both"], 4000, 0.49) and _within(_mix(missing)["none"], 4000, 0.09)
     assert samples[0]["image"] is not None  # the input is untouched
     with pytest.raises(ValueError, match="eval.scenario='blind'"):
-        apply_eval_scenario(samples, {"scenario": "blind"}, 42)
+        apply_eval_scenario(samples, "blind", 0.0, 42)
 
 
 # --- config ----------------------------------------------------------------------------------

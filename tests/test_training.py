@@ -114,10 +114,10 @@ def test_round_lr_is_fedmllms_cosine_warm_learning_rate():
     cfg = {"lr": 2e-5, "projector_lr": 1e-5, "round_schedule": "cosine_warm", "round_warmup": 0.01}
     for r in range(1, 51):
         got = round_lr(cfg, r, 50)
-        assert got["lr"] == pytest.approx(theirs(r - 1, 2e-5, 50, 0.5), rel=1e-12)
-        assert got["projector_lr"] == pytest.approx(theirs(r - 1, 1e-5, 50, 0.5), rel=1e-12)
-    assert round_lr(cfg, 1, 50)["lr"] == pytest.approx(4e-5)  # warm-up of half a round: twice the base
-    assert round_lr({**cfg, "round_schedule": "constant"}, 7, 50)["lr"] == 2e-5
+        assert got.lr == pytest.approx(theirs(r - 1, 2e-5, 50, 0.5), rel=1e-12)
+        assert got.projector_lr == pytest.approx(theirs(r - 1, 1e-5, 50, 0.5), rel=1e-12)
+    assert round_lr(cfg, 1, 50).lr == pytest.approx(4e-5)  # warm-up of half a round: twice the base
+    assert round_lr({**cfg, "round_schedule": "constant"}, 7, 50).lr == 2e-5
 
 
 def test_one_local_epoch_is_floor_of_samples_over_accumulated_batch():

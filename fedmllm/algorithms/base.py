@@ -18,7 +18,10 @@ import pkgutil
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import fedmllm.algorithms as pkg
-from fedmllm.models.adapter import load_adapter_state
+from fedmllm.config import typed
+from fedmllm.models.adapter import PeftSettings, load_adapter_state, method_of
+from fedmllm.stages import AlignSettings
+from fedmllm.training import TrainSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedmllm.client.local import LocalRound
@@ -81,7 +84,7 @@ class Algorithm:
                 f"aggregator.client.{unknown[0]} is not a setting of aggregator={self.name} "
                 f"(its client settings: {list(self.client_keys)})"
             )
-        method = str(cfg["peft"].get("name", "lora"))
+        method = method_of(cfg["peft"])
         if self.peft_methods is not None and method not in self.peft_methods:
             why = (
                 "stacks LoRA factors B_k A_k across clients, which DoRA's magnitude normalisation breaks"
@@ -92,8 +95,8 @@ class Algorithm:
                 f"aggregator={self.name} {why}; use peft={' or peft='.join(self.peft_methods)} with it, "
                 f"or a standard aggregator (e.g. aggregator=fedavg) with peft={method}"
             )
-        align = (cfg.get("server_stage") or {}).get("align") or {}
-        if align.get("enabled") and not self.align:
+        align = typed(AlignSettings, (cfg.get("server_stage") or {}).get("align"), "server_stage.align")
+        if align.enabled and not self.align:
             out.append(
                 f"server_stage.align trains the whole adapter on the server, which aggregator={self.name} "
                 "does not share; use server_stage=pretrain or a standard aggregator"
@@ -116,7 +119,7 @@ class Algorithm:
     # --- PEFT ----------------------------------------------------------------------------------
     def client_rank(self, cfg: dict[str, Any], partition_id: int, node_rank: int | None = None) -> int:
         """A client's own LoRA rank: node_config `lora-rank`, else `peft.r` (0 for peft=ia3)."""
-        return int(node_rank) if node_rank is not None else int(cfg["peft"].get("r", 0))
+        return int(node_rank) if node_rank is not None else typed(PeftSettings, cfg["peft"], "peft").rank
 
     def client_peft(self, cfg: dict[str, Any], partition_id: int, node_rank: int | None = None) -> dict[str, Any]:
         """The PEFT settings of a client's model."""
@@ -226,14 +229,10 @@ def strategy_settings(section: dict[str, Any]) -> dict[str, Any]:
 def adaptive_reg_settings(cfg: dict[str, Any], algorithm: Algorithm | None = None) -> dict[str, float] | None:
     """FedMLLM's adaptive regularization settings when on (train.adaptive_reg.enabled or the
     aggregator's client section), else None."""
-    reg = dict(cfg["train"].get("adaptive_reg") or {})
-    if not (reg.get("enabled") or (algorithm or algorithm_of(cfg)).adaptive_reg):
+    reg = typed(TrainSettings, cfg["train"], "train").adaptive_reg
+    if not (reg.enabled or (algorithm or algorithm_of(cfg)).adaptive_reg):
         return None
-    return {
-        "mu": float(reg.get("mu", 0.01)),
-        "mu_w": float(reg.get("mu_w", 0.1)),
-        "s_layer": int(reg.get("s_layer", 4)),
-    }
+    return {"mu": float(reg.mu), "mu_w": float(reg.mu_w), "s_layer": int(reg.s_layer)}
 
 
 def peft_scale(peft: dict[str, Any]) -> tuple[float, float]:

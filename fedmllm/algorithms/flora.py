@@ -51,7 +51,7 @@ class FLoRA(Algorithm):
         """node_config `lora-rank`, else `client.ranks` cycled over partition ids, else peft.r."""
         if node_rank is not None:
             return int(node_rank)
-        return self.ranks[partition_id % len(self.ranks)] if self.ranks else int(cfg["peft"].get("r", 0))
+        return self.ranks[partition_id % len(self.ranks)] if self.ranks else super().client_rank(cfg, partition_id)
 
     def client_peft(self, cfg, partition_id, node_rank=None) -> dict[str, Any]:
         """The client's model holds the global update (rank max_rank, frozen) plus its own factors."""

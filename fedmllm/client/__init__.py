@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from fedmllm import data as sources  # sources.load_task is looked up on each call (tests replace it)
 from fedmllm.algorithms import adaptive_reg_settings, algorithm_of
 from fedmllm.client.local import ClientStore, LocalRound, client_state_path
-from fedmllm.config import NodeIdentity, from_run_config, node_identity
+from fedmllm.conf import run_settings
+from fedmllm.config import NodeIdentity, from_run_config, node_identity, typed
 from fedmllm.data import task_for
 from fedmllm.data.collate import Collator
 from fedmllm.models import get_model
@@ -21,7 +22,7 @@ from fedmllm.models.adapter import payload_bytes, trainable_bytes
 from fedmllm.partitioning import client_partition
 from fedmllm.partitioning.materialise import read_client, read_task
 from fedmllm.stages.cache import model_config
-from fedmllm.training import optimizer_steps, round_lr, round_seed, train_steps
+from fedmllm.training import TrainSettings, optimizer_steps, round_lr, round_seed, train_steps
 from fedmllm.transport import MODEL, RESIDUAL, compress_update, decode_download, is_encoded, settings_of
 
 
@@ -68,22 +69,20 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
     the configured dataset, partitioner and modality scenario. Under aggregator=centralized
     (`pooled`) the training partition holds every partition's samples, each with its scenario."""
 
+    run = run_settings(cfg)
     ids = range(ident.num_partitions) if algorithm_of(cfg).pooled else [ident.partition_id]
     if ident.data_dir:
         task = read_task(ident.data_dir)
         task = (
-            task_for(task, cfg["dataset"], cfg.get("prompt"))
+            task_for(task, run.dataset, run.prompt)
             if task is not None
-            else sources.load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))[0]
+            else sources.load_task(run.dataset, run.seed, run.prompt)[0]
         )  # a partition from before task.json
         return task, [
             s for i in ids for s in read_client(ident.data_dir, cfg, i, ident.num_partitions, ident.image_root)
         ]
-    task, pool, _ = sources.load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
+    task, pool, _ = sources.load_task(run.dataset, run.seed, run.prompt)
     return task, [s for i in ids for s in client_partition(pool, cfg, i, ident.num_partitions)]
-
-
-WEIGHT_BY = ("partition_size", "examples_seen")
 
 
 def sit_out_metrics(partition_id: int) -> dict[str, Any]:
@@ -103,13 +102,11 @@ def sit_out_metrics(partition_id: int) -> dict[str, Any]:
     }
 
 
-def aggregation_weight(train_cfg: dict[str, Any], partition_size: int, examples_seen: int) -> int:
+def aggregation_weight(train: TrainSettings | dict[str, Any], partition_size: int, examples_seen: int) -> int:
     """A reply's `num-examples`, by `train.weight_by`: `partition_size` (default) weights each
     client by its dataset size, as FedMLLM (OpenFedLLM's sample_num_list) and Flower's strategies
     do; `examples_seen` by local_steps x batch_size, the same for every client with data."""
-    how = train_cfg.get("weight_by", "partition_size")
-    if how not in WEIGHT_BY:
-        raise ValueError(f"train.weight_by={how!r}: choose partition_size or examples_seen")
+    how = typed(TrainSettings, train, "train").weight_by
     return 0 if not partition_size else (partition_size if how == "partition_size" else examples_seen)
 
 
@@ -146,14 +143,15 @@ def train_round(
     lm = get_model(model_config(cfg), algorithm.client_peft(cfg, ident.partition_id, ident.lora_rank))
     if store is None:
         store = ClientStore(path=client_state_path(cfg, ident.partition_id), server_round=server_round)
-    seed = round_seed(cfg["seed"], server_round, ident.partition_id)
+    run = run_settings(cfg)
+    seed = round_seed(run.seed, server_round, ident.partition_id)
     local = LocalRound(
         algorithm,
         lm.model,
         arrays,
         extra or {},
         store,
-        cfg["seed"],
+        run.seed,
         seed,
         proximal_mu,
         adaptive_reg_settings(cfg, algorithm),
@@ -162,10 +160,10 @@ def train_round(
     local.prepare()
     task, samples = local_data(cfg, ident)
     collator = Collator(lm.processor, lm.family, task)
-    train_cfg = round_lr(cfg["train"], server_round, cfg["num_rounds"])  # the round's lr (round_schedule)
-    if algorithm.pooled and not train_cfg.get("local_epochs"):  # centralized: the federation's steps per round
-        train_cfg = {**train_cfg, "local_steps": int(train_cfg["local_steps"]) * int(cfg["clients_per_round"])}
-    steps = optimizer_steps(train_cfg, len(samples))
+    train = round_lr(run.train, server_round, run.num_rounds)  # the round's lr (round_schedule)
+    if algorithm.pooled and not train.local_epochs:  # centralized: the federation's steps per round
+        train = replace(train, local_steps=int(train.local_steps) * int(run.clients_per_round))
+    steps = optimizer_steps(train, len(samples))
     t_setup = time.perf_counter() - t0
     bar = tqdm(
         total=steps,
@@ -179,7 +177,7 @@ def train_round(
             lm.model,
             collator,
             samples,
-            train_cfg,
+            train,
             seed,
             on_step=lambda s, loss: bar.update(1),
             penalty=local.penalty if local.has_penalty else None,
@@ -207,7 +205,7 @@ def train_round(
         **result,
         # the aggregation weight: the partition's size (FedMLLM's sample_num_list, Flower's
         # convention), or with train.weight_by=examples_seen the samples trained on this round
-        "num-examples": aggregation_weight(cfg["train"], len(samples), seen),
+        "num-examples": aggregation_weight(train, len(samples), seen),
         "examples-seen": seen,
         "partition-id": ident.partition_id,
         "partition-size": len(samples),

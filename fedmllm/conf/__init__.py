@@ -128,6 +128,12 @@ class RunSettings:
             )
 
 
+def run_settings(cfg: dict[str, Any] | RunSettings) -> RunSettings:
+    """The typed settings of a composed (and checked) config: what a process that received the
+    config as a dict reads its values from."""
+    return cfg if isinstance(cfg, RunSettings) else build(RunSettings, cfg, "")
+
+
 def check(cfg: dict[str, Any]) -> RunSettings:
     """The typed settings of a composed config, every check run (ConfigError names the setting and
     the fix); then its algorithm's own check (`Algorithm.problems`), which reads the whole config.

@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, List, Optional
 
-from fedmllm.config import Number, need, number
+from fedmllm.config import Number, need, number, typed
 from fedmllm.data import crisismmd, easyvqa, hateful_memes, hf, llava_json
+from fedmllm.data.prompts import PromptSettings
 from fedmllm.data.reading import DataError
 from fedmllm.data.schema import Sample, Task
 
@@ -25,8 +26,8 @@ class DatasetSettings:
     each source reads; a key a source does not read stays unset)."""
 
     name: str = "easyvqa"
-    template: str = "short"
-    eval_samples: int = 0
+    template: Optional[str] = None  # None: the source's own (mc for the FedMLLM tasks, short for easy-vqa)
+    eval_samples: int = 200
     public_fraction: Number = 0.0
     strict: bool = False
     balanced: bool = False  # easyvqa
@@ -61,7 +62,10 @@ class DatasetSettings:
             number(frac) and 0 <= frac < 1,
             f"dataset.public_fraction={frac!r} must be a number in [0, 1) (0.2: a fifth of the images stay with the server)",
         )
-        need(self.template in TEMPLATES, f"dataset.template={self.template!r}: choose mc or short")
+        need(
+            self.template is None or self.template in TEMPLATES,
+            f"dataset.template={self.template!r}: choose mc or short",
+        )
         if not self.captioned:
             # The server stages need the public pool's image captions, which only easy-vqa provides.
             need(
@@ -83,7 +87,7 @@ class DatasetSettings:
         )
         if self.name == "crisismmd":
             need(
-                self.task in crisismmd.LABELS,
+                self.task is None or self.task in crisismmd.LABELS,
                 f"dataset.task={self.task!r}: choose humanitarian, informative or damage",
             )
             need(
@@ -93,7 +97,9 @@ class DatasetSettings:
 
 
 def load_task(
-    dataset_cfg: dict[str, Any], seed: int = 42, prompt: dict[str, Any] | str | None = None
+    dataset: DatasetSettings | dict[str, Any],
+    seed: int = 42,
+    prompt: PromptSettings | dict[str, Any] | str | None = None,
 ) -> tuple[Task, list[Sample], list[Sample]]:
     """Return (task, train pool, held-out eval samples) for a dataset config.
 
@@ -102,71 +108,69 @@ def load_task(
     `prompt` config group (`plain` or `aug`); `dataset.template` (mc or short) overrides the
     source's default template. Samples are fresh dicts: callers may edit them.
     """
-    task, train, test = _source(dataset_cfg, seed)
-    task = task_for(task, dataset_cfg, prompt)
-    public_images = _public_images(train, float(dataset_cfg.get("public_fraction", 0.0)), seed)
+    dataset = typed(DatasetSettings, dataset, "dataset")
+    task, train, test = _source(dataset, seed)
+    task = task_for(task, dataset, prompt)
+    public_images = _public_images(train, float(dataset.public_fraction), seed)
     if public_images:
         train = [s for s in train if s["image"] not in public_images]
-    n = int(dataset_cfg.get("eval_samples", 200))
+    n = int(dataset.eval_samples)
     if 0 < n < len(test):
         test = random.Random(seed).sample(test, n)
     return task, train, test
 
 
-def task_for(task: Task, dataset_cfg: dict[str, Any], prompt: dict[str, Any] | str | None = None) -> Task:
+def task_for(
+    task: Task, dataset: DatasetSettings | dict[str, Any], prompt: PromptSettings | dict[str, Any] | str | None = None
+) -> Task:
     """`task` as a run phrases it: `dataset.template` (when set) and the `prompt` group's wording."""
-    return replace(task, template=dataset_cfg.get("template") or task.template, aug=prompt_name(prompt) == "aug")
+    template = typed(DatasetSettings, dataset, "dataset").template
+    return replace(task, template=template or task.template, aug=prompt_name(prompt) == "aug")
 
 
-def prompt_name(prompt: dict[str, Any] | str | None) -> str:
+def prompt_name(prompt: PromptSettings | dict[str, Any] | str | None) -> str:
     """`plain` or `aug` from the prompt config group (None: plain)."""
-    name = (prompt.get("name") if isinstance(prompt, dict) else prompt) or "plain"
-    if name not in ("plain", "aug"):
-        raise ValueError(f"prompt={name!r}: choose plain or aug")
-    return name
+    if prompt is None or isinstance(prompt, str):
+        prompt = {"name": prompt or "plain"}
+    return typed(PromptSettings, prompt, "prompt").name
 
 
-def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sample]]:
+def _source(cfg: DatasetSettings, seed: int) -> tuple[Task, list[Sample], list[Sample]]:
     """(task, train split, test split) of the configured source, before held-out sampling."""
 
-    name = cfg["name"]
-    strict = bool(cfg.get("strict", False))
+    name, strict = cfg.name, bool(cfg.strict)
     if name == "easyvqa":
-        balanced = bool(cfg.get("balanced", False))
         return (
             easyvqa.YESNO,
-            easyvqa.yesno_samples("train", balanced=balanced, seed=seed),
-            easyvqa.yesno_samples("test", balanced=balanced, seed=seed),
+            easyvqa.yesno_samples("train", balanced=bool(cfg.balanced), seed=seed),
+            easyvqa.yesno_samples("test", balanced=bool(cfg.balanced), seed=seed),
         )
     if name == "easyvqa_caption":
         return easyvqa.CAPTION, easyvqa.caption_samples("train", seed=seed), easyvqa.caption_samples("test", seed=seed)
     if name == "easyvqa_flag":
         return easyvqa.FLAG, easyvqa.flag_samples("train", seed=seed), easyvqa.flag_samples("test", seed=seed)
     if name == "hateful_memes":
-        root = _root(cfg, "hateful_memes")
-        splits = (cfg.get("train_split", "train"), cfg.get("test_split", "test_seen"))
+        root, splits = _root(cfg), _splits(cfg)
         hateful_memes.expected_files(Path(root), splits)  # both files checked before either is read
         train, test = (_copy(hateful_memes.load_split(root, s, strict)) for s in splits)
         return hateful_memes.TASK, train, test
     if name == "crisismmd":
-        root, t = _root(cfg, "crisismmd"), str(cfg.get("task", "humanitarian"))
-        agreed, column = bool(cfg.get("agreed", False)), str(cfg.get("label_column", "label_image"))
-        splits = (cfg.get("train_split", "train"), cfg.get("test_split", "test"))
+        root, t, agreed = _root(cfg), _crisis_task(cfg), bool(cfg.agreed)
+        column, splits = cfg.label_column or "label_image", _splits(cfg)
         for s in splits:
             crisismmd.split_file(Path(root), t, s, agreed)
         train, test = (_copy(crisismmd.load_split(root, t, s, agreed, column, strict)) for s in splits)
         return crisismmd.task(t), train, test
     if name == "llava_json":
         task = llava_json.task(cfg)
-        path = str(llava_json.check_path(cfg.get("path"), "path"))
-        test_path = cfg.get("test_path")
-        if test_path:
-            llava_json.check_path(test_path, "test_path")
-        rows = _copy(llava_json.load_file(path, cfg.get("image_root"), task.labels, strict))
-        if test_path:
-            return task, rows, _copy(llava_json.load_file(str(test_path), cfg.get("image_root"), task.labels, strict))
+        path = str(llava_json.check_path(cfg.path, "path"))
+        if cfg.test_path:
+            llava_json.check_path(cfg.test_path, "test_path")
+        rows = _copy(llava_json.load_file(path, cfg.image_root, task.labels, strict))
+        if cfg.test_path:
+            return task, rows, _copy(llava_json.load_file(str(cfg.test_path), cfg.image_root, task.labels, strict))
         # No test file: hold out `eval_samples` records of the one file (a fifth when 0), seeded.
-        n = int(cfg.get("eval_samples", 200)) or round(0.2 * len(rows))
+        n = int(cfg.eval_samples) or round(0.2 * len(rows))
         if not 0 < n < len(rows):
             raise DataError(
                 f"llava_json: {path} has {len(rows)} usable records, too few to hold out "
@@ -181,36 +185,47 @@ def _source(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sa
     )
 
 
-def check_source(dataset_cfg: dict[str, Any]) -> None:
+# The split each source reads when its yaml names none: (train_split, test_split).
+DEFAULT_SPLITS = {"hateful_memes": ("train", "test_seen"), "crisismmd": ("train", "test")}
+
+
+def _splits(cfg: DatasetSettings) -> tuple[str, str]:
+    train, test = DEFAULT_SPLITS[cfg.name]
+    return str(cfg.train_split or train), str(cfg.test_split or test)
+
+
+def _crisis_task(cfg: DatasetSettings) -> str:
+    return str(cfg.task or "humanitarian")
+
+
+def check_source(dataset: DatasetSettings | dict[str, Any]) -> None:
     """Raise DataError (one line) when the configured files are absent; reads no rows.
 
     For `fedmllm run`'s preflight: a wrong path fails before any worker starts.
     """
 
-    name = dataset_cfg["name"]
-    if name == "hateful_memes":
-        splits = (dataset_cfg.get("train_split", "train"), dataset_cfg.get("test_split", "test_seen"))
-        hateful_memes.expected_files(Path(_root(dataset_cfg, name)), splits)
-    elif name == "crisismmd":
-        root, t, agreed = Path(_root(dataset_cfg, name)), str(dataset_cfg.get("task")), bool(dataset_cfg.get("agreed"))
-        for s in (dataset_cfg.get("train_split", "train"), dataset_cfg.get("test_split", "test")):
+    cfg = typed(DatasetSettings, dataset, "dataset")
+    if cfg.name == "hateful_memes":
+        hateful_memes.expected_files(Path(_root(cfg)), _splits(cfg))
+    elif cfg.name == "crisismmd":
+        root, t, agreed = Path(_root(cfg)), _crisis_task(cfg), bool(cfg.agreed)
+        for s in _splits(cfg):
             crisismmd.split_file(root, t, s, agreed)
-    elif name == "llava_json":
-        llava_json.task(dataset_cfg)
-        llava_json.check_path(dataset_cfg.get("path"), "path")
-        if dataset_cfg.get("test_path"):
-            llava_json.check_path(dataset_cfg["test_path"], "test_path")
-        if dataset_cfg.get("image_root") and not Path(dataset_cfg["image_root"]).is_dir():
-            raise DataError(f"llava_json: dataset.image_root={dataset_cfg['image_root']} is not a directory")
-    elif name == "hf":
-        hf.check(dataset_cfg)
+    elif cfg.name == "llava_json":
+        llava_json.task(cfg)
+        llava_json.check_path(cfg.path, "path")
+        if cfg.test_path:
+            llava_json.check_path(cfg.test_path, "test_path")
+        if cfg.image_root and not Path(cfg.image_root).is_dir():
+            raise DataError(f"llava_json: dataset.image_root={cfg.image_root} is not a directory")
+    elif cfg.name == "hf":
+        hf.check(cfg)
 
 
-def _root(cfg: dict[str, Any], name: str) -> str:
-    root = cfg.get("root")
-    if not root:
-        raise DataError(f"{name}: dataset.root is not set; add dataset.root=DIR (see README, Data)")
-    return str(Path(root).expanduser())
+def _root(cfg: DatasetSettings) -> str:
+    if not cfg.root:
+        raise DataError(f"{cfg.name}: dataset.root is not set; add dataset.root=DIR (see README, Data)")
+    return str(Path(cfg.root).expanduser())
 
 
 def _copy(samples: tuple[Sample, ...]) -> list[Sample]:
@@ -218,14 +233,15 @@ def _copy(samples: tuple[Sample, ...]) -> list[Sample]:
     return [Sample(**s) for s in samples]
 
 
-def load_public(dataset_cfg: dict[str, Any], seed: int = 42) -> list[Sample]:
+def load_public(dataset: DatasetSettings | dict[str, Any], seed: int = 42) -> list[Sample]:
     """The server's public pool: every training-split sample whose image is among the
     `dataset.public_fraction` of images drawn with `seed`. Clients never see these images
     (load_task drops them from the pool they partition)."""
-    frac = float(dataset_cfg.get("public_fraction", 0.0))
+    dataset = typed(DatasetSettings, dataset, "dataset")
+    frac = float(dataset.public_fraction)
     if frac <= 0:
         return []
-    full = load_task({**dataset_cfg, "public_fraction": 0.0, "eval_samples": 0}, seed)[1]
+    full = load_task(replace(dataset, public_fraction=0.0, eval_samples=0), seed)[1]
     public_images = _public_images(full, frac, seed)
     return [s for s in full if s["image"] in public_images]
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmllm.common import cache_root, write_atomically
 from fedmllm.data.reading import DataError, RowLog, image_problem
 from fedmllm.data.schema import Sample, Task
+
+if TYPE_CHECKING:  # data/__init__.py owns the settings and imports this module
+    from fedmllm.data import DatasetSettings
 
 FORMATS = ("auto", "disk", "parquet", "json", "imagefolder")
 ANSWERS = ("closed", "open")
@@ -43,27 +46,27 @@ def detect_format(path: Path, fmt: str) -> str:
     )
 
 
-def check(cfg: dict[str, Any]) -> Path:
+def check(cfg: DatasetSettings) -> Path:
     """The configured path; DataError (one line) when unset or absent."""
-    if not cfg.get("path"):
+    if not cfg.path:
         raise DataError(
             "hf: dataset.path is not set; add dataset.path=DIR (load_from_disk or an image folder) or FILE "
             "(.parquet, .json, .jsonl)"
         )
-    path = Path(str(cfg["path"])).expanduser()
+    path = Path(str(cfg.path)).expanduser()
     if not path.exists():
         raise DataError(f"hf: dataset.path={path} does not exist")
-    if cfg.get("test_path") and not Path(str(cfg["test_path"])).expanduser().exists():
-        raise DataError(f"hf: dataset.test_path={cfg['test_path']} does not exist")
+    if cfg.test_path and not Path(str(cfg.test_path)).expanduser().exists():
+        raise DataError(f"hf: dataset.test_path={cfg.test_path} does not exist")
     return path
 
 
-def _splits(cfg: dict[str, Any]):
+def _splits(cfg: DatasetSettings):
     """{split name: datasets.Dataset} of the configured source."""
     import datasets
 
     path = check(cfg)
-    fmt = detect_format(path, str(cfg.get("format") or "auto"))
+    fmt = detect_format(path, str(cfg.format or "auto"))
     cache = str(cache_root() / "hf-datasets")
     if fmt == "disk":
         loaded = datasets.load_from_disk(str(path))
@@ -71,8 +74,8 @@ def _splits(cfg: dict[str, Any]):
     if fmt == "imagefolder":
         return dict(datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache))
     files = {"train": str(path)}
-    if cfg.get("test_path"):
-        files["test"] = str(Path(str(cfg["test_path"])).expanduser())
+    if cfg.test_path:
+        files["test"] = str(Path(str(cfg.test_path)).expanduser())
     return dict(datasets.load_dataset(fmt, data_files=files, cache_dir=cache))
 
 
@@ -112,37 +115,37 @@ def _image_paths(ds, column: str, split: str, base: Path) -> list[str | None]:
     return [None if not cell else str(source(cell) or written(i, cell)) for i, cell in enumerate(cells)]
 
 
-def _answers(ds, cfg: dict[str, Any], split: str) -> list[str | None]:
+def _answers(ds, cfg: DatasetSettings, split: str) -> list[str | None]:
     """Each row's answer text (the label column's class name for a ClassLabel)."""
     import datasets
 
-    label = _column(ds, cfg.get("label_column"), "label_column", split)
+    label = _column(ds, cfg.label_column, "label_column", split)
     if label:
         feature = ds.features[label]
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
         return [None if v is None else (names[v] if names else str(v)).strip() for v in ds[label]]
-    answer = _column(ds, cfg.get("answer_column") or "answer", "answer_column", split)
+    answer = _column(ds, cfg.answer_column or "answer", "answer_column", split)
     return [None if v is None else str(v).strip() for v in ds[answer]]
 
 
-def load(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sample]]:
+def load(cfg: DatasetSettings, seed: int) -> tuple[Task, list[Sample], list[Sample]]:
     """(task, train split, test split): the test split is `test_split` (or `test_path`'s rows);
     without one, `eval_samples` rows of train are held out (a fifth when 0), seeded."""
     splits = _splits(cfg)
-    train_name, test_name = str(cfg.get("train_split") or "train"), cfg.get("test_split") or "test"
+    train_name, test_name = str(cfg.train_split or "train"), cfg.test_split or "test"
     if train_name not in splits:
-        raise DataError(f"hf: dataset.train_split={train_name!r} is not a split of {cfg['path']}: {sorted(splits)}")
-    base = Path(str(cfg.get("image_root") or Path(str(cfg["path"])).expanduser().parent))
+        raise DataError(f"hf: dataset.train_split={train_name!r} is not a split of {cfg.path}: {sorted(splits)}")
+    base = Path(str(cfg.image_root or Path(str(cfg.path)).expanduser().parent))
     names = [train_name] + ([test_name] if test_name != train_name and test_name in splits else [])
     rows = {name: _rows(splits[name], cfg, name, base) for name in names}
-    answers = str(cfg.get("answers") or "closed")
+    answers = str(cfg.answers or "closed")
     labels = _labels(cfg, rows, answers)
-    strict = bool(cfg.get("strict", False))
+    strict = bool(cfg.strict)
     train = _samples(rows[train_name], labels, train_name, cfg, strict)
     if test_name in rows:
         test = _samples(rows[test_name], labels, test_name, cfg, strict)
     else:
-        n = int(cfg.get("eval_samples", 200)) or round(0.2 * len(train))
+        n = int(cfg.eval_samples) or round(0.2 * len(train))
         if not 0 < n < len(train):
             raise DataError(
                 f"hf: {len(train)} usable rows in split {train_name!r}, too few to hold out dataset.eval_samples={n}; "
@@ -153,17 +156,17 @@ def load(cfg: dict[str, Any], seed: int) -> tuple[Task, list[Sample], list[Sampl
     task = Task(
         "hf",
         labels=tuple(labels),
-        instruction=str(cfg.get("instruction") or ""),
-        question=str(cfg.get("question") or ""),
-        template=str(cfg.get("template") or "short"),
+        instruction=str(cfg.instruction or ""),
+        question=str(cfg.question or ""),
+        template=str(cfg.template or "short"),
         open=answers == "open",
     )
     return task, train, test
 
 
-def _rows(ds, cfg: dict[str, Any], split: str, base: Path) -> list[dict[str, Any]]:
-    image = _column(ds, cfg.get("image_column"), "image_column", split)
-    text = _column(ds, cfg.get("text_column"), "text_column", split)
+def _rows(ds, cfg: DatasetSettings, split: str, base: Path) -> list[dict[str, Any]]:
+    image = _column(ds, cfg.image_column, "image_column", split)
+    text = _column(ds, cfg.text_column, "text_column", split)
     images = _image_paths(ds, image, split, base) if image else [None] * len(ds)
     texts = [None if v is None else str(v).strip() or None for v in ds[text]] if text else [None] * len(ds)
     return [
@@ -172,10 +175,10 @@ def _rows(ds, cfg: dict[str, Any], split: str, base: Path) -> list[dict[str, Any
     ]
 
 
-def _labels(cfg: dict[str, Any], rows: dict[str, list[dict]], answers: str) -> list[str]:
+def _labels(cfg: DatasetSettings, rows: dict[str, list[dict]], answers: str) -> list[str]:
     """The options (closed: `dataset.labels`, else the distinct answers sorted) or the answer
     vocabulary (open: every distinct answer of every split, sorted)."""
-    given = [str(x) for x in (cfg.get("labels") or ())]
+    given = [str(x) for x in (cfg.labels or ())]
     if answers == "closed" and given:
         if len(given) < 2 or len(set(given)) != len(given):
             raise DataError(f"hf: dataset.labels={given} must list at least two distinct answers")
@@ -186,11 +189,11 @@ def _labels(cfg: dict[str, Any], rows: dict[str, list[dict]], answers: str) -> l
     return found
 
 
-def _samples(rows: list[dict], labels: list[str], split: str, cfg: dict[str, Any], strict: bool) -> list[Sample]:
+def _samples(rows: list[dict], labels: list[str], split: str, cfg: DatasetSettings, strict: bool) -> list[Sample]:
     """Rows with an answer among `labels` and a readable image (when they have one); the others
     dropped with one summary line (`strict`: the first raises)."""
     index = {label: i for i, label in enumerate(labels)}
-    log = RowLog(Path(f"{cfg['path']}[{split}]"), strict)
+    log = RowLog(Path(f"{cfg.path}[{split}]"), strict)
     log.rows = len(rows)
     out: list[Sample] = []
     for line, row in enumerate(rows, start=1):

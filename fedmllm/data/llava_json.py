@@ -9,24 +9,27 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmllm.data.reading import DataError, RowLog, image_problem, iter_json_array, read_jsonl
 from fedmllm.data.schema import Sample, Task
 
+if TYPE_CHECKING:  # data/__init__.py owns the settings and imports this module
+    from fedmllm.data import DatasetSettings
+
 IMAGE_TAG = "<image>"
 
 
-def task(cfg: dict[str, Any]) -> Task:
+def task(cfg: DatasetSettings) -> Task:
     """The Task declared by the dataset config (`labels`, optional `question` / `instruction`)."""
-    labels = tuple(str(x) for x in (cfg.get("labels") or ()))
+    labels = tuple(str(x) for x in (cfg.labels or ()))
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise DataError(
             f"llava_json: dataset.labels={list(labels)} must list at least two distinct answers, "
             "e.g. dataset.labels='[no,yes]' (each gpt answer must be one of them)"
         )
-    question = str(cfg.get("question") or "")
-    instruction = str(cfg.get("instruction") or "")
+    question = str(cfg.question or "")
+    instruction = str(cfg.instruction or "")
     return Task("llava_json", labels=labels, question=question, instruction=instruction, template="mc")
 
 

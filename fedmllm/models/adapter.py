@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import numpy as np
 
-from fedmllm.config import Number, need
+from fedmllm.config import ConfigError, Number, integer, need, number, typed
 from fedmllm.models.registry import MODULE_GROUPS, Family
 
 # peft=<variant>: the PEFT method behind each config file in conf/peft/.
@@ -33,54 +33,55 @@ class PeftSettings:
     projector: str = "full"
     feedforward: Optional[List[str]] = None  # ia3
 
+    @property
+    def rank(self) -> int:
+        """The LoRA rank (0 for IA3, which has none)."""
+        return 0 if self.name == "ia3" else int(self.r)
+
     def __post_init__(self) -> None:
-        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        problem = peft_problem(given)
-        need(problem is None, str(problem))
-        need(self.r is None or self.r >= 1, f"peft.r={self.r!r} must be >= 1")
-
-
-def method_of(peft_cfg: dict[str, Any]) -> str:
-    """The PEFT method of a `peft` config section (`name`, default lora)."""
-    return str(peft_cfg.get("name", "lora"))
-
-
-def peft_problem(peft_cfg: dict[str, Any]) -> str | None:
-    """What is wrong with a `peft` section, or None (what an aggregator needs of it: its
-    algorithm's `problems`, fedmllm.algorithms)."""
-    method = method_of(peft_cfg)
-    if method not in METHODS:
-        return f"peft={method!r}: choose one of {list(METHODS)}"
-    projector = peft_cfg.get("projector", "full")
-    if projector not in PROJECTOR_POLICIES:
-        return (
-            f"peft.projector={projector!r}: choose frozen, lora (adapter on its linear layers) or "
-            "full (trained and federated whole)"
+        need(self.name in METHODS, f"peft={self.name!r}: choose one of {list(METHODS)}")
+        need(
+            self.projector in PROJECTOR_POLICIES,
+            f"peft.projector={self.projector!r}: choose frozen, lora (adapter on its linear layers) or "
+            "full (trained and federated whole)",
         )
-    targets = list(peft_cfg.get("targets") or [])
-    bad = [t for t in targets if t not in MODULE_GROUPS]
-    if not targets or bad:
-        return (
-            f"peft.targets={targets!r}: list module groups from {['llm', 'vision_encoder']} (e.g. peft.targets=[llm])"
+        targets = list(self.targets or [])
+        need(
+            bool(targets) and all(t in MODULE_GROUPS for t in targets),
+            f"peft.targets={targets!r}: list module groups from {['llm', 'vision_encoder']} (e.g. peft.targets=[llm])",
         )
-    if "projector" in targets:
-        return "peft.targets lists projector; set the connector with peft.projector=lora|full|frozen instead"
-    if method != "ia3":
-        for key in ("r", "alpha"):
-            v = peft_cfg.get(key)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                return f"peft.{key}={v!r} must be a number > 0 for peft={method}"
-        d = peft_cfg.get("dropout", 0.0)
-        if not isinstance(d, (int, float)) or not 0 <= d < 1:
-            return f"peft.dropout={d!r} must be a number in [0, 1)"
-    else:
-        ff = list(peft_cfg.get("feedforward") or [])
-        extra = sorted(set(ff) - set(peft_cfg.get("leaves") or []))
-        if extra:
-            return (
-                f"peft.feedforward={ff!r} names layers not in peft.leaves={peft_cfg.get('leaves')!r}; "
-                "IA3 scales the inputs of feed-forward layers among its targets, so add them to peft.leaves"
+        need(
+            "projector" not in targets,
+            "peft.targets lists projector; set the connector with peft.projector=lora|full|frozen instead",
+        )
+        if self.name != "ia3":
+            for key in ("r", "alpha"):
+                v = getattr(self, key)
+                need(number(v) and v > 0, f"peft.{key}={v!r} must be a number > 0 for peft={self.name}")
+            need(integer(self.r), f"peft.r={self.r!r} must be an integer >= 1")
+            d = self.dropout
+            need(number(d) and 0 <= d < 1, f"peft.dropout={d!r} must be a number in [0, 1)")
+        else:
+            ff = list(self.feedforward or [])
+            extra = sorted(set(ff) - set(self.leaves or []))
+            need(
+                not extra,
+                f"peft.feedforward={ff!r} names layers not in peft.leaves={self.leaves!r}; "
+                "IA3 scales the inputs of feed-forward layers among its targets, so add them to peft.leaves",
             )
+
+
+def method_of(peft: PeftSettings | dict[str, Any]) -> str:
+    """The PEFT method of a `peft` config section (`name`, default lora)."""
+    return typed(PeftSettings, peft, "peft").name
+
+
+def peft_problem(peft: PeftSettings | dict[str, Any]) -> str | None:
+    """What is wrong with a `peft` section (PeftSettings' checks), or None."""
+    try:
+        typed(PeftSettings, peft, "peft")
+    except ConfigError as err:
+        return str(err)
     return None
 
 
@@ -100,14 +101,15 @@ def lora_target_regex(
     return "|".join(f"(?:{p})" for p in parts)
 
 
-def check_targets(model, family: Family, peft_cfg: dict[str, Any]) -> None:
+def check_targets(model, family: Family, peft_cfg: PeftSettings | dict[str, Any]) -> None:
     """Raise ValueError naming a `peft.targets` group in which no layer got an adapter."""
+    peft = typed(PeftSettings, peft_cfg, "peft")
     adapted = [n for n, _ in model.named_modules() if n.endswith(("lora_A", "ia3_l"))]
-    for g in peft_cfg.get("targets", ["llm"]):
+    for g in peft.targets:
         prefixes = tuple("base_model.model." + p + "." for p in family.module_groups[g])
         if not any(n.startswith(prefixes) for n in adapted):
             key = "leaves" if g == "llm" else "vision_leaves"
-            want = peft_cfg.get(key) or (family.lora_targets if g == "llm" else family.vision_lora_targets)
+            want = getattr(peft, key) or (family.lora_targets if g == "llm" else family.vision_lora_targets)
             raise ValueError(
                 f"peft.targets includes {g}, but no layer of {family.name}'s {g} is named "
                 f"{list(want)}; set peft.{key} to its linear layers' names"
@@ -132,31 +134,27 @@ def projector_linears(model, family: Family) -> list[str]:
     return names
 
 
-def peft_config(model, family: Family, peft_cfg: dict[str, Any]):
+def peft_config(model, family: Family, peft_cfg: PeftSettings | dict[str, Any]):
     """The PEFT library config of a `peft` section (method, targets by module group, projector policy)."""
     from peft import IA3Config, LoraConfig
 
-    problem = peft_problem(peft_cfg)
-    if problem:
-        raise ValueError(problem)
-    method, projector = method_of(peft_cfg), peft_cfg.get("projector", "full")
-    targets = lora_target_regex(
-        family, list(peft_cfg.get("targets", ["llm"])), peft_cfg.get("leaves"), peft_cfg.get("vision_leaves")
-    )
+    settings = typed(PeftSettings, peft_cfg, "peft")
+    method, projector = settings.name, settings.projector
+    targets = lora_target_regex(family, list(settings.targets), settings.leaves, settings.vision_leaves)
     if projector == "lora":
         exact = "|".join(re.escape(n) for n in projector_linears(model, family))
         targets = rf"(?:{targets})|(?:^({exact})$)"
     # PEFT matches modules_to_save by name suffix: the projector's last path component.
     modules_to_save = [p.rsplit(".", 1)[-1] for p in family.module_groups["projector"]] if projector == "full" else None
     if method == "ia3":
-        ff = list(peft_cfg.get("feedforward") or [])
+        ff = list(settings.feedforward or [])
         # IA3 scales a feed-forward layer's input (down_proj), an attention layer's output (k, v).
         feedforward = lora_target_regex(family, ["llm"], ff) if ff else None
         return IA3Config(target_modules=targets, feedforward_modules=feedforward or [], modules_to_save=modules_to_save)
     return LoraConfig(
-        r=int(peft_cfg.get("r", 16)),
-        lora_alpha=float(peft_cfg.get("alpha", 32)),
-        lora_dropout=float(peft_cfg.get("dropout", 0.0)),
+        r=int(settings.r),
+        lora_alpha=float(settings.alpha),
+        lora_dropout=float(settings.dropout),
         target_modules=targets,
         modules_to_save=modules_to_save,
         bias="none",

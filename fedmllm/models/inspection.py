@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fedmllm.algorithms import algorithm_of
-from fedmllm.models.adapter import adapter_params, apply_peft, method_of
+from fedmllm.config import typed
+from fedmllm.models.adapter import PeftSettings, adapter_params, apply_peft
 from fedmllm.models.build import ensure_built
-from fedmllm.models.load import family_of
+from fedmllm.models.load import ModelSettings, family_of
 from fedmllm.models.registry import get_family  # importing fedmllm.models registers the families
 
 HUB_CONFIGS = Path(__file__).parent / "hub_configs"
@@ -27,7 +29,7 @@ MB = 1e6
 
 def local_checkpoint(model_cfg: dict[str, Any]) -> Path | None:
     """`model.path` when it is a local checkpoint directory (with config.json), else None."""
-    path = model_cfg.get("path")
+    path = typed(ModelSettings, model_cfg, "model").path
     return Path(str(path)) if path and (Path(str(path)) / "config.json").is_file() else None
 
 
@@ -36,27 +38,30 @@ def family_of_preset(model_cfg: dict[str, Any]):
     (as loading does), else `model.family`."""
 
     local = local_checkpoint(model_cfg)
-    return family_of(model_cfg, str(local)) if local is not None else get_family(model_cfg["family"])
+    if local is not None:
+        return family_of(model_cfg, str(local))
+    return get_family(typed(ModelSettings, model_cfg, "model").family)
 
 
 def hf_config(model_cfg: dict[str, Any]):
     """The Hugging Face config of a preset, without weights (see the module docstring for the order)."""
+    model = typed(ModelSettings, model_cfg, "model")
     local = local_checkpoint(model_cfg)
     cls = family_of_preset(model_cfg).model_cls().config_class
     if local is not None:  # model.path=DIR wins over the preset's bundled config or builder
         return cls.from_pretrained(local)
-    if model_cfg.get("hf_config"):
-        path = HUB_CONFIGS / str(model_cfg["hf_config"])
+    if model.hf_config:
+        path = HUB_CONFIGS / str(model.hf_config)
         if not path.is_file():
             raise FileNotFoundError(
-                f"model.hf_config={model_cfg['hf_config']!r}: {path} is missing; save the checkpoint's "
-                f"config.json there (preset {model_cfg.get('name')!r})"
+                f"model.hf_config={model.hf_config!r}: {path} is missing; save the checkpoint's "
+                f"config.json there (preset {model.name!r})"
             )
         return cls.from_dict(json.loads(path.read_text()))
-    if model_cfg.get("builder"):
+    if model.builder:
         return cls.from_pretrained(ensure_built(model_cfg))
     raise ValueError(
-        f"preset {model_cfg.get('name')!r} has no config available offline: add `hf_config: <preset>.json` "
+        f"preset {model.name!r} has no config available offline: add `hf_config: <preset>.json` "
         f"to its yaml with the checkpoint's config.json in {HUB_CONFIGS}, or set model.path=DIR to a local copy"
     )
 
@@ -95,7 +100,7 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
     each way; FLoRA sends the client's own rank-r factors up and the rank-max_rank global down.
     """
 
-    model_cfg = cfg["model"]
+    model_cfg, peft = cfg["model"], typed(PeftSettings, cfg["peft"], "peft")
     model, family = meta_model(model_cfg)
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():  # tied weights are counted once
@@ -108,12 +113,12 @@ def footprint(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def own() -> int:  # a client's own rank-r adapter (FLoRA's fresh factors)
         r = algorithm.client_rank(cfg, 0)
-        return sum(_adapter_sizes(*meta_model(model_cfg), dict(cfg["peft"], r=r))[0].values())
+        return sum(_adapter_sizes(*meta_model(model_cfg), replace(peft, r=r))[0].values())
 
     up, down = algorithm.traffic(shared, sum(sizes.values()), own)
     return {
-        "preset": model_cfg.get("name"),
-        "peft": method_of(cfg["peft"]),
+        "preset": typed(ModelSettings, model_cfg, "model").name,
+        "peft": peft.name,
         "aggregator": algorithm.name,
         "groups": groups,
         "total_params": total,

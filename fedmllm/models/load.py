@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import fedmllm.models.families  # noqa: F401  (registers every family)
-from fedmllm.config import need
+from fedmllm.config import need, typed
 from fedmllm.models.build import ensure_built
 from fedmllm.models.device import avoid_cudnn_attention
 from fedmllm.models.quantize import from_pretrained_quantized, keep_cpu_layout, uses_cache
@@ -18,12 +18,14 @@ from fedmllm.models.stage1 import load_stage1
 
 
 def resolve_path(model_cfg: dict[str, Any]) -> str:
-    """Local directory (built on first use for offline presets) or hub id of a preset."""
-    if model_cfg.get("path"):
-        return str(model_cfg["path"])
-    if model_cfg.get("builder"):
+    """Local directory (built on first use for offline presets) or hub id of a preset. The
+    section as composed is what the offline build's cache hashes."""
+    model = typed(ModelSettings, model_cfg, "model")
+    if model.path:
+        return str(model.path)
+    if model.builder:
         return str(ensure_built(model_cfg))
-    raise ValueError(f"model preset {model_cfg.get('name')!r} sets neither `path` nor `builder`")
+    raise ValueError(f"model preset {model.name!r} sets neither `path` nor `builder`")
 
 
 BUILD_KEYS = ("builder", "vision", "text", "seed", "lora_leaves")  # what an offline preset's build reads
@@ -56,7 +58,7 @@ def family_of(model_cfg: dict[str, Any], path: str) -> Family:
         return family_for_model_type(json.loads(config.read_text()).get("model_type", "?"))
     if Path(path).exists():
         raise FileNotFoundError(f"model.path={path} has no config.json; point it at a saved checkpoint directory")
-    return get_family(model_cfg["family"])
+    return get_family(typed(ModelSettings, model_cfg, "model").family)
 
 
 COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -82,6 +84,7 @@ class ModelSettings:
     vision: Optional[Dict[str, Any]] = None
     text: Optional[Dict[str, Any]] = None
     lora_leaves: Optional[List[str]] = None  # the llm layers peft.leaves defaults to (else q, v)
+    stage1_weights: Optional[str] = None  # the server's stage-1 tower + projector (stages.cache.model_config sets it)
 
     def __post_init__(self) -> None:
         need(
@@ -99,26 +102,20 @@ class ModelSettings:
         )
 
 
-def compute_dtype(model_cfg: dict[str, Any]):
+def compute_dtype(model: ModelSettings | dict[str, Any]):
     """NF4 compute dtype: fp32 on CPU (bf16 compute there measured several times slower), bf16 on GPU."""
     import torch
 
-    name = model_cfg.get("compute_dtype", "auto")
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"model.compute_dtype={name!r}: choose one of {list(COMPUTE_DTYPES)} (auto: fp32 on CPU, bf16 on GPU)"
-        )
+    name = typed(ModelSettings, model, "model").compute_dtype
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def attn_implementation(model_cfg: dict[str, Any]) -> str:
+def attn_implementation(model: ModelSettings | dict[str, Any]) -> str:
     """`model.attn_implementation`, checked: flash_attention_2 needs the flash-attn package and CUDA."""
 
-    impl = model_cfg.get("attn_implementation", "sdpa")
-    if impl not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"model.attn_implementation={impl!r}: choose sdpa, eager or flash_attention_2")
+    impl = typed(ModelSettings, model, "model").attn_implementation
     if impl == "flash_attention_2":
         import torch
 
@@ -136,12 +133,13 @@ def attn_implementation(model_cfg: dict[str, Any]) -> str:
     return impl
 
 
-def quantization_config(model_cfg: dict[str, Any], family: Family):
+def quantization_config(model: ModelSettings | dict[str, Any], family: Family):
     """BitsAndBytesConfig for `model.quantization`, or None; only the language model is quantized:
     the vision tower, projector and lm_head stay in `dtype` (their full module paths, from the
     family's module groups, form the skip list)."""
-    quant = model_cfg.get("quantization", "none")
-    if quant in (None, "none"):
+    model = typed(ModelSettings, model, "model")
+    quant = model.quantization
+    if quant == "none":
         return None
     from transformers import BitsAndBytesConfig
 
@@ -152,25 +150,25 @@ def quantization_config(model_cfg: dict[str, Any], family: Family):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(model_cfg),
+            bnb_4bit_compute_dtype=compute_dtype(model),
             llm_int8_skip_modules=skip,
         )
-    if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    raise ValueError(f"model.quantization={quant!r} is not one of 4bit, 8bit, none")
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def load_model(model_cfg: dict[str, Any]):
-    """Return (model, processor, family) for a model preset config."""
+    """Return (model, processor, family) for a `model` section: its values read typed
+    (ModelSettings), the section as composed hashed by the build and 4-bit caches."""
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars in every worker
+    settings = typed(ModelSettings, model_cfg, "model")
     path = resolve_path(model_cfg)
     family = family_of(model_cfg, path)
-    quant = quantization_config(model_cfg, family)
-    dtype = compute_dtype(model_cfg) if quant is not None else _plain_dtype(model_cfg)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation(model_cfg)}
+    quant = quantization_config(settings, family)
+    dtype = compute_dtype(settings) if quant is not None else _plain_dtype()
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation(settings)}
     if kwargs["attn_implementation"] == "sdpa":
         avoid_cudnn_attention()
     if quant is not None:
@@ -185,15 +183,15 @@ def load_model(model_cfg: dict[str, Any]):
         model = family.model_cls().from_pretrained(path, **kwargs)
     if quant is not None:
         keep_cpu_layout(model)  # the same 4-bit weights in every pass, on every CPU
-    if model_cfg.get("stage1_weights"):  # the server's stage-1 vision tower + projector
-        load_stage1(model, model_cfg["stage1_weights"])
+    if settings.stage1_weights:  # the server's stage-1 vision tower + projector
+        load_stage1(model, settings.stage1_weights)
     processor = family.processor_cls().from_pretrained(path)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model, processor, family
 
 
-def _plain_dtype(model_cfg: dict[str, Any]):
+def _plain_dtype():
     import torch
 
     return torch.float32 if not torch.cuda.is_available() else torch.bfloat16

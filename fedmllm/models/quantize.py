@@ -25,10 +25,8 @@ QUANT_CACHE_VERSION = 1  # bump when what is saved changes, so old entries are n
 
 def weights_key(model_cfg: dict[str, Any]) -> str:
     """What identifies a preset's full-precision weights: its build key (offline presets) or path."""
-    if model_cfg.get("path"):
-        return str(model_cfg["path"])
-
-    return preset_dir(model_cfg).name  # name + hash of the build settings + BUILD_VERSION
+    path = model_cfg.get("path")
+    return str(path) if path else preset_dir(model_cfg).name  # name + hash of the build settings + BUILD_VERSION
 
 
 def quantized_dir(model_cfg: dict[str, Any], quant_config) -> Path:

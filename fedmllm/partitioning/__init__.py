@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
-from fedmllm.config import Number, need, number
+from fedmllm.config import Number, need, number, typed
 from fedmllm.data.schema import Sample
 from fedmllm.partitioning.fedmllm_split import fedmllm_partition
 from fedmllm.partitioning.scenarios import apply_scenario
@@ -23,8 +23,8 @@ class PartitionerSettings:
 
     name: str = "iid"
     alpha: Optional[Number] = None  # dirichlet, fedmllm
-    min_partition_size: Optional[int] = None  # dirichlet (default 10)
-    topup: Optional[str] = None  # fedmllm (default all)
+    min_partition_size: int = 10  # dirichlet
+    topup: str = "all"  # fedmllm
 
     def __post_init__(self) -> None:
         need(
@@ -38,44 +38,35 @@ class PartitionerSettings:
             )
         if self.name == "fedmllm":
             need(
-                (self.topup or "all") in TOPUPS,
+                self.topup in TOPUPS,
                 f"partitioner.topup={self.topup!r}: choose all (FedMLLM's Hateful Memes script) or first "
                 "(its CrisisMMD script)",
             )
 
 
-def make_partitioner(cfg: dict[str, Any], num_partitions: int, seed: int):
+def make_partitioner(settings: PartitionerSettings, num_partitions: int, seed: int):
     """flwr-datasets partitioner for `partitioner.name` (iid | dirichlet over `label`); `fedmllm`
     is not a flwr-datasets partitioner (see fedmllm_split)."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    if cfg["name"] == "iid":
+    if settings.name == "iid":
         return IidPartitioner(num_partitions=num_partitions)
-    if cfg["name"] == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=float(cfg["alpha"]),
-            min_partition_size=int(cfg.get("min_partition_size", 10)),
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-    raise ValueError(f"partitioner.name={cfg['name']!r}: choose iid, dirichlet or fedmllm")
-
-
-def partition_indices(
-    labels: tuple[int, ...], cfg_items: tuple[tuple[str, Any], ...], num_partitions: int, seed: int
-) -> list[list[int]]:
-    """Indices of every partition; deterministic in (labels, config, num_partitions, seed)."""
-    return _partition_indices(labels, cfg_items, num_partitions, seed)
+    return DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=float(settings.alpha),
+        min_partition_size=int(settings.min_partition_size),
+        self_balancing=False,
+        shuffle=True,
+        seed=seed,
+    )
 
 
 @lru_cache(maxsize=8)  # a worker serves many rounds/clients: partition once per process
-def _partition_indices(labels, cfg_items, num_partitions, seed):
-    cfg = dict(cfg_items)
-    if cfg["name"] == "fedmllm":
-        return fedmllm_partition(labels, num_partitions, float(cfg["alpha"]), seed, topup=cfg.get("topup") or "all")
+def _partition_indices(labels: tuple[int, ...], settings: tuple, num_partitions: int, seed: int):
+    p = PartitionerSettings(*settings)
+    if p.name == "fedmllm":
+        return fedmllm_partition(labels, num_partitions, float(p.alpha), seed, topup=p.topup)
     from datasets import Dataset
 
     if num_partitions > len(labels):
@@ -84,7 +75,7 @@ def _partition_indices(labels, cfg_items, num_partitions, seed):
             f"needs at least one; lower num_clients to at most {len(labels)}"
         )
     ds = Dataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
-    part = make_partitioner(cfg, num_partitions, seed)
+    part = make_partitioner(p, num_partitions, seed)
     part.dataset = ds
 
     try:
@@ -92,29 +83,37 @@ def _partition_indices(labels, cfg_items, num_partitions, seed):
             warnings.filterwarnings("ignore", message="The specified min_partition_size")
             return [list(part.load_partition(i)["idx"]) for i in range(num_partitions)]
     except ValueError as err:  # flwr-datasets gives up after its retries and blames alpha alone
-        if cfg["name"] != "dirichlet":
+        if p.name != "dirichlet":
             raise
-        need = int(cfg.get("min_partition_size", 10))
+        need = int(p.min_partition_size)
         raise ValueError(
             f"partitioner=dirichlet could not give each of {num_partitions} clients at least "
             f"partitioner.min_partition_size={need} of the {len(labels)} training samples with "
-            f"partitioner.alpha={cfg['alpha']} (flwr-datasets: {str(err).splitlines()[0][:120]}); lower "
+            f"partitioner.alpha={p.alpha} (flwr-datasets: {str(err).splitlines()[0][:120]}); lower "
             f"partitioner.min_partition_size (at most {len(labels) // num_partitions} can work) or num_clients, "
             "or raise partitioner.alpha (small alphas concentrate a label on few clients)"
         ) from None
 
 
 def client_samples(
-    samples: list[Sample], cfg: dict[str, Any], partition_id: int, num_partitions: int, seed: int
+    samples: list[Sample],
+    partitioner: PartitionerSettings | dict[str, Any],
+    partition_id: int,
+    num_partitions: int,
+    seed: int,
 ) -> list[Sample]:
     """The samples of one partition."""
-    idx = label_partition(samples, cfg, num_partitions, seed)[partition_id]
+    idx = label_partition(samples, partitioner, num_partitions, seed)[partition_id]
     return [samples[i] for i in idx]
 
 
-def label_partition(samples: list[Sample], cfg: dict[str, Any], num_partitions: int, seed: int) -> list[list[int]]:
-    """Sample indices of every partition under `cfg` (the `partitioner` section), cached per process."""
-    return partition_indices(tuple(s["label"] for s in samples), tuple(sorted(cfg.items())), num_partitions, seed)
+def label_partition(
+    samples: list[Sample], partitioner: PartitionerSettings | dict[str, Any], num_partitions: int, seed: int
+) -> list[list[int]]:
+    """Sample indices of every partition under the `partitioner` section, deterministic in
+    (labels, settings, num_partitions, seed) and cached per process."""
+    settings = astuple(typed(PartitionerSettings, partitioner, "partitioner"))
+    return _partition_indices(tuple(s["label"] for s in samples), settings, num_partitions, seed)
 
 
 def client_partition(pool: list[Sample], cfg: dict[str, Any], partition_id: int, num_partitions: int) -> list[Sample]:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fedmllm.config import Number, need, rate
+from fedmllm.config import Number, need, rate, typed
 from fedmllm.data.schema import Sample
 
 SCENARIOS = ("aligned", "missing", "cross", "hybrid")
@@ -83,50 +83,45 @@ def drop_missing(samples: list[Sample], mrate: float, rng: random.Random) -> lis
 
 
 def apply_scenario(
-    samples: list[Sample], scenario_cfg: dict[str, Any], client: int, num_clients: int, seed: int
+    samples: list[Sample], scenario: ScenarioSettings | dict[str, Any], client: int, num_clients: int, seed: int
 ) -> list[Sample]:
     """Copies of one client's samples with the modalities `scenario.name` keeps."""
-    name = scenario_cfg["name"]
-    if name == "aligned":
-        return [with_modalities(s, True, True) for s in samples]
-    if name == "missing":
-        return drop_missing(samples, float(scenario_cfg["mrate"]), sample_rng(seed, "missing", client))
-    if name == "cross":
-        image = client in image_only_clients(num_clients, int(scenario_cfg["image_clients"]), seed)
+    scenario = typed(ScenarioSettings, scenario, "scenario")
+    if scenario.name == "missing":
+        return drop_missing(samples, float(scenario.mrate), sample_rng(seed, "missing", client))
+    if scenario.name == "cross":
+        image = client in image_only_clients(num_clients, int(scenario.image_clients), seed)
         return [with_modalities(s, image, not image) for s in samples]
-    if name == "hybrid":
-        has_image, has_text = (
-            bool(v) for v in hybrid_presence(num_clients, float(scenario_cfg["qrate"]), seed)[client]
-        )
+    if scenario.name == "hybrid":
+        has_image, has_text = (bool(v) for v in hybrid_presence(num_clients, float(scenario.qrate), seed)[client])
         if has_image or has_text:
             return [with_modalities(s, has_image, has_text) for s in samples]
         rng = sample_rng(seed, "hybrid", client)  # neither: each sample one modality, 50/50
         return [with_modalities(s, image, not image) for s in samples for image in [rng.random() < 0.5]]
-    raise ValueError(f"scenario.name={name!r}: choose one of {', '.join(SCENARIOS)}")
+    return [with_modalities(s, True, True) for s in samples]  # aligned
 
 
-def apply_eval_scenario(samples: list[Sample], eval_cfg: dict[str, Any] | None, seed: int) -> list[Sample]:
+def apply_eval_scenario(samples: list[Sample], scenario: str, mrate: float, seed: int) -> list[Sample]:
     """The held-out set under `eval.scenario`: aligned (full modality, FedMLLM's test sets),
     missing (each modality dropped with probability `eval.mrate`), image_only or text_only."""
-    name = (eval_cfg or {}).get("scenario", "aligned")
-    if name == "aligned":
+    if scenario == "aligned":
         return list(samples)
-    if name == "image_only":
+    if scenario == "image_only":
         return [with_modalities(s, True, False) for s in samples]
-    if name == "text_only":
+    if scenario == "text_only":
         return [with_modalities(s, False, True) for s in samples]
-    if name == "missing":
-        return drop_missing(samples, float(eval_cfg["mrate"]), sample_rng(seed, "eval-missing", "server"))  # type: ignore[index]
-    raise ValueError(f"eval.scenario={name!r}: choose one of {', '.join(EVAL_SCENARIOS)}")
+    if scenario == "missing":
+        return drop_missing(samples, float(mrate), sample_rng(seed, "eval-missing", "server"))
+    raise ValueError(f"eval.scenario={scenario!r}: choose one of {', '.join(EVAL_SCENARIOS)}")
 
 
-def scenario_tag(scenario_cfg: dict[str, Any]) -> str:
+def scenario_tag(scenario: ScenarioSettings | dict[str, Any]) -> str:
     """Directory name of a scenario: aligned, missing-mrate0.3, cross-img3, hybrid-qrate0.4."""
-    name = scenario_cfg["name"]
-    if name == "missing":
-        return f"missing-mrate{float(scenario_cfg['mrate'])}"
-    if name == "cross":
-        return f"cross-img{int(scenario_cfg['image_clients'])}"
-    if name == "hybrid":
-        return f"hybrid-qrate{float(scenario_cfg['qrate'])}"
-    return name
+    scenario = typed(ScenarioSettings, scenario, "scenario")
+    if scenario.name == "missing":
+        return f"missing-mrate{float(scenario.mrate)}"
+    if scenario.name == "cross":
+        return f"cross-img{int(scenario.image_clients)}"
+    if scenario.name == "hybrid":
+        return f"hybrid-qrate{float(scenario.qrate)}"
+    return scenario.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,11 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from fedmllm.algorithms import server_peft
-from fedmllm.config import ConfigError, validate
-from fedmllm.data import load_task
+from fedmllm.config import ConfigError, typed, validate
+from fedmllm.data import DatasetSettings, load_task
 from fedmllm.data.collate import Collator
-from fedmllm.data.schema import Sample, modality
+from fedmllm.data.schema import Sample, Task, modality
+from fedmllm.evaluation import MODES, PROTOCOLS, EvalSettings
 from fedmllm.evaluation.generation import generate_answers, parse_predictions
 from fedmllm.evaluation.metrics import (
     choice_metrics,
@@ -33,18 +35,25 @@ from fedmllm.models.adapter import load_adapter_state
 from fedmllm.partitioning.scenarios import apply_eval_scenario
 from fedmllm.server.checkpoint import STAGE1_FILE, STATE_FILE, checkpoint_dir, read_state
 from fedmllm.stages.cache import model_config, stage1_dir
-
-MODES = ("score", "generate")
-PROTOCOLS = ("ours", "fedmllm")
+from fedmllm.training import TrainSettings
 
 
-def eval_options(cfg: dict[str, Any]) -> dict[str, Any]:
-    """evaluate()'s settings from a run config's `eval` section (and the dataset's FedMLLM letter range)."""
-    ev = cfg["eval"]
-    out = {"mode": ev["mode"], "max_new_tokens": ev["max_new_tokens"], "protocol": ev.get("protocol", "ours")}
-    if out["protocol"] == "fedmllm":
-        out["fedmllm"] = {**ev["fedmllm"], "letters": cfg["dataset"].get("fedmllm_letters")}
+def eval_options(ev: EvalSettings | dict[str, Any], dataset: DatasetSettings | dict[str, Any]) -> dict[str, Any]:
+    """evaluate()'s settings from a run's `eval` section (and the dataset's FedMLLM letter range)."""
+    ev = typed(EvalSettings, ev, "eval")
+    out = {"mode": ev.mode, "max_new_tokens": ev.max_new_tokens, "protocol": ev.protocol}
+    if ev.protocol == "fedmllm":
+        letters = typed(DatasetSettings, dataset, "dataset").fedmllm_letters
+        out["fedmllm"] = {**asdict(ev.fedmllm), "letters": letters}
     return out
+
+
+def heldout_set(cfg: dict[str, Any]) -> tuple[Task, list[Sample]]:
+    """(task, held-out samples) of a run config: `dataset.eval_samples` of the test split as the
+    run's `prompt` phrases them, under `eval.scenario` (default: both modalities)."""
+    ev = typed(EvalSettings, cfg["eval"], "eval")
+    task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
+    return task, apply_eval_scenario(heldout, ev.scenario, ev.mrate, cfg["seed"])
 
 
 def evaluate(
@@ -181,17 +190,16 @@ def evaluate_checkpoint(
             "this machine's cache nor in the checkpoint; evaluate where the run ran"
         )
     lm = get_model(model_cfg, server_peft(cfg))
-    task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
-    heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])
+    task, heldout = heldout_set(cfg)
     bar = tqdm(total=len(heldout) * 2, desc=f"evaluate round {server_round}", file=sys.stderr, disable=not progress)
     metrics = evaluate(
         lm.model,
         Collator(lm.processor, lm.family, task),
         heldout,
         {**fixed, **payload},
-        cfg["train"]["eval_batch_size"],
+        typed(TrainSettings, cfg["train"], "train").eval_batch_size,
         bar,
-        **eval_options(cfg),
+        **eval_options(cfg["eval"], cfg["dataset"]),
     )
     bar.close()
     out = save_predictions(run_dir / "eval", server_round, heldout, metrics.pop("_predictions")).with_suffix(".json")

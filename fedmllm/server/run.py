@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from fedmllm.algorithms import algorithm_of, strategy_settings
-from fedmllm.data import load_public, load_task
+from fedmllm.conf import run_settings
+from fedmllm.data import load_public
 from fedmllm.data.collate import Collator
 from fedmllm.models import clear_cache, get_model
 from fedmllm.models.adapter import adapter_state
 from fedmllm.models.load import resolve_path
-from fedmllm.partitioning.scenarios import apply_eval_scenario
 from fedmllm.records import from_record, to_record
 from fedmllm.server.checkpoint import (
     latest_state,
@@ -30,7 +30,7 @@ from fedmllm.server.checkpoint import (
     save_strategy_state,
     write_manifest,
 )
-from fedmllm.server.evaluate import eval_options, evaluate, save_predictions
+from fedmllm.server.evaluate import eval_options, evaluate, heldout_set, save_predictions
 from fedmllm.stages.adapter import ensure_adapter_pretrained, format_adapter_summary
 from fedmllm.stages.align import Aligner
 from fedmllm.stages.cache import WEIGHTS, model_config
@@ -51,7 +51,8 @@ def build_strategy(cfg: dict[str, Any], **settings):
     algorithm = algorithm_of(cfg)
     kwargs = strategy_settings(cfg["aggregator"])
     checks = {k: kwargs.pop(k) for k in ("max_update_norm", "max_num_examples") if k in kwargs}
-    kwargs.setdefault("fraction_train", cfg["clients_per_round"] / cfg["num_clients"])
+    run = run_settings(cfg)
+    kwargs.setdefault("fraction_train", run.clients_per_round / run.num_clients)
     kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
     return AdapterStrategy(
         algorithm.strategy_class()(**kwargs),
@@ -66,13 +67,14 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     """Run all rounds on `grid`; returns the run directory."""
     import torch
 
-    run_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else default_run_dir()
+    run = run_settings(cfg)
+    run_dir = Path(run.out_dir) if run.out_dir else default_run_dir()
     resumed = None
-    if cfg.get("resume"):  # everything checked before anything of the stopped run is touched
-        check_resumable(Path(cfg["resume"]), cfg)
-        resumed = latest_state(Path(cfg["resume"]))
-        if resumed[0] >= cfg["num_rounds"]:
-            raise ResumeError(f"{cfg['resume']} already finished {resumed[0]} rounds; raise num_rounds to continue it")
+    if run.resume:  # everything checked before anything of the stopped run is touched
+        check_resumable(Path(run.resume), cfg)
+        resumed = latest_state(Path(run.resume))
+        if resumed[0] >= run.num_rounds:
+            raise ResumeError(f"{run.resume} already finished {resumed[0]} rounds; raise num_rounds to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
 
@@ -82,18 +84,17 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         if stage1["cached"]:
             print(f"stage 1: cached ({stage1['dir']}); {format_summary(stage1)}", flush=True)
     # Seeded after stage 1, which draws from both generators only when it is not cached yet.
-    random.seed(cfg["seed"])  # Flower samples nodes with `random`
-    torch.manual_seed(cfg["seed"])  # LoRA A init: the same initial adapter for the same seed
+    random.seed(run.seed)  # Flower samples nodes with `random`
+    torch.manual_seed(run.seed)  # LoRA A init: the same initial adapter for the same seed
     # A fresh model per run: a sweep runs its jobs in this one process, and a cached model would
     # hand the next job the last job's adapter as its "initial" one.
     clear_cache()
     algorithm = algorithm_of(cfg)
     lm = get_model(model_config(cfg), algorithm.server_peft(cfg))
-    task, _, heldout = load_task(cfg["dataset"], cfg["seed"], cfg.get("prompt"))
-    heldout = apply_eval_scenario(heldout, cfg.get("eval"), cfg["seed"])  # default: full modality
+    task, heldout = heldout_set(cfg)
     collator = Collator(lm.processor, lm.family, task)
-    algorithm.prepare_server_model(lm.model, cfg["seed"])  # FFA-LoRA: the A every client derives from the seed
-    adapter = None if cfg.get("resume") else ensure_adapter_pretrained(cfg, lm, collator)
+    algorithm.prepare_server_model(lm.model, run.seed)  # FFA-LoRA: the A every client derives from the seed
+    adapter = None if run.resume else ensure_adapter_pretrained(cfg, lm, collator)
     if adapter is not None:
         (run_dir / "stage1_adapter.json").write_text(json.dumps(adapter, indent=1))
         if adapter["cached"]:
@@ -104,13 +105,9 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     done, state = 0, None
     if resumed is not None:
         done, initial, state = resumed
-        print(f"resuming {cfg['resume']} after round {done} of {cfg['num_rounds']}", flush=True)
+        print(f"resuming {run.resume} after round {done} of {run.num_rounds}", flush=True)
         keep_rows_until(run_dir, done)  # a round logged after the last intact checkpoint runs again
-    aligner = (
-        Aligner(cfg, lm, collator, load_public(cfg["dataset"], cfg["seed"]))
-        if cfg["server_stage"]["align"].get("enabled")
-        else None
-    )
+    aligner = Aligner(cfg, lm, collator, load_public(run.dataset, run.seed)) if run.server_stage.align.enabled else None
     last = {}  # the RoundStats of the round being evaluated (the wrapper reports it before evaluate_fn)
     strategy = build_strategy(
         cfg, fixed=fixed, round_offset=done, post_aggregate=aligner, on_round=lambda stats: last.update(stats=stats)
@@ -121,10 +118,10 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     base_name = resolve_path(cfg["model"])
     stage1_files = (Path(stage1["dir"]) / WEIGHTS,) if stage1 is not None else ()
     # rows logged so far (a resumed run's included), for keep_best's best round: read once
-    history = logged_rows(run_dir) if cfg.get("keep_best") else []
-    mlog = MetricsLog(run_dir, cfg["logger"], cfg)
+    history = logged_rows(run_dir) if run.keep_best else []
+    mlog = MetricsLog(run_dir, run.logger, cfg)
     t0 = time.time()
-    n_rounds = cfg["num_rounds"]
+    n_rounds = run.num_rounds
     bar = tqdm(total=n_rounds, initial=done, desc="rounds", unit="round", file=sys.stderr)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -150,10 +147,16 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
             row.update(pretrain_seconds=stage1["seconds"], pretrain_cached=stage1["cached"])
             if adapter is not None:
                 row.update(pretrain_adapter_seconds=adapter["seconds"], pretrain_adapter_cached=adapter["cached"])
-        if server_round % cfg["eval_every"] == 0 or server_round in (0, n_rounds):
+        if server_round % run.eval_every == 0 or server_round in (0, n_rounds):
             ebar = tqdm(total=len(heldout) * 2, desc=f"eval round {server_round}", leave=False, file=sys.stderr)
             metrics = evaluate(
-                lm.model, collator, heldout, payload, cfg["train"]["eval_batch_size"], ebar, **eval_options(cfg)
+                lm.model,
+                collator,
+                heldout,
+                payload,
+                run.train.eval_batch_size,
+                ebar,
+                **eval_options(run.eval, run.dataset),
             )
             ebar.close()
             save_predictions(run_dir / "predictions", server_round, heldout, metrics.pop("_predictions"))
@@ -164,10 +167,10 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         save_strategy_state(ckpt, server_round, shared, strategy.state_arrays())
         write_manifest(ckpt)  # last: resume trusts a round only when its files match it
         best = None
-        if cfg.get("keep_best"):
+        if run.keep_best:
             history.append(row)
             best = best_round(history)
-        prune_checkpoints(run_dir, cfg.get("keep_checkpoints"), best)
+        prune_checkpoints(run_dir, run.keep_checkpoints, best)
         row["checkpoint"] = str(ckpt.relative_to(run_dir))
         row["seconds"] = round(time.time() - t0, 2)
         mlog.log(row)
@@ -177,13 +180,13 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         sys.stdout.flush()
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
-    train_config = ConfigRecord({"seed": cfg["seed"]})
+    train_config = ConfigRecord({"seed": run.seed})
     try:
         strategy.start(
             grid=grid,
             initial_arrays=to_record(initial),
             num_rounds=n_rounds - done,
-            timeout=float(cfg.get("round_timeout", 3600)),
+            timeout=float(run.round_timeout),
             train_config=train_config,
             evaluate_fn=evaluate_fn,
         )

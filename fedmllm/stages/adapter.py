@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,15 @@ from safetensors.numpy import load_file, save_file
 
 from fedmllm.algorithms import algorithm_of
 from fedmllm.common import write_atomically
+from fedmllm.config import typed
 from fedmllm.evaluation.scoring import score_options
 from fedmllm.models.adapter import adapter_params, adapter_state, load_adapter_state
 from fedmllm.models.device import model_device
 from fedmllm.models.quantize import dequantized
+from fedmllm.stages import AdapterStageSettings
 from fedmllm.stages.cache import ADAPTER, SUMMARY, _result, adapter_dir
 from fedmllm.stages.captions import load_public_captioned
-from fedmllm.training import PLAIN_LOOP, StepBar, train_steps
+from fedmllm.training import PLAIN_LOOP, StepBar, TrainSettings, train_steps
 
 # The adapter stage's check gate reads the answer accuracy of the last 5 training batches (80
 # questions at batch 16): on the plateau their mean stayed within 0.42-0.61, and after the crossing it was 0.91.
@@ -48,20 +51,20 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
     if (out / ADAPTER).is_file():
         load_adapter_state(lm.model, load_file(str(out / ADAPTER)))
         return _result(json.loads((out / SUMMARY).read_text()), out, cached=True)
-    lora = cfg["server_stage"]["pretrain"]["lora"]
+    lora = typed(AdapterStageSettings, cfg["server_stage"]["pretrain"]["lora"], "server_stage.pretrain.lora")
     samples = load_public_captioned(cfg["dataset"], cfg["seed"])
     if len(samples) < 20:
         raise ValueError(
             f"server_stage.pretrain.lora needs captioned public samples; dataset.public_fraction="
-            f"{cfg['dataset'].get('public_fraction')} gives {len(samples)}: raise it (e.g. 0.5)"
+            f"{cfg['dataset']['public_fraction']} gives {len(samples)}: raise it (e.g. 0.5)"
         )
     rng = random.Random(cfg["seed"])
     order = list(range(len(samples)))
     rng.shuffle(order)
-    n_val = min(int(lora.get("eval_samples", 100)), len(samples) // 5)
+    n_val = min(int(lora.eval_samples), len(samples) // 5)
     val = [samples[i] for i in order[:n_val]]
     train = [samples[i] for i in order[n_val:]]
-    steps = int(lora["steps"])
+    steps = int(lora.steps)
     # On the CPU: every 4-bit weight dequantized once for the whole stage, and each batch's shared
     # prompt prefix run once (the same losses in about 0.8 of the time, docs/benchmarks.md)
     on_cpu = model_device(lm.model).type == "cpu"
@@ -71,20 +74,20 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         lm.model.train()  # scoring left the model in eval mode; training goes on
         return acc
 
-    gate = CheckGate(int(lora.get("eval_every") or 0), lora.get("stop_accuracy"), lora.get("check_gate"), steps, score)
+    gate = CheckGate(int(lora.eval_every or 0), lora.stop_accuracy, lora.check_gate, steps, score)
     log(
         f"stage 1 adapter: training the initial adapter on {len(train)} public questions with the "
-        f"captions as text (at most {steps} steps of {lora['batch_size']}{gate.describe(n_val)}; once, then cached in {out})"
+        f"captions as text (at most {steps} steps of {lora.batch_size}{gate.describe(n_val)}; once, then cached in {out})"
     )
     t0 = time.time()
-    train_cfg = {
-        **cfg["train"],
+    loop = replace(
+        typed(TrainSettings, cfg["train"], "train"),
         **PLAIN_LOOP,
-        "batch_size": lora["batch_size"],
-        "lr": lora["lr"],
-        "local_steps": steps,
-        "share_prefix": on_cpu,
-    }
+        batch_size=lora.batch_size,
+        lr=lora.lr,
+        local_steps=steps,
+        share_prefix=on_cpu,
+    )
     # FFA-LoRA: the clients' A is derived from the seed and frozen, so the stage trains B only
     frozen = [
         p for k, p in adapter_params(lm.model).items() if algorithm.frozen_in_adapter_stage(k) and p.requires_grad
@@ -106,7 +109,7 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
                 lm.model,
                 collator,
                 train,
-                train_cfg,
+                loop,
                 cfg["seed"],
                 on_step=on_step,
                 stop=gate.reached,
@@ -124,7 +127,7 @@ def ensure_adapter_pretrained(cfg: dict[str, Any], lm, collator, log=print) -> d
         "steps": len(losses),
         "max_steps": steps,
         "stop_accuracy": gate.target,
-        "batch_size": int(train_cfg["batch_size"]),
+        "batch_size": int(loop.batch_size),
         "public_samples": len(train),
         "loss_first": float(np.mean(losses[:k])),
         "loss_last": float(np.mean(losses[-k:])),

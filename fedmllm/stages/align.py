@@ -4,13 +4,16 @@ adapter on the public task samples for a few steps (the clients' trainer)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from fedmllm.config import typed
 from fedmllm.models.adapter import adapter_state, load_adapter_state
 from fedmllm.models.quantize import dequantized
-from fedmllm.training import PLAIN_LOOP, round_seed, train_steps
+from fedmllm.stages import AlignSettings
+from fedmllm.training import PLAIN_LOOP, TrainSettings, round_seed, train_steps
 
 
 class Aligner:
@@ -22,13 +25,15 @@ class Aligner:
         self.lm = lm
         self.collator = collator
         self.samples = public_samples
-        align = cfg["server_stage"]["align"]
-        self.train_cfg = {
-            **cfg["train"],
+        align = typed(AlignSettings, cfg["server_stage"]["align"], "server_stage.align")
+        self.train = replace(
+            typed(TrainSettings, cfg["train"], "train"),
             **PLAIN_LOOP,
-            **{k: v for k, v in align.items() if k in ("local_steps", "batch_size", "lr", "projector_lr")},
-        }
-        self.rounds = align.get("rounds", "all")
+            local_steps=align.local_steps,
+            batch_size=align.batch_size,
+            lr=align.lr,
+        )
+        self.rounds = align.rounds
         if not public_samples:
             raise ValueError("server_stage.align needs public samples: set dataset.public_fraction > 0 (e.g. 0.5)")
 
@@ -41,6 +46,6 @@ class Aligner:
         # a partition id no client has: the server's batches differ from every client's
         seed = round_seed(self.cfg["seed"], server_round, 99_991)
         with dequantized(self.lm.model):  # on the CPU: 4-bit weights unpacked once per alignment
-            result = train_steps(self.lm.model, self.collator, self.samples, self.train_cfg, seed)
+            result = train_steps(self.lm.model, self.collator, self.samples, self.train, seed)
         out = adapter_state(self.lm.model)
         return out, {"align_seconds": round(time.time() - t0, 2), "align_loss": result["train-loss"]}

@@ -10,9 +10,10 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from fedmllm.config import need
+from fedmllm.config import need, typed
 
 LOGGERS = ("none", "wandb")
+WANDB_MODES = ("auto", "online", "offline")
 
 
 @dataclass
@@ -20,9 +21,9 @@ class LoggerSettings:
     """`logger`: none, or wandb (fedmllm/conf/logger/wandb.yaml says what each key does)."""
 
     name: str = "none"
-    project: Optional[str] = None
+    project: str = "fedmllm"
     entity: Optional[str] = None
-    mode: Optional[str] = None
+    mode: str = "auto"  # auto: online with a wandb key (WANDB_API_KEY or ~/.netrc), else offline
     run_name: Optional[str] = None
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
@@ -30,17 +31,19 @@ class LoggerSettings:
 
     def __post_init__(self) -> None:
         need(self.name in LOGGERS, f"logger={self.name!r}: choose none or wandb")
+        need(self.mode in WANDB_MODES, f"logger.mode={self.mode!r}: choose auto, online or offline")
 
 
 class MetricsLog:
     """Appends one JSON object per round to `<run dir>/metrics.jsonl` (flushed: nothing lost on a crash)
     and forwards it to the configured logger."""
 
-    def __init__(self, run_dir: Path, logger_cfg: dict[str, Any], config: dict[str, Any]):
+    def __init__(self, run_dir: Path, logger: LoggerSettings | dict[str, Any], config: dict[str, Any]):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
-        self.wandb = _init_wandb(logger_cfg, config, run_dir) if logger_cfg.get("name") == "wandb" else None
-        self.log_checkpoint = bool(logger_cfg.get("log_checkpoint", True))
+        logger = typed(LoggerSettings, logger, "logger")
+        self.wandb = _init_wandb(logger, config, run_dir) if logger.name == "wandb" else None
+        self.log_checkpoint = bool(logger.log_checkpoint)
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -69,26 +72,26 @@ class MetricsLog:
         self.wandb.log_artifact(artifact, aliases=["latest", f"round-{self.rows[-1].get('round')}"])
 
 
-def _init_wandb(logger_cfg: dict[str, Any], config: dict[str, Any], run_dir: Path):
+def _init_wandb(logger: LoggerSettings, config: dict[str, Any], run_dir: Path):
     import wandb
 
-    mode = logger_cfg.get("mode", "auto")
+    mode = logger.mode
     if mode == "auto":
         has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
         mode = "online" if has_key else "offline"
     run_dir = Path(run_dir)
     sweep = run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None  # a job of `fedmllm run -m`
-    group = logger_cfg.get("group") or (sweep.name if sweep is not None else None)
-    name = logger_cfg.get("run_name") or (f"{sweep.name}/{run_dir.name}" if sweep is not None else run_dir.name)
+    group = logger.group or (sweep.name if sweep is not None else None)
+    name = logger.run_name or (f"{sweep.name}/{run_dir.name}" if sweep is not None else run_dir.name)
     return wandb.init(
-        project=logger_cfg.get("project", "fedmllm"),
-        entity=logger_cfg.get("entity"),
+        project=logger.project,
+        entity=logger.entity,
         mode=mode,
         dir=str(run_dir),
         config=config,
         name=name,
         group=group,
-        tags=list(logger_cfg.get("tags") or []),
+        tags=list(logger.tags or []),
     )
 
 
