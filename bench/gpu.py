@@ -28,6 +28,15 @@ do not fit the GPU machine's upload, and timings do not depend on the weights' v
 - train-step time, side by side in one process: 4-bit NF4 (bf16 compute) vs unquantized bf16,
   for the adapter stage's batch (16 questions, captions as text) and a client's (8 image
   questions), with peak GPU memory; the ratio 4-bit / bf16 is printed.
+
+Part 4, `presets` (`--part presets`): llava-1.5-7b, qwen2.5-vl-7b and smolvlm-2.2b at full depth
+with random weights (`model.random_init=true`: the bundled config and image-processor settings),
+4-bit, on photo-sized Hateful-Memes-format images at each preset's token budget. Per batch 1 and 4:
+peak GPU memory of a client step against `fedmllm inspect`'s prediction, our step's tokens/s
+against a plain PEFT loop of the same model in the same process; then one round of two clients.
+Goals: llava-1.5-7b at most 10 GB at batch 4 with checkpointing, the prediction within 15%, our
+step at least 0.95x the plain loop's tokens/s. (No flwr on the GPU machine: the round is the
+clients' train_round and FedAvg's math, as in part 1.)
 """
 
 from __future__ import annotations
@@ -328,11 +337,166 @@ def timing(quick: bool) -> dict[str, Any]:
     return out
 
 
+# Part 4, `presets`: the hub presets a GPU user starts with, at full depth with random weights.
+PRESETS = ("llava-1.5-7b", "qwen2.5-vl-7b", "smolvlm-2.2b")
+PHOTO_SIZES = [(640, 480), (1600, 1200), (1024, 768), (480, 640), (1200, 1600), (800, 600)]
+
+
+def plain_step_seconds(lm, batches, checkpointing: bool, lr: float = 1e-4) -> tuple[float, float]:
+    """(median seconds, tokens/s) of a plain PEFT training step on `batches`: the model's own
+    loss from `labels` (logits for every position), backward, AdamW over the trainable
+    parameters, as a transformers user would write it (gradient checkpointing as ours has it, so
+    both hold the same activations); no fedmllm code in the step."""
+    import torch
+
+    from fedmllm.models.device import to_model
+
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    if checkpointing:
+        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.model.train()
+    times, tokens = [], []
+    for i, batch in enumerate(batches):
+        inputs = to_model({k: v for k, v in batch.items() if k != "keep"}, lm.model)
+        sync()
+        t = time.perf_counter()
+        loss = lm.model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i:  # the first step warms the kernels
+            times.append(time.perf_counter() - t)
+            tokens.append(int(batch["attention_mask"].sum()))
+    if checkpointing:
+        lm.model.gradient_checkpointing_disable()
+    lm.model.eval()
+    return float(np.median(times)), float(sum(tokens) / sum(times))
+
+
+def our_step_seconds(lm, batches, train) -> tuple[float, float]:
+    """(median seconds, tokens/s) of fedmllm's client step (training.optimize over answer_loss,
+    as train_steps runs it: the round's settings, gradient checkpointing as configured)."""
+    from fedmllm.training import answer_loss, lr_factor, make_optimizer, optimize
+
+    if train.gradient_checkpointing:
+        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.model.train()
+    opt = make_optimizer(lm.model, train)
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    stream, times, marks = iter(batches), [], []
+
+    def micro(step: int):
+        sync()
+        marks.append(time.perf_counter())
+        return answer_loss(lm.model, next(stream))
+
+    def stepped(step: int, loss: float) -> None:
+        sync()
+        times.append(time.perf_counter() - marks[-1])
+
+    try:
+        optimize(
+            opt,
+            params,
+            len(batches),
+            micro,
+            lr_at=lambda s: lr_factor(s, len(batches)),
+            max_grad_norm=1.0,
+            on_step=stepped,
+        )
+    finally:
+        if train.gradient_checkpointing:
+            lm.model.gradient_checkpointing_disable()
+        lm.model.eval()
+    tokens = [int(b["attention_mask"].sum()) for b in batches[1:]]
+    return float(np.median(times[1:])), float(sum(tokens) / sum(times[1:]))
+
+
+def presets(quick: bool) -> dict[str, Any]:
+    """Part 4: llava-1.5-7b, qwen2.5-vl-7b and smolvlm-2.2b built from their bundled configs at
+    full depth with random weights (`model.random_init=true`), 4-bit, on Hateful-Memes-format
+    photos (640x480 to 1600x1200) at each preset's token budget: per batch size 1 and 4 the peak
+    GPU memory of a client step against `fedmllm inspect`'s prediction (fedmllm.models.memory),
+    our step's time and tokens/s against a plain PEFT loop of the same model in the same process,
+    then one round of two clients (the clients' own train_round, FedAvg over their adapters).
+    `--quick`: one layer and a 1,024-token vocabulary (a CPU smoke test of this part)."""
+    import tempfile
+
+    import torch
+
+    from fedmllm.algorithms import server_peft
+    from fedmllm.conf import run_settings
+    from fedmllm.config import compose
+    from fedmllm.data import load_task
+    from fedmllm.data.collate import Collator
+    from fedmllm.data.fixtures import write_hateful_memes
+    from fedmllm.models import clear_cache, get_model
+    from fedmllm.models.adapter import adapter_state
+    from fedmllm.models.memory import predict_peak
+    from fedmllm.stages.cache import model_config
+    from fedmllm.strategies.aggregate import weighted_average
+
+    out: dict[str, Any] = {}
+    root = write_hateful_memes(Path(tempfile.mkdtemp()) / "hm", n_rows=24, seed=0, photo_sizes=PHOTO_SIZES)
+    shape = ["model.num_layers=1", "model.vocab_size=1024"] if quick else []
+    steps, sizes = (1, (1,)) if quick else (6, (1, 4))
+    for preset in PRESETS:
+        base = [f"model={preset}", "model.random_init=true", *shape, "dataset=hateful_memes", f"dataset.root={root}"]
+        base += ["num_clients=2", "clients_per_round=2", "partitioner=iid", "dataset.eval_samples=4"]
+        row: dict[str, Any] = {}
+        clear_cache()
+        for bs in sizes:
+            cfg = compose([*base, f"train.batch_size={bs}", "train.local_steps=1"])
+            run = run_settings(cfg)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            lm = get_model(model_config(cfg), server_peft(cfg))
+            task, pool, _ = load_task(run.dataset, run.seed)
+            collator = Collator(lm.processor, lm.family, task)
+            batches = [
+                collator.train_batch([pool[(i * bs + j) % len(pool)] for j in range(bs)]) for i in range(steps + 1)
+            ]
+            ours_s, ours_tps = our_step_seconds(lm, batches, run.train)
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+            plain_s, plain_tps = plain_step_seconds(lm, batches, run.train.gradient_checkpointing)
+            mode = "checkpointing" if run.train.gradient_checkpointing else "no_checkpointing"
+            predicted = {"total": predict_peak(cfg, batch_size=bs)["modes"][mode]["peak"]}
+            row[f"batch{bs}"] = {
+                "tokens_per_sample": round(float(np.mean([int(b["attention_mask"].sum()) / bs for b in batches])), 1),
+                "peak_gib": round(peak / 2**30, 2) if peak is not None else None,
+                "predicted_gib": round(predicted["total"] / 2**30, 2),
+                "prediction_error": round(predicted["total"] / peak - 1, 3) if peak else None,
+                "our_step_s": round(ours_s, 3),
+                "plain_step_s": round(plain_s, 3),
+                "our_tokens_per_s": round(ours_tps, 1),
+                "plain_tokens_per_s": round(plain_tps, 1),
+                "tokens_per_s_ratio": round(ours_tps / plain_tps, 3),
+            }
+            log(f"{preset} batch {bs}: {json.dumps(row[f'batch{bs}'])}")
+        cfg = compose([*base, f"train.batch_size={sizes[-1]}", f"train.local_steps={min(steps, 2)}"])
+        lm = get_model(model_config(cfg), server_peft(cfg))
+        arrays = {k: np.array(v) for k, v in adapter_state(lm.model).items()}
+        t = time.perf_counter()
+        replies = one_round(cfg, arrays, 1)
+        merged = weighted_average([r for r, _ in replies], [m["num-examples"] for _, m in replies])
+        row["round"] = {
+            "seconds": round(time.perf_counter() - t, 1),
+            "train_losses": train_losses(replies),
+            "adapter_mb": round(sum(v.nbytes for v in merged.values()) / 1e6, 1),
+        }
+        log(f"{preset} round: {json.dumps(row['round'])}")
+        out[preset] = row
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: a smoke test of this script")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
-    parser.add_argument("--part", choices=("check", "families", "timing", "all"), default="all")
+    parser.add_argument("--part", choices=("check", "families", "timing", "presets", "all"), default="all")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -355,6 +519,8 @@ def main() -> None:
             result["families"] = families(args.quick)
         if args.part in ("timing", "all"):
             result["timing"] = timing(args.quick)
+        if args.part in ("presets", "all"):
+            result["presets"] = presets(args.quick)
     finally:  # what ran is kept even when a later part fails
         if torch.cuda.is_available():  # as load_model left them (it turns cuDNN attention off)
             result["sdpa_kernels"] = {

@@ -24,6 +24,7 @@ from fedmllm.data import DataError, check_source, easyvqa
 from fedmllm.models.build import smollm2_gguf_path
 from fedmllm.models.inspection import footprint, format_footprint
 from fedmllm.models.load import family_of
+from fedmllm.models.memory import format_memory, image_token_counter, predict_peak
 from fedmllm.partitioning.materialise import format_stats, warn_empty, write_partitions
 from fedmllm.server.checkpoint import checkpoint_dir, export_checkpoint, latest_state
 from fedmllm.server.evaluate import evaluate_checkpoint, run_config
@@ -39,9 +40,12 @@ commands:
   partition [overrides] out=DIR
                             write every client's samples under DIR/<dataset>/<scenario>/partition-...
                             (e.g. fedmllm partition partitioner=fedmllm scenario=missing num_clients=10 out=data)
-  inspect [overrides]       parameters per module group, trainable adapter, MB per client per round
+  inspect [overrides]       parameters per module group, trainable adapter, MB per client per round,
+                            and the predicted peak GPU memory of a client's training step at
+                            train.batch_size, with and without gradient checkpointing
                             (meta device: no weights read or downloaded; e.g. fedmllm inspect
-                            model=llava-1.5-7b peft=dora; aggregator=... shows its protocol's bytes)
+                            model=llava-1.5-7b peft=dora train.batch_size=4; aggregator=... shows
+                            its protocol's bytes)
   evaluate RUN_DIR|CHECKPOINT_DIR [round=N] [overrides]
                             evaluate a run's checkpoint (default: its last intact round) on its
                             held-out split, as the run did or with overrides (e.g. eval.mode=generate
@@ -298,7 +302,12 @@ def _partition(argv: list[str]) -> None:
     overrides = _without_run_bounds(overrides)
     try:
         cfg = compose(overrides)
-        target, stats = write_partitions(cfg, outs[0])
+        try:  # the stats' image tokens need the model's config and processor settings, not its weights
+            counter = image_token_counter(cfg["model"])
+        except (MissingAssetError, FileNotFoundError, OSError) as err:
+            print(f"image tokens per sample left out of the stats: {err}", file=sys.stderr)
+            counter = None
+        target, stats = write_partitions(cfg, outs[0], image_tokens=counter)
     except (ConfigError, MissingAssetError, ValueError) as err:
         _fail(str(err))
     print(format_stats(stats))
@@ -318,7 +327,9 @@ def _inspect(argv: list[str]) -> None:
         _fail(f"fedmllm inspect takes Hydra overrides only (e.g. model=smol-llava peft=dora), got {bad}")
     argv = _without_run_bounds(argv)
     try:
-        print(format_footprint(footprint(compose(argv))), flush=True)
+        cfg = compose(argv)
+        print(format_footprint(footprint(cfg)), flush=True)
+        print(format_memory(predict_peak(cfg)), flush=True)
     except (ConfigError, MissingAssetError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
 

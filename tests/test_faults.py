@@ -137,8 +137,23 @@ def _cli_run(args, **kw):
     )
 
 
+SCAFFOLD_40 = ("aggregator=scaffold", "num_rounds=3", "train.local_steps=40")
+
+
+@pytest.fixture(scope="module")
+def scaffold_uninterrupted(tmp_path_factory):
+    """The uninterrupted run both interruptions are held against (run once for the module)."""
+    full = tmp_path_factory.mktemp("scaffold") / "full"
+    proc = _cli_run([*_common(*SCAFFOLD_40), f"out_dir={full}"])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return full
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
-def test_a_scaffold_run_stopped_mid_round_and_resumed_ends_like_an_uninterrupted_one(tmp_path, how):
+def test_a_scaffold_run_stopped_mid_round_and_resumed_ends_like_an_uninterrupted_one(
+    tmp_path, how, scaffold_uninterrupted
+):
     """SIGINT: the run stops within seconds with exit 130 and leaves no Ray process; SIGKILL (the
     whole process group, as a machine going down): nothing to clean up by the run itself. Either
     way `resume=` redoes the round that was cut short and ends where an uninterrupted run ends."""
@@ -148,12 +163,9 @@ def test_a_scaffold_run_stopped_mid_round_and_resumed_ends_like_an_uninterrupted
 
     from test_e2e import assert_none_left, ray_processes
 
-    common = _common("aggregator=scaffold", "num_rounds=3", "train.local_steps=40")
-    full, part = tmp_path / "full", tmp_path / "part"
+    common = _common(*SCAFFOLD_40)
+    full, part = scaffold_uninterrupted, tmp_path / "part"
     before = ray_processes()
-    proc = _cli_run([*common, f"out_dir={full}"])
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
     proc = _cli_run([*common, f"out_dir={part}"], start_new_session=True)
     try:
         for line in proc.stdout:  # round 1 is checkpointed when its line is printed
@@ -219,10 +231,10 @@ def test_a_png_cut_after_its_header_is_named_when_decoded_and_caught_up_front_wi
     ],
 )
 def test_a_small_dataset_names_the_partition_setting_that_cannot_be_met(cfg, n, fragment):
-    from fedmllm.partitioning import partition_indices
+    from fedmllm.partitioning import label_partition
 
     with pytest.raises(ValueError, match=fragment):
-        partition_indices(tuple([0] * 9 + [1] * 8), tuple(sorted(cfg.items())), n, 42)
+        label_partition([{"label": label} for label in [0] * 9 + [1] * 8], cfg, n, 42)
 
 
 def test_an_empty_text_is_kept_as_image_only_and_said_so(tmp_path, capsys):

@@ -99,6 +99,8 @@ def sit_out_metrics(partition_id: int) -> dict[str, Any]:
         "trainable-bytes": 0,
         "setup-seconds": 0.0,
         "train-seconds": 0.0,
+        "image-tokens": 0.0,
+        "text-tokens": 0.0,
     }
 
 
@@ -216,4 +218,6 @@ def train_round(
         "setup-seconds": t_setup,  # model (first round: load), adapter, data, partition
         "train-seconds": t_train,
     }
+    # tokens per trained sample, image and text apart (the token budget: model.max_pixels, ...)
+    metrics["image-tokens"], metrics["text-tokens"] = collator.tokens_per_sample()
     return out, metrics, extra_out

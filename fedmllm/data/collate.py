@@ -42,6 +42,21 @@ class Collator:
         self.family = family
         self.task = task
         self.eos = self.tokenizer.eos_token or ""
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(family.image_token)
+        self.trained_tokens: list[tuple[int, int]] = []  # (image, text) tokens of each trained sample
+
+    def token_counts(self, batch: dict[str, Any]) -> list[tuple[int, int]]:
+        """(image tokens, text tokens) of each row of an encoded batch (padding left out)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        image = (ids == self.image_token_id).sum(1).tolist()
+        return [(int(i), int(n) - int(i)) for i, n in zip(image, mask.sum(1).tolist())]
+
+    def tokens_per_sample(self) -> tuple[float, float]:
+        """Mean (image, text) tokens of the samples trained since the collator was made."""
+        if not self.trained_tokens:
+            return 0.0, 0.0
+        n = len(self.trained_tokens)
+        return sum(i for i, _ in self.trained_tokens) / n, sum(t for _, t in self.trained_tokens) / n
 
     def _prompts(self, samples: list[Sample], drop_image: bool) -> tuple[list[str], list[Image.Image]]:
         texts, images = [], []
@@ -79,6 +94,7 @@ class Collator:
             longest = max(longest, len(ids))
         batch["labels"] = labels
         batch["keep"] = longest + 1
+        self.trained_tokens += self.token_counts(batch)
         return batch
 
     def prompt_batch(self, samples: list[Sample], drop_image: bool = False) -> dict[str, Any]:

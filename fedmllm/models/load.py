@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import fedmllm.models.families  # noqa: F401  (registers every family)
-from fedmllm.config import need, typed
+from fedmllm.config import ConfigError, integer, need, typed
 from fedmllm.models.build import ensure_built
 from fedmllm.models.device import avoid_cudnn_attention
 from fedmllm.models.quantize import from_pretrained_quantized, keep_cpu_layout, uses_cache
@@ -21,6 +21,8 @@ def resolve_path(model_cfg: dict[str, Any]) -> str:
     """Local directory (built on first use for offline presets) or hub id of a preset. The
     section as composed is what the offline build's cache hashes."""
     model = typed(ModelSettings, model_cfg, "model")
+    if model.random_init:  # before path: a hub preset's path names the checkpoint it stands in for
+        return str(ensure_built(model_cfg))
     if model.path:
         return str(model.path)
     if model.builder:
@@ -85,8 +87,37 @@ class ModelSettings:
     text: Optional[Dict[str, Any]] = None
     lora_leaves: Optional[List[str]] = None  # the llm layers peft.leaves defaults to (else q, v)
     stage1_weights: Optional[str] = None  # the server's stage-1 tower + projector (stages.cache.model_config sets it)
+    # Shape-faithful hub presets without weights (fedmllm.models.random_init)
+    random_init: bool = False
+    num_layers: Optional[int] = None
+    vocab_size: Optional[int] = None
+    # Resolution and token budget (fedmllm.models.resolution), null: the checkpoint's own
+    min_pixels: Optional[int] = None  # qwen2_vl, qwen2_5_vl
+    max_pixels: Optional[int] = None
+    image_splitting: Optional[bool] = None  # idefics3: tiles + a global image, or the global image only
+    tile_size: Optional[int] = None  # idefics3: a tile's longest edge in pixels
+    max_grid: Optional[int] = None  # llava_onevision: AnyRes grids of at most max_grid x max_grid tiles
 
     def __post_init__(self) -> None:
+        need(
+            not self.random_init or bool(self.hf_config),
+            f"model.random_init=true builds a hub preset from its bundled config; preset {self.name!r} has no "
+            "hf_config (choose a hub preset, e.g. model=llava-1.5-7b)",
+        )
+        for key in ("num_layers", "vocab_size"):
+            v = getattr(self, key)
+            need(v is None or (integer(v) and v >= 1), f"model.{key}={v!r} must be null or an integer >= 1")
+            need(
+                v is None or self.random_init,
+                f"model.{key}={v} shapes a random-init build; add model.random_init=true (a checkpoint keeps its own)",
+            )
+        for key in ("min_pixels", "max_pixels", "tile_size", "max_grid"):
+            v = getattr(self, key)
+            need(v is None or (integer(v) and v >= 1), f"model.{key}={v!r} must be null or an integer >= 1")
+        need(
+            self.min_pixels is None or self.max_pixels is None or self.min_pixels <= self.max_pixels,
+            f"model.min_pixels={self.min_pixels} exceeds model.max_pixels={self.max_pixels}",
+        )
         need(
             self.quantization in QUANTIZATIONS,
             f"model.quantization={self.quantization!r} is not one of 4bit, 8bit, none",
@@ -186,9 +217,29 @@ def load_model(model_cfg: dict[str, Any]):
     if settings.stage1_weights:  # the server's stage-1 vision tower + projector
         load_stage1(model, settings.stage1_weights)
     processor = family.processor_cls().from_pretrained(path)
+    set_resolution(processor, model.config, family, settings)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model, processor, family
+
+
+RESOLUTION_KEYS = ("min_pixels", "max_pixels", "image_splitting", "tile_size", "max_grid")
+
+
+def set_resolution(processor, model_config, family: Family, model: ModelSettings) -> None:
+    """The `model` section's resolution and token-budget settings applied to the processor (by
+    the family, `Family.resolution`); a setting the family has no use for is an error naming it."""
+    given = {k: getattr(model, k) for k in RESOLUTION_KEYS if getattr(model, k) is not None}
+    unused = [k for k in given if k not in family.resolution_keys]
+    if unused:
+        reads = (
+            f"reads {', '.join('model.' + k for k in family.resolution_keys)}"
+            if family.resolution_keys
+            else ("resizes every image to one size")
+        )
+        raise ConfigError(f"model.{unused[0]}={given[unused[0]]!r} is not read by family {family.name}, which {reads}")
+    if given:
+        family.resolution(processor, model_config, given)
 
 
 def _plain_dtype():

@@ -36,6 +36,10 @@ class Family:
     # leaf names of the vision encoder's attention layers (`peft.targets=[llm,vision_encoder]`);
     # CLIP and SigLIP towers use these, Qwen's ViT fuses q,k,v into `qkv`
     vision_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # resolution(processor, model_config, settings): apply the model section's resolution settings
+    # it reads (`resolution_keys`: min_pixels, max_pixels, image_splitting, tile_size, max_grid)
+    resolution: Callable[[Any, Any, dict], None] | None = None
+    resolution_keys: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def group_of(self, module_name: str) -> str | None:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedmllm.common import write_atomically
 from fedmllm.config import ConfigError
@@ -57,8 +57,12 @@ def build_partitions(cfg: dict[str, Any], pool: list[Sample]) -> list[list[Sampl
     return [client_partition(pool, cfg, i, n) for i in range(n)]
 
 
-def partition_stats(parts: list[list[Sample]], label_names: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Per client: `client`, `num_samples`, `labels` {name: count}, `modalities` {both, image, text, none: count}."""
+def partition_stats(
+    parts: list[list[Sample]], label_names: tuple[str, ...], image_tokens: Callable[[Sample], int] | None = None
+) -> list[dict[str, Any]]:
+    """Per client: `client`, `num_samples`, `labels` {name: count}, `modalities` {both, image,
+    text, none: count}; with `image_tokens` (sample -> the tokens its image costs the configured
+    model) also `image_tokens` {min, median, max, mean, total} over the client's samples."""
     stats = []
     for i, part in enumerate(parts):
         labels = dict.fromkeys(label_names, 0)
@@ -66,7 +70,17 @@ def partition_stats(parts: list[list[Sample]], label_names: tuple[str, ...]) -> 
         for s in part:
             labels[label_names[s["label"]]] += 1
             mods[modality(s)] += 1
-        stats.append({"client": i, "num_samples": len(part), "labels": labels, "modalities": mods})
+        row = {"client": i, "num_samples": len(part), "labels": labels, "modalities": mods}
+        if image_tokens is not None:
+            counts = sorted(image_tokens(s) for s in part) or [0]
+            row["image_tokens"] = {
+                "min": counts[0],
+                "median": counts[len(counts) // 2],
+                "max": counts[-1],
+                "mean": round(sum(counts) / len(counts), 1),
+                "total": sum(counts),
+            }
+        stats.append(row)
     return stats
 
 
@@ -79,7 +93,15 @@ def format_stats(stats: list[dict[str, Any]]) -> str:
     rows.append(["total", *(sum(r[j] for r in rows) for j in range(1, len(cols)))])
     fmt = lambda vals: "".join(f"{v!s:>{w}}" for v, w in zip(vals, width))  # noqa: E731
     head = fmt(cols)
-    return "\n".join([head, "-" * len(head), *map(fmt, rows)])
+    table = [head, "-" * len(head), *map(fmt, rows)]
+    if stats and "image_tokens" in stats[0]:
+        table.append("image tokens per sample (min / median / max), the model's processor logic:")
+        table += [
+            f"  client {r['client']}: {t['min']} / {t['median']} / {t['max']} (total {t['total']:,})"
+            for r in stats
+            for t in [r["image_tokens"]]
+        ]
+    return "\n".join(table)
 
 
 def plot_stats(stats: list[dict[str, Any]], path: Path) -> Path:
@@ -105,15 +127,20 @@ def plot_stats(stats: list[dict[str, Any]], path: Path) -> Path:
 
 
 def write_partitions(
-    cfg: dict[str, Any], out: str | Path, task: Task | None = None, pool: list[Sample] | None = None
+    cfg: dict[str, Any],
+    out: str | Path,
+    task: Task | None = None,
+    pool: list[Sample] | None = None,
+    image_tokens: Callable[[Sample], int] | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Write `client_<i>.jsonl`, `stats.json`, `stats.png` and `partition.json` under
     `partition_path(cfg, out)`; returns (that directory, stats). The files are written into a
-    temporary sibling first and renamed into place, so a crash never leaves half a partition."""
+    temporary sibling first and renamed into place, so a crash never leaves half a partition.
+    `image_tokens`: see partition_stats."""
     if pool is None or task is None:
         task, pool, _ = load_task(cfg["dataset"], cfg["seed"])
     parts = build_partitions(cfg, pool)
-    stats = partition_stats(parts, task.labels)
+    stats = partition_stats(parts, task.labels, image_tokens)
     target = partition_path(cfg, out)
     root = _image_root(parts)
 

@@ -447,16 +447,21 @@ def _usual_metric_keys(replies: list[Message]) -> set[str] | None:
 
 def _client_row(metrics: Any, node_id: int) -> dict:
     """A reply's row in metrics.jsonl's `clients`: partition-id, num-examples (its aggregation
-    weight), train-loss and bytes sent (0 until it is accepted)."""
+    weight), train-loss, image and text tokens per trained sample, and bytes sent (0 until it is
+    accepted)."""
 
     def number(key):
         value = metrics.get(key)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     pid = number("partition-id")
-    return {
+    row = {
         "partition-id": int(pid) if pid is not None and np.isfinite(pid) else int(node_id),
         "num-examples": number("num-examples"),
         "train-loss": number("train-loss"),
         "bytes": 0,
     }
+    for key in ("image-tokens", "text-tokens"):  # per trained sample, where the client reports them
+        if number(key) is not None:
+            row[key] = number(key)
+    return row

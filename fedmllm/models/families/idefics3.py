@@ -17,6 +17,7 @@ CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+MAX_SIDE = 4096  # the image processor's cap on either side after resizing
 SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -42,16 +43,37 @@ def _processor_cls():
 
 
 def image_seq_len(config, processor, height: int, width: int) -> int:
-    """One global image (no splitting) or one per tile plus the global one: each is
-    (image_size / patch_size)^2 patches, pixel-shuffled by scale_factor^2."""
+    """One global image (no splitting) or one per tile plus the global one, each
+    (image_size / patch_size)^2 patches pixel-shuffled by scale_factor^2. With splitting the image
+    is first resized so its longest edge is `size.longest_edge` (SmolVLM: 1536 px, small photos
+    scaled up; the other edge even, both at most 4096), then cut into tiles of
+    `max_image_size.longest_edge` (384 px): a 640x480 photo becomes 4 x 3 tiles."""
     v = config.vision_config
     per_image = (v.image_size // v.patch_size) ** 2 // config.scale_factor**2
     ip = processor.image_processor
     if not ip.do_image_splitting:
         return per_image
-    tile = ip.max_image_size["longest_edge"]
+    tile, longest, aspect = ip.max_image_size["longest_edge"], ip.size["longest_edge"], width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect)
+        height += height % 2
+    else:
+        width, height = int(longest * aspect), longest
+        width += width % 2
+    if max(width, height) > MAX_SIDE:
+        width, height = (MAX_SIDE, int(MAX_SIDE / aspect)) if width >= height else (int(MAX_SIDE * aspect), MAX_SIDE)
     tiles = math.ceil(height / tile) * math.ceil(width / tile)
     return per_image * (tiles + 1 if tiles > 1 else 1)
+
+
+def set_resolution(processor, config, settings: dict[str, Any]) -> None:
+    """`model.image_splitting`: tiles of `model.tile_size` px (longest edge) plus the global
+    image, or the global image alone (one image's tokens); SmolVLM splits by default."""
+    ip = processor.image_processor
+    if settings.get("image_splitting") is not None:
+        ip.do_image_splitting = bool(settings["image_splitting"])
+    if settings.get("tile_size"):
+        ip.max_image_size = {"longest_edge": int(settings["tile_size"])}
 
 
 def build_tiny(preset: dict[str, Any], out: Path) -> None:
@@ -113,5 +135,7 @@ IDEFICS3 = register_family(
         encode=encode,
         image_seq_len=image_seq_len,
         build_tiny=build_tiny,
+        resolution=set_resolution,
+        resolution_keys=("image_splitting", "tile_size"),
     )
 )

@@ -69,6 +69,17 @@ def _fit(resolution, height: int, width: int):
     return (-effective, w * h - effective)
 
 
+def set_resolution(processor, config, settings: dict[str, Any]) -> None:
+    """`model.max_grid=N`: AnyRes tiles an image at the pinpoint resolution that fits it best;
+    only pinpoints of at most N x N base tiles stay (the 0.5b-ov checkpoint lists 36, up to 6 x 6
+    tiles of 384 px: a 1600x1200 photo costs 7,309 tokens, 2,929 at 640x480). The processor and
+    the model read the same list (it decides the feature grid), so both are cut."""
+    n, base = int(settings["max_grid"]), processor.image_processor.size["height"]
+    pins = [p for p in config.image_grid_pinpoints if p[0] <= n * base and p[1] <= n * base]
+    processor.image_processor.image_grid_pinpoints = pins
+    config.image_grid_pinpoints = pins
+
+
 def build_tiny(preset: dict[str, Any], out: Path) -> None:
     """Random 1-layer SigLIP tower + MLP projector + 2-layer Qwen2 decoder; one AnyRes pinpoint."""
     from transformers import LlavaOnevisionConfig
@@ -125,5 +136,7 @@ LLAVA_ONEVISION = register_family(
         encode=encode,
         image_seq_len=image_seq_len,
         build_tiny=build_tiny,
+        resolution=set_resolution,
+        resolution_keys=("max_grid",),
     )
 )

@@ -65,6 +65,8 @@ QWEN2_5_VL = register_family(
         encode=encode,
         image_seq_len=qwen2_vl.image_seq_len,
         build_tiny=build_tiny,
+        resolution=qwen2_vl.set_resolution,
+        resolution_keys=("min_pixels", "max_pixels"),
         image_token="<|image_pad|>",
         vision_lora_targets=("qkv", "proj"),  # the ViT's fused attention input and its output
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,19 @@ def image_seq_len(config, processor, height: int, width: int) -> int:
     size = processor.image_processor.size
     h, w = smart_resize(height, width, v.patch_size * v.spatial_merge_size, size["shortest_edge"], size["longest_edge"])
     return (h // v.patch_size) * (w // v.patch_size) // v.spatial_merge_size**2
+
+
+def set_resolution(processor, config, settings: dict[str, Any]) -> None:
+    """`model.min_pixels` / `model.max_pixels`: the pixel range every image is resized into (in
+    multiples of patch x merge = 28 px); each 28 x 28 block is one token, so max_pixels / 784 is
+    the most tokens an image costs (the checkpoint's default, 12.8 M pixels, admits 16,384)."""
+    ip = processor.image_processor
+    size = {}
+    if settings.get("min_pixels"):
+        size["shortest_edge"] = int(settings["min_pixels"])
+    if settings.get("max_pixels"):
+        size["longest_edge"] = int(settings["max_pixels"])
+    ip.size = replace(ip.size, **size)
 
 
 def tiny_tokenizer_and_processor(preset: dict[str, Any], processor_cls):
@@ -141,6 +155,8 @@ QWEN2_VL = register_family(
         encode=encode,
         image_seq_len=image_seq_len,
         build_tiny=build_tiny,
+        resolution=set_resolution,
+        resolution_keys=("min_pixels", "max_pixels"),
         image_token="<|image_pad|>",
         vision_lora_targets=("qkv", "proj"),  # the ViT's fused attention input and its output
     )
