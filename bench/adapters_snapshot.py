@@ -31,12 +31,13 @@ def save(out: Path, names: list[str]) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import tiny_overrides
     from inprocess import run_in_process
+    from test_aggregators import EXTRA
 
     out.mkdir(parents=True, exist_ok=True)
     names = names or sorted(p.stem for p in (ROOT / "fedmllm/conf/aggregator").glob("*.yaml"))
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            extra = ["aggregator.client.ranks=[4,8]", "aggregator.client.max_rank=16"] if name == "flora" else []
+            extra = EXTRA.get(name, [])
             run = Path(tmp) / name
             t0 = time.time()
             run_in_process(

@@ -23,6 +23,15 @@ from fedmllm.strategies.aggregate import (
 AGGREGATORS = sorted(p.stem for p in (Path(__file__).parents[1] / "fedmllm/conf/aggregator").glob("*.yaml"))
 
 
+# what an aggregator needs beyond the tiny run's two clients
+EXTRA = {
+    "flora": ["aggregator.client.ranks=[4,8]", "aggregator.client.max_rank=16"],
+    "krum": ["num_clients=5", "clients_per_round=5", "partitioner=iid"],  # n > 2f + 2
+    "multikrum": ["num_clients=5", "clients_per_round=5", "partitioner=iid"],
+    "bulyan": ["num_clients=7", "clients_per_round=7", "partitioner=iid"],  # n >= 4f + 3
+}
+
+
 def _state(run_dir: Path, rnd: int) -> dict[str, np.ndarray]:
     from fedmllm.server.checkpoint import read_state_flat
 
@@ -47,7 +56,7 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
 def test_every_aggregator_runs_three_rounds(tmp_path, aggregator):
     from fedmllm.tracking import read_metrics
 
-    extra = ["aggregator.client.ranks=[4,8]", "aggregator.client.max_rank=16"] if aggregator == "flora" else []
+    extra = EXTRA.get(aggregator, [])
     run = _run(tmp_path, aggregator, f"aggregator={aggregator}", *extra)
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]

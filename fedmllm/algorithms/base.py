@@ -48,6 +48,14 @@ class Algorithm:
     # The Flower strategy (a class in flwr.serverapp.strategy) that `strategy_class` puts over the
     # adapter; an algorithm with its own aggregation overrides `strategy_class` instead.
     flower_strategy: ClassVar[str] = "FedAvg"
+    # Robust aggregation: the Flower strategy computes its own statistic of the replies (median,
+    # trimmed mean, Krum's choice; the clients' example counts do not weigh in), each reply's values
+    # checked by the wrapper first. A client sending a scaled, sign-flipped or random update
+    # (faults.byzantine injects one) moves its global adapter less than FedAvg's weighted mean.
+    robust: ClassVar[bool] = False
+    # Krum, MultiKrum, Bulyan: the replies per round they need to tolerate f Byzantine clients
+    min_replies: ClassVar[Callable[[int], int] | None] = None
+    min_replies_rule: ClassVar[str] = ""
     free_rank: ClassVar[bool] = False  # replies may differ from the global adapter in LoRA rank (FLoRA)
 
     def __init__(self, section: dict[str, Any] | None = None):
@@ -95,6 +103,16 @@ class Algorithm:
                 f"aggregator={self.name} {why}; use peft={' or peft='.join(self.peft_methods)} with it, "
                 f"or a standard aggregator (e.g. aggregator=fedavg) with peft={method}"
             )
+        if self.min_replies is not None:
+            f, n = self.section.get("num_malicious_nodes", 0), cfg["clients_per_round"]
+            if not (isinstance(f, int) and not isinstance(f, bool) and f >= 0):
+                out.append(f"aggregator.num_malicious_nodes={f!r} must be an integer >= 0")
+            elif n < self.min_replies(f):
+                out.append(
+                    f"aggregator={self.name} with num_malicious_nodes={f} needs {self.min_replies_rule} replies "
+                    f"per round; clients_per_round={n}: raise it to {self.min_replies(f)} or lower "
+                    "aggregator.num_malicious_nodes"
+                )
         align = typed(AlignSettings, (cfg.get("server_stage") or {}).get("align"), "server_stage.align")
         if align.enabled and not self.align:
             out.append(
@@ -135,9 +153,9 @@ class Algorithm:
         `flower_strategy` over the fused weighted average (imports flwr)."""
         from flwr.serverapp import strategy as flower
 
-        from fedmllm.strategies.fused import fused
+        from fedmllm.strategies.fused import checked, fused
 
-        return fused(getattr(flower, self.flower_strategy))
+        return (checked if self.robust else fused)(getattr(flower, self.flower_strategy))
 
     def prepare_server_model(self, model, seed: int) -> None:
         """Put the server's model into the state every client starts from (before the adapter stage)."""

@@ -17,6 +17,7 @@ from fedmllm.conf import run_settings
 from fedmllm.config import NodeIdentity, from_run_config, node_identity, typed
 from fedmllm.data import task_for
 from fedmllm.data.collate import Collator
+from fedmllm.faults import byzantine
 from fedmllm.models import get_model
 from fedmllm.models.adapter import payload_bytes, trainable_bytes
 from fedmllm.partitioning import client_partition
@@ -186,6 +187,8 @@ def train_round(
             after_backward=local.after_backward,
         )
         out, extra_out = local.finish()
+        if run.faults.attacks(ident.partition_id):  # a Byzantine client (faults.byzantine, experiments)
+            out = byzantine(out, arrays, run.faults, seed)
         transport = settings_of(cfg)
         if transport.up:  # the update travels encoded; what encoding lost waits for the next round
             out, residual = compress_update(out, arrays, transport, store.get(RESIDUAL))

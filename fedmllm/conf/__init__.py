@@ -4,7 +4,7 @@
 section, each owned by the package that reads it (`model`: models.load, `peft`: models.adapter,
 `dataset`: data, `prompt`: data.prompts, `partitioner`: partitioning, `scenario`:
 partitioning.scenarios, `server_stage`: stages, `train`: training, `eval`: evaluation, `logger`:
-tracking, `transport`: transport). `aggregator` stays a mapping: its keys are its algorithm's
+tracking, `transport`: transport, `faults`: faults). `aggregator` stays a mapping: its keys are its algorithm's
 (fedmllm.algorithms).
 
 Importing this module registers the schema in Hydra's ConfigStore as `fedmllm_settings`, the
@@ -26,6 +26,7 @@ from fedmllm.config import ConfigError, Number, build, integer, need, number, sc
 from fedmllm.data import DatasetSettings
 from fedmllm.data.prompts import PromptSettings
 from fedmllm.evaluation import EvalSettings
+from fedmllm.faults import FaultSettings
 from fedmllm.models.adapter import PeftSettings
 from fedmllm.models.load import ModelSettings, local_checkpoint_replaces_build
 from fedmllm.partitioning import PartitionerSettings
@@ -67,6 +68,7 @@ class RunSettings:
     logger: LoggerSettings = field(default_factory=LoggerSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
+    faults: FaultSettings = field(default_factory=FaultSettings)
 
     def __post_init__(self) -> None:
         for key in ("num_clients", "num_rounds", "clients_per_round", "eval_every"):
@@ -120,6 +122,10 @@ class RunSettings:
             self.dataset.answers != "open" or self.eval.mode == "generate",
             "dataset.answers=open: free-text answers are evaluated by generation; add eval.mode=generate "
             "(and eval.max_new_tokens for the longest answer, e.g. 16)",
+        )
+        need(
+            self.faults.byzantine <= self.num_clients,
+            f"faults.byzantine={self.faults.byzantine} exceeds num_clients={self.num_clients}",
         )
         if self.resume:
             need(

@@ -34,6 +34,9 @@ class FusedAverage(FedAvg):
     # it cannot use (UnusableReplies: unreadable, or non-finite); the wrapper then reads no values
     # (subclasses that aggregate otherwise set False and get every reply decoded and checked).
     checks_values = True
+    # Whether the round's result buffer is made when the round is configured (the fused average
+    # writes into it); strategies that aggregate otherwise (robust ones) make their own.
+    prepares_result = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -61,7 +64,8 @@ class FusedAverage(FedAvg):
             # FedAvgM steps from the global adapter it holds: the one sent, which the server's
             # global alignment may have replaced after the last aggregation.
             self.current_arrays = arrays
-        self._next = RecordBuffer({k: tuple(a.shape) for k, a in arrays.items()}, touch=True)
+        if self.prepares_result:
+            self._next = RecordBuffer({k: tuple(a.shape) for k, a in arrays.items()}, touch=True)
         k = len(self.empty_nodes)
         if not k:
             return list(super().configure_train(server_round, arrays, config, grid))
@@ -108,6 +112,24 @@ def fused(flower_strategy: type) -> type:
         {
             "__module__": __name__,
             "__doc__": f"Flower's {flower_strategy.__name__} over FusedAverage's weighted average.",
+        },
+    )
+
+
+@functools.cache
+def checked(flower_strategy: type) -> type:
+    """Flower's `flower_strategy` aggregating as Flower does (the robust ones: FedMedian,
+    FedTrimmedAvg, Krum, MultiKrum, Bulyan compute their own statistic of the replies), with
+    FusedAverage's node sampling and state protocol; the wrapper decodes and checks every reply's
+    values first (`checks_values` False), so a non-finite reply is dropped before the statistic."""
+    return type(
+        f"Checked{flower_strategy.__name__}",
+        (flower_strategy, FusedAverage),
+        {
+            "__module__": __name__,
+            "__doc__": f"Flower's {flower_strategy.__name__}, every reply checked by the wrapper.",
+            "checks_values": False,
+            "prepares_result": False,
         },
     )
 
