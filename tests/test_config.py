@@ -23,7 +23,17 @@ def test_defaults_compose_to_the_demo_setting():
     [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
 )
 def test_every_group_option_composes(group, option):
-    cfg = compose([f"{group}={option}"])
+    extra = []
+    if group == "aggregator":  # Krum, Multi-Krum, Bulyan: enough clients for their f (the config check names it)
+        from fedmllm.algorithms import algorithm_class
+
+        needs = algorithm_class(option).min_replies
+        if needs is not None:
+            f = compose([f"{group}={option}", "num_clients=20", "clients_per_round=20"])[group]["num_malicious_nodes"]
+            extra = [f"num_clients={needs(f)}", f"clients_per_round={needs(f)}"]
+            with pytest.raises(ConfigError, match=f"raise it to {needs(f)}"):
+                compose([f"{group}={option}", f"num_clients={needs(f) - 1}", f"clients_per_round={needs(f) - 1}"])
+    cfg = compose([f"{group}={option}", *extra])
     assert cfg[group].get("name", option) == option
 
 
