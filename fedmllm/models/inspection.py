@@ -10,7 +10,6 @@ use, as any run would).
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -21,10 +20,9 @@ from fedmllm.config import typed
 from fedmllm.models.adapter import PeftSettings, adapter_params, apply_peft
 from fedmllm.models.build import ensure_built
 from fedmllm.models.load import ModelSettings, family_of
-from fedmllm.models.random_init import truncate
+from fedmllm.models.random_init import HUB_CONFIGS, bundled_config
 from fedmllm.models.registry import get_family  # importing fedmllm.models registers the families
 
-HUB_CONFIGS = Path(__file__).parent / "hub_configs"
 MB = 1e6
 
 
@@ -51,19 +49,9 @@ def hf_config(model_cfg: dict[str, Any]):
     cls = family_of_preset(model_cfg).model_cls().config_class
     if local is not None:  # model.path=DIR wins over the preset's bundled config or builder
         return cls.from_pretrained(local)
-    if model.hf_config:
-        path = HUB_CONFIGS / str(model.hf_config)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"model.hf_config={model.hf_config!r}: {path} is missing; save the checkpoint's "
-                f"config.json there (preset {model.name!r})"
-            )
-        config = cls.from_dict(json.loads(path.read_text()))
-        if model.random_init:  # the shape model.num_layers / model.vocab_size give the random build
-            truncate(config, model.num_layers)
-            if model.vocab_size:
-                config.get_text_config().vocab_size = model.vocab_size
-        return config
+    if model.hf_config:  # a random-init build's shape: its model.num_layers and model.vocab_size
+        shape = (model.num_layers, model.vocab_size) if model.random_init else ()
+        return bundled_config(cls, str(model.hf_config), model.name, *shape)
     if model.builder:
         return cls.from_pretrained(ensure_built(model_cfg))
     raise ValueError(

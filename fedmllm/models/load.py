@@ -164,6 +164,12 @@ def attn_implementation(model: ModelSettings | dict[str, Any]) -> str:
     return impl
 
 
+def quantization_skip(family: Family) -> tuple[str, ...]:
+    """The modules 4-bit and 8-bit loading leave unquantized: the vision tower, the projector (their
+    full module paths: transformers 5 matches skip entries against them) and lm_head."""
+    return tuple(p for g in ("vision_encoder", "projector") for p in family.module_groups[g]) + ("lm_head",)
+
+
 def quantization_config(model: ModelSettings | dict[str, Any], family: Family):
     """BitsAndBytesConfig for `model.quantization`, or None; only the language model is quantized:
     the vision tower, projector and lm_head stay in `dtype` (their full module paths, from the
@@ -174,8 +180,7 @@ def quantization_config(model: ModelSettings | dict[str, Any], family: Family):
         return None
     from transformers import BitsAndBytesConfig
 
-    # transformers 5 matches skip entries against full module paths.
-    skip = [p for g in ("vision_encoder", "projector") for p in family.module_groups[g]] + ["lm_head"]
+    skip = list(quantization_skip(family))
     if quant == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -232,11 +237,8 @@ def set_resolution(processor, model_config, family: Family, model: ModelSettings
     given = {k: getattr(model, k) for k in RESOLUTION_KEYS if getattr(model, k) is not None}
     unused = [k for k in given if k not in family.resolution_keys]
     if unused:
-        reads = (
-            f"reads {', '.join('model.' + k for k in family.resolution_keys)}"
-            if family.resolution_keys
-            else ("resizes every image to one size")
-        )
+        keys = ", ".join("model." + k for k in family.resolution_keys)
+        reads = f"reads {keys}" if keys else "resizes every image to one size"
         raise ConfigError(f"model.{unused[0]}={given[unused[0]]!r} is not read by family {family.name}, which {reads}")
     if given:
         family.resolution(processor, model_config, given)

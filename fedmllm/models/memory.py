@@ -74,21 +74,20 @@ bitsandbytes' behaviour at the versions in use, to be held against a measured st
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from PIL import Image
 
 from fedmllm.config import typed
-from fedmllm.models.adapter import PeftSettings, apply_peft, llm_layer_index
+from fedmllm.models.adapter import PeftSettings, apply_peft, llm_layer_index, projector_linears
 from fedmllm.models.build import ensure_built
-from fedmllm.models.inspection import HUB_CONFIGS, family_of_preset, hf_config, local_checkpoint, meta_model
-from fedmllm.models.load import ModelSettings, set_resolution
+from fedmllm.models.inspection import family_of_preset, hf_config, local_checkpoint, meta_model
+from fedmllm.models.load import ModelSettings, quantization_skip, set_resolution
+from fedmllm.models.random_init import image_processor, processor_settings
 from fedmllm.models.registry import Family
 from fedmllm.training import TrainSettings
 
@@ -164,26 +163,10 @@ def processor_for(model_cfg: dict[str, Any], family: Family, config):
     if local is not None:
         processor = family.processor_cls().from_pretrained(local)
     else:
-        processor = SimpleNamespace(image_processor=hub_image_processor(str(model.hf_config), family))
+        settings = processor_settings(str(model.hf_config)).get("image_processor") or {}
+        processor = SimpleNamespace(image_processor=image_processor(settings))
     set_resolution(processor, config, family, model)
     return processor
-
-
-def hub_image_processor(hf_config: str, family: Family):
-    """The image processor of a hub preset from its bundled settings."""
-    import transformers
-
-    path = HUB_CONFIGS / (Path(hf_config).stem + ".processor.json")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the image tokens of a {family.name} preset need its checkpoint's image-processor settings: "
-            f"save its preprocessor_config.json as {path} (hub_configs/__init__.py says how)"
-        )
-    settings = json.loads(path.read_text()).get("image_processor") or {}
-    name = settings.get("image_processor_type", "")
-    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)  # PIL: no torchvision
-    skip = {"image_processor_type", "processor_class", "auto_map", "_source"}
-    return cls(**{k: v for k, v in settings.items() if k not in skip})
 
 
 def image_tokens(config, family: Family, height: int, width: int, processor) -> int:
@@ -255,7 +238,7 @@ def weight_bytes(model, family: Family, quantization: str, c: int) -> dict[str, 
     quantized matrix: quantized (the linear layers outside the skip list), unquantized (c bytes)."""
     import torch
 
-    skip = tuple(p for g in ("vision_encoder", "projector") for p in family.module_groups[g]) + ("lm_head",)
+    skip = quantization_skip(family)
     linears = {
         id(m.weight): m.out_features
         for name, m in model.named_modules()
@@ -280,14 +263,7 @@ def weight_bytes(model, family: Family, quantization: str, c: int) -> dict[str, 
 
 def projector_inputs(model, family: Family) -> list[int]:
     """in_features of the projector's linear layers, in order."""
-    import torch
-
-    prefixes = family.module_groups["projector"]
-    return [
-        m.in_features
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(name == p or name.startswith(p + ".") for p in prefixes)
-    ]
+    return [model.get_submodule(name).in_features for name in projector_linears(model, family)]
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ QUANT_CACHE_VERSION = 1  # bump when what is saved changes, so old entries are n
 def weights_key(model_cfg: dict[str, Any]) -> str:
     """What identifies a preset's full-precision weights: its build key (offline presets) or path."""
     path = model_cfg.get("path")
-    return (
-        str(path) if path and not model_cfg.get("random_init") else preset_dir(model_cfg).name
-    )  # name + hash of the build settings + BUILD_VERSION
+    if path and not model_cfg.get("random_init"):  # a random-init build stands in for `path`'s weights
+        return str(path)
+    return preset_dir(model_cfg).name  # name + hash of the build settings + BUILD_VERSION
 
 
 def quantized_dir(model_cfg: dict[str, Any], quant_config) -> Path:

@@ -65,10 +65,26 @@ def processor_settings(hf_config: str) -> dict[str, Any]:
     path = HUB_CONFIGS / (Path(hf_config).stem + ".processor.json")
     if not path.is_file():
         raise MissingAssetError(
-            f"model.random_init needs the checkpoint's image-processor settings in {path}; save its "
+            f"the preset needs the checkpoint's image-processor settings in {path}; save its "
             "preprocessor_config.json (and processor_config.json) there as hub_configs/__init__.py says"
         )
     return json.loads(path.read_text())
+
+
+def bundled_config(config_cls, hf_config: str, preset: str, num_layers: int | None = None, vocab_size=None):
+    """The preset's bundled config.json (`hub_configs/<hf_config>`) as `config_cls`, cut to
+    `num_layers` and a `vocab_size`-row vocabulary where a random build asks for them."""
+    path = HUB_CONFIGS / hf_config
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.hf_config={hf_config!r}: {path} is missing; save the checkpoint's "
+            f"config.json there (preset {preset!r})"
+        )
+    config = config_cls.from_dict(json.loads(path.read_text()))
+    truncate(config, num_layers)
+    if vocab_size:
+        config.get_text_config().vocab_size = vocab_size
+    return config
 
 
 def stand_in(family: Family, tmp: Path):
@@ -80,10 +96,14 @@ def stand_in(family: Family, tmp: Path):
     return family.processor_cls().from_pretrained(tmp), config_cls.from_pretrained(tmp)
 
 
-def image_processor(family_processor, settings: dict[str, Any]):
-    """The stand-in processor's image-processor class (the PIL backend: no torchvision) built
-    with the checkpoint's settings."""
-    cls = type(family_processor.image_processor)
+def image_processor(settings: dict[str, Any], cls: type | None = None):
+    """An image processor with the checkpoint's settings (the processor.json's "image_processor"):
+    of `cls`, or of the class the settings name (its PIL backend: no torchvision)."""
+    if cls is None:
+        import transformers
+
+        name = settings.get("image_processor_type", "")
+        cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
     skip = {"image_processor_type", "processor_class", "auto_map", "_source"}
     return cls(**{k: v for k, v in settings.items() if k not in skip})
 
@@ -99,6 +119,7 @@ def truncate(config, num_layers: int | None) -> None:
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return
+    kept = num_layers
     for key in ("num_hidden_layers", "depth"):
         if hasattr(vision, key):
             setattr(vision, key, min(num_layers, getattr(vision, key)))
@@ -116,14 +137,13 @@ def build_random(preset: dict[str, Any], out: Path) -> None:
     family = get_family(preset["family"])
     settings = processor_settings(str(preset["hf_config"]))
     config_cls = family.model_cls().config_class
-    config = config_cls.from_dict(json.loads((HUB_CONFIGS / str(preset["hf_config"])).read_text()))
+    config = bundled_config(config_cls, str(preset["hf_config"]), preset["name"], preset.get("num_layers"))
     with tempfile.TemporaryDirectory() as tmp:
         processor, tiny = stand_in(family, Path(tmp))
-    processor.image_processor = image_processor(processor, settings.get("image_processor") or {})
+    processor.image_processor = image_processor(settings.get("image_processor") or {}, type(processor.image_processor))
     for key, value in (settings.get("processor") or {}).items():
         if key in PROCESSOR_KEYS and hasattr(processor, key):
             setattr(processor, key, value)
-    truncate(config, preset.get("num_layers"))
     for key in TOKEN_ID_KEYS:
         if hasattr(config, key) and hasattr(tiny, key):
             setattr(config, key, getattr(tiny, key))
