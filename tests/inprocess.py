@@ -1,7 +1,7 @@
 """A Flower Grid that delivers each message to the real ClientApp handler in this process.
 
 The server side (fedmllm.server.run.run_server with its strategy) and the client side
-(fedmllm.client.app.handle_train, the function the ClientApp calls) run unchanged; only Ray and
+(the ClientApp of fedmllm.client.app, its mods included) run unchanged; only Ray and
 the SuperLink are left out, so every aggregator's full round trip fits in a few seconds.
 Node contexts (Context.state) persist across rounds, as a SuperNode's do.
 """
@@ -32,9 +32,10 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from fedmllm.client.app import handle_train
+        from fedmllm.client.app import make_client_app
 
-        return [handle_train(m, self.contexts[m.metadata.dst_node_id], self.overrides) for m in messages]
+        app = make_client_app(self.overrides)  # the ClientApp with its mods (privacy's clipping)
+        return [app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
     # The strategies use only the two methods above.
     def set_run(self, run_id):

@@ -29,6 +29,8 @@ LAZY = {
     "fedmllm.server.app": "imports flwr",
     "fedmllm.client.app": "imports flwr",
     "fedmllm.simulation": "imports flwr (after setting its environment)",
+    "dp_accounting": "heavy (about a second: scipy, mpmath); only a run with privacy on reads it",
+    "fedmllm.strategies.private": "imports flwr",
     "easy_vqa": "an optional package: its absence is reported with the fix",
 }
 

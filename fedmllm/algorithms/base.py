@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import fedmllm.algorithms as pkg
 from fedmllm.config import typed
 from fedmllm.models.adapter import PeftSettings, load_adapter_state, method_of
+from fedmllm.privacy import PrivacySettings
 from fedmllm.stages import AlignSettings
 from fedmllm.training import TrainSettings
 
@@ -27,6 +28,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmllm.client.local import LocalRound
 
 _REGISTRY: dict[str, type["Algorithm"]] = {}
+
+ROBUST_DP_REFUSAL = (
+    "computes a median, trimmed mean or Krum choice of the replies, whose sensitivity to one client is not "
+    "the clipping_norm / n of a mean that the noise is calibrated to"
+)
+SERVER_OPTIMIZER_DP_REFUSAL = (
+    "steps a server optimizer (momentum, adaptive moments) from the mean before Flower's wrapper adds the "
+    "noise, so its state carries un-noised updates into later rounds"
+)
 
 
 class Algorithm:
@@ -57,6 +67,11 @@ class Algorithm:
     min_replies: ClassVar[Callable[[int], int] | None] = None
     min_replies_rule: ClassVar[str] = ""
     free_rank: ClassVar[bool] = False  # replies may differ from the global adapter in LoRA rank (FLoRA)
+    # Why client-level DP (privacy=dp_*, fedmllm.privacy) does not compose with it; "": it does.
+    # Flower's DP wrappers add noise of std z x C / n to the strategy's aggregate: that hides one
+    # client only where the aggregate is the equal-weight mean of n updates clipped to C, released
+    # as it is (FedAvg, FedProx, FFA-LoRA, FedSA-LoRA's shared A).
+    dp_refusal: ClassVar[str] = ""
 
     def __init__(self, section: dict[str, Any] | None = None):
         self.section = dict(section or {})
@@ -113,6 +128,13 @@ class Algorithm:
                     f"per round; clients_per_round={n}: raise it to {self.min_replies(f)} or lower "
                     "aggregator.num_malicious_nodes"
                 )
+        privacy = typed(PrivacySettings, cfg.get("privacy"), "privacy")
+        refusal = self.dp_refusal or (ROBUST_DP_REFUSAL if self.robust else "")
+        if privacy.enabled and refusal:
+            out.append(
+                f"privacy={privacy.name} does not compose with aggregator={self.name}: it {refusal}; use "
+                "aggregator=fedavg, fedprox, ffa_lora or fedsa_lora with privacy, or privacy=none"
+            )
         align = typed(AlignSettings, (cfg.get("server_stage") or {}).get("align"), "server_stage.align")
         if align.enabled and not self.align:
             out.append(

@@ -20,6 +20,7 @@ class FedSALoRA(Algorithm):
     adapter_stage = False  # each client's B starts local from zero: a pre-trained B would not reach them
     align = False
     stage_key = "fedsa_lora"
+    dp_refusal = "uploads each client's B (record lora-b) beside the shared A, unclipped and un-noised"
 
     def travels(self, key: str) -> bool:
         return lora_role(key) != "B"

@@ -27,6 +27,10 @@ class FLoRA(Algorithm):
     align = False
     free_rank = True
     stage_key = "flora"
+    dp_refusal = (
+        "stacks each client's own LoRA factors into the global adapter, where one client's update is whole, "
+        "not a clipped share of a mean"
+    )
 
     @property
     def max_rank(self) -> int:

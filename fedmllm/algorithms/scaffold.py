@@ -18,6 +18,7 @@ from fedmllm.strategies.aggregate import InvalidReply, scaffold_client_variate, 
 class Scaffold(Algorithm):
     name = "scaffold"
     align = False
+    dp_refusal = "sends its control-variate corrections (record dc) beside the adapter, unclipped and un-noised"
     stage_key = "scaffold"
 
     def strategy_class(self) -> type:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedmllm.client import TrainRequest, train_request, worker
 from fedmllm.config import node_identity
+from fedmllm.privacy import CONFIG_KEY
 from fedmllm.records import from_record, to_record
 
 STATE_KEY = "fedmllm-client-state"  # what a client keeps across rounds (SCAFFOLD c_k, FedSA-LoRA B_k)
@@ -15,13 +18,26 @@ STATE_KEY = "fedmllm-client-state"  # what a client keeps across rounds (SCAFFOL
 
 def make_client_app(base_overrides: tuple[str, ...] = ()) -> ClientApp:
     """A ClientApp whose config is `base_overrides` + the run_config's overrides."""
-    app = ClientApp()
+    app = ClientApp(mods=[privacy_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, base_overrides)
 
     return app
+
+
+def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's clipping mod when a DP run's server asks for one (train config `dp-clipping`:
+    fixed -> fixedclipping_mod, adaptive -> adaptiveclipping_mod): the update is clipped to the
+    server's clipping norm before it leaves this client. Other messages pass untouched."""
+    config = msg.content.config_records.get("config")
+    how = config.get(CONFIG_KEY) if config is not None else None
+    if how == "fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if how == "adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...] = ()) -> Message:
@@ -44,6 +60,8 @@ def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...]
         out, metrics, extra_out, state = train_request(request)
     if state:
         context.state[STATE_KEY] = to_record(state)
+    if set(out) == set(request.arrays):  # the reply in the order it was sent (Flower's clipping mods compare it)
+        out = {k: out[k] for k in request.arrays}
     content = RecordDict(
         {"arrays": to_record(out), "metrics": MetricRecord(metrics), **{k: to_record(v) for k, v in extra_out.items()}}
     )

@@ -4,7 +4,7 @@
 section, each owned by the package that reads it (`model`: models.load, `peft`: models.adapter,
 `dataset`: data, `prompt`: data.prompts, `partitioner`: partitioning, `scenario`:
 partitioning.scenarios, `server_stage`: stages, `train`: training, `eval`: evaluation, `logger`:
-tracking, `transport`: transport, `faults`: faults). `aggregator` stays a mapping: its keys are its algorithm's
+tracking, `transport`: transport, `faults`: faults, `privacy`: privacy). `aggregator` stays a mapping: its keys are its algorithm's
 (fedmllm.algorithms).
 
 Importing this module registers the schema in Hydra's ConfigStore as `fedmllm_settings`, the
@@ -31,6 +31,7 @@ from fedmllm.models.adapter import PeftSettings
 from fedmllm.models.load import ModelSettings, local_checkpoint_replaces_build
 from fedmllm.partitioning import PartitionerSettings
 from fedmllm.partitioning.scenarios import ScenarioSettings
+from fedmllm.privacy import PrivacySettings
 from fedmllm.stages import ServerStageSettings
 from fedmllm.tracking import LoggerSettings
 from fedmllm.training import TrainSettings
@@ -69,6 +70,7 @@ class RunSettings:
     eval: EvalSettings = field(default_factory=EvalSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
         for key in ("num_clients", "num_rounds", "clients_per_round", "eval_every"):
@@ -127,6 +129,13 @@ class RunSettings:
             self.faults.byzantine <= self.num_clients,
             f"faults.byzantine={self.faults.byzantine} exceeds num_clients={self.num_clients}",
         )
+        if self.privacy.enabled:
+            need(
+                not self.transport.active,
+                f"privacy={self.privacy.name} with transport (codec={self.transport.codec}, topk={self.transport.topk}, "
+                f"down_codec={self.transport.down_codec}): the update is clipped and noised as fp32 against the one "
+                "global adapter every client received; use the transport defaults (fp32) with privacy",
+            )
         if self.resume:
             need(
                 Path(str(self.resume)).is_dir(),

@@ -35,6 +35,7 @@ from fedmllm.stages.adapter import ensure_adapter_pretrained, format_adapter_sum
 from fedmllm.stages.align import Aligner
 from fedmllm.stages.cache import WEIGHTS, model_config
 from fedmllm.stages.vision import ensure_pretrained, format_summary
+from fedmllm.strategies.private import private_strategy
 from fedmllm.strategies.wrapper import AdapterStrategy
 from fedmllm.tracking import MetricsLog, format_round, plot_run, read_metrics
 from fedmllm.transport import settings_of
@@ -46,7 +47,8 @@ def default_run_dir() -> Path:
 
 def build_strategy(cfg: dict[str, Any], **settings):
     """The algorithm's Flower strategy, with the `aggregator` section's settings and the sampled
-    fraction following clients_per_round, inside strategies.wrapper.AdapterStrategy (reply checks;
+    fraction following clients_per_round, behind Flower's DP wrapper when `privacy` is on
+    (strategies.private), inside strategies.wrapper.AdapterStrategy (reply checks;
     `settings`: its fixed, round_offset, post_aggregate, on_round)."""
     algorithm = algorithm_of(cfg)
     kwargs = strategy_settings(cfg["aggregator"])
@@ -54,8 +56,18 @@ def build_strategy(cfg: dict[str, Any], **settings):
     run = run_settings(cfg)
     kwargs.setdefault("fraction_train", run.clients_per_round / run.num_clients)
     kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
+    strategy = algorithm.strategy_class()(**kwargs)
+    if run.privacy.enabled:  # Flower's central-DP wrapper over it (fedmllm.privacy)
+        strategy = private_strategy(
+            strategy,
+            run.privacy,
+            sample_size=run.clients_per_round,
+            population=run.num_clients,
+            num_rounds=run.num_rounds,
+            seed=run.seed,
+        )
     return AdapterStrategy(
-        algorithm.strategy_class()(**kwargs),
+        strategy,
         free_rank=algorithm.free_rank,
         transport=settings_of(cfg),
         **checks,
@@ -112,6 +124,8 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
     strategy = build_strategy(
         cfg, fixed=fixed, round_offset=done, post_aggregate=aligner, on_round=lambda stats: last.update(stats=stats)
     )
+    if run.privacy.enabled:
+        print(strategy.strategy.describe(run.num_rounds), flush=True)
     if state is not None:
         strategy.load_state_arrays(state)  # the stopped run's server state (optimizer moments, c, fixed)
     # what each checkpoint names as its base, and carries besides the adapter (stage 1's tower + projector)

@@ -23,7 +23,9 @@ What the wrapped strategy may offer besides Flower's Strategy API (all optional)
 - `checks_values`: it decodes the replies itself and checks its aggregate for non-finite values,
   raising UnusableReplies that names the replies it cannot use (FusedAverage: one decoding and one
   finiteness pass instead of one per reply here); the wrapper drops those and asks again;
-- `leave_out(node_id)`: never sample that node again (its partition is empty).
+- `leave_out(node_id)`: never sample that node again (its partition is empty);
+- `update_norms`: {node id: the L2 norm of the update it aggregated for that reply} (the DP
+  wrappers of strategies.private: the clipped norms), logged in the reply's client row.
 """
 
 from __future__ import annotations
@@ -270,6 +272,10 @@ class AdapterStrategy(Strategy):
         while len(valid) >= need:
             try:
                 arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+                norms = getattr(self.strategy, "update_norms", None) or {}  # privacy: the clipped norms
+                for msg, row in zip(valid, rows):
+                    if msg.metadata.src_node_id in norms:
+                        row["update-norm"] = norms[msg.metadata.src_node_id]
                 break
             except UnusableReplies as err:  # the strategy read the values: drop those it names, ask again
                 for i, reason in err.reasons.items():
