@@ -138,7 +138,7 @@ def payload_table(size: str, flora_ranks=(4, 8, 16), flora_max_rank: int = 64) -
         ("fedavg / fedavgm / fedprox / fedadam / fedyogi / fedadagrad / fedmllm_default", full, full),
         ("scaffold (adapter + control variate)", 2 * full, 2 * full),
         ("ffa_lora (B only)", b_only, b_only),
-        ("fedsa_lora (A only; B also up for server eval)", a_only, a_only),
+        ("fedsa_lora (A only; B stays on the client)", a_only, a_only),
     ]
     for r in flora_ranks:
         rows.append((f"flora, client rank {r}, global rank {flora_max_rank}", per_rank * r, per_rank * flora_max_rank))

@@ -77,3 +77,25 @@ def run_in_process(overrides: list[str]):
     cfg = compose(overrides)
     with task_identity():
         return run_server(InProcessGrid(cfg["num_clients"], tuple(overrides)), cfg)
+
+
+def three_client_rows(out, *extra: str) -> list[dict]:
+    """A 2-round run of tiny-llava on 3 IID clients (all sampled, no server stages, 4 held-out
+    samples) with `extra` overrides, in `out`; its metrics.jsonl rows."""
+    import json
+
+    from conftest import tiny_overrides
+
+    run_in_process(
+        tiny_overrides(
+            "num_clients=3",
+            "clients_per_round=3",
+            "partitioner=iid",
+            "num_rounds=2",
+            "server_stage=none",
+            "dataset.eval_samples=4",
+            f"out_dir={out}",
+            *extra,
+        )
+    )
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -5,11 +5,9 @@ logged update norms are bounded by the clipping norm."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
 
 from fedmllm.config import ConfigError, compose
 from fedmllm.privacy import PrivacySettings, epsilon, solve_noise
@@ -56,7 +54,7 @@ def test_settings_name_what_is_missing_and_what_does_not_compose():
             compose([*dp, f"aggregator={aggregator}", "num_clients=5", "clients_per_round=5"])
     with pytest.raises(ConfigError, match="privacy=dp_client_fixed with transport"):
         compose([*dp, "transport=int8"])
-    for aggregator in ("fedavg", "fedprox", "ffa_lora"):
+    for aggregator in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora"):
         cfg = compose([*dp, f"aggregator={aggregator}"])
         assert PrivacySettings(**cfg["privacy"]).enabled
 
@@ -82,23 +80,9 @@ def test_adaptive_bound_is_server_state_that_resume_restores():
 
 
 def _dp_run(tmp_path: Path, name: str, *extra: str) -> list[dict]:
-    from inprocess import run_in_process
+    from inprocess import three_client_rows
 
-    out = tmp_path / name
-    run_in_process(
-        tiny_overrides(
-            "num_clients=3",
-            "clients_per_round=3",
-            "partitioner=iid",
-            "num_rounds=2",
-            "train.local_steps=1",
-            "server_stage=none",
-            "dataset.eval_samples=4",
-            f"out_dir={out}",
-            *extra,
-        )
-    )
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return three_client_rows(tmp_path / name, "train.local_steps=1", *extra)
 
 
 # fp32 rounding of the clipped update: its norm measured after the round trip exceeds the bound by

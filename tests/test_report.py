@@ -326,3 +326,21 @@ def test_a_runs_final_accuracy_is_what_a_sweeper_maximizes(tmp_path):
     assert final_accuracy(str(tmp_path)) is None  # no metrics.jsonl
     make_job(tmp_path, 0, rows=rounds([0.5, 0.6, 0.7]) + [{"round": 3, "train_loss": 0.1}])
     assert final_accuracy(str(tmp_path / "0")) == 0.7  # the last evaluated round
+
+
+def test_report_puts_global_and_personalized_accuracy_side_by_side(tmp_path):
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    for i, (aggregator, personal) in enumerate([("fedavg", 0.6), ("fedsa_lora", 0.8)]):
+        cfg = {**config(aggregator), "scenario": {"name": "missing", "mrate": 0.3}}
+        extra = {"client_accuracy_mean": personal, "client_accuracy_min": personal - 0.1}
+        make_job(tmp_path, i, BASE + [f"aggregator={aggregator}"], cfg, rounds([0.5, 0.7, 0.65], **extra))
+    markdown, paths = write_report(tmp_path)
+    assert "Global vs personalized" in paths["md"].read_text()
+    with open(paths["personal_csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [
+        (r["scenario"], r["method"], r["global"], r["personalized (client mean)"], r["worst client"]) for r in table
+    ] == [
+        ("missing (m=0.3)", "fedavg", "0.650 (1)", "0.600 (1)", "0.500 (1)"),
+        ("missing (m=0.3)", "fedsa_lora", "0.650 (1)", "0.800 (1)", "0.700 (1)"),
+    ]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import fedmllm.algorithms as pkg
 from fedmllm.config import typed
+from fedmllm.evaluation import EvalSettings
 from fedmllm.models.adapter import PeftSettings, load_adapter_state, method_of
 from fedmllm.privacy import PrivacySettings
 from fedmllm.stages import AlignSettings
@@ -72,6 +73,9 @@ class Algorithm:
     # client only where the aggregate is the equal-weight mean of n updates clipped to C, released
     # as it is (FedAvg, FedProx, FFA-LoRA, FedSA-LoRA's shared A).
     dp_refusal: ClassVar[str] = ""
+    # Clients keep part of their model across rounds (FedSA-LoRA's B): client-side evaluation
+    # (eval.client_fraction) evaluates each client's personal model, which it saves in PEFT format.
+    personal: ClassVar[bool] = False
 
     def __init__(self, section: dict[str, Any] | None = None):
         self.section = dict(section or {})
@@ -135,6 +139,11 @@ class Algorithm:
                 f"privacy={privacy.name} does not compose with aggregator={self.name}: it {refusal}; use "
                 "aggregator=fedavg, fedprox, ffa_lora or fedsa_lora with privacy, or privacy=none"
             )
+        if self.free_rank and typed(EvalSettings, cfg.get("eval"), "eval").client_fraction > 0:
+            out.append(
+                f"eval.client_fraction: aggregator={self.name}'s clients train their own rank on top of the global "
+                "adapter, which has no one model to evaluate on a client; drop eval.client_fraction"
+            )
         align = typed(AlignSettings, (cfg.get("server_stage") or {}).get("align"), "server_stage.align")
         if align.enabled and not self.align:
             out.append(
@@ -190,6 +199,11 @@ class Algorithm:
     def prepare(self, r: "LocalRound") -> None:
         """Load what the server sent into the model and freeze what must not train."""
 
+        load_adapter_state(r.model, r.arrays)
+
+    def evaluation_model(self, r: "LocalRound") -> None:
+        """Load the model a client evaluates on its own held-out split (eval.client_fraction): the
+        global adapter as sent (`personal` algorithms: with what the client keeps)."""
         load_adapter_state(r.model, r.arrays)
 
     def after_backward(self, r: "LocalRound") -> None:

@@ -1,16 +1,17 @@
-"""FedSA-LoRA: only A (and the projector) is shared and averaged; each client keeps its own B
-across rounds (its ClientStore, from zero). Clients also upload B in record `lora-b`, used only to
-complete the adapter for the server's centralized evaluation (its average is never sent back)."""
+"""FedSA-LoRA (Guo et al., 2025): only A (and the projector) is shared and averaged; each client
+keeps its own B across rounds (its ClientStore, from zero) and never sends it. A client's personal
+model is the global A + its own B: client-side evaluation (eval.client_fraction) evaluates it on
+the client's held-out split, as the authors do, and the client saves it in PEFT format. The
+server's centralized evaluation sees the global A with the initial B (zero for LoRA): what the
+federation shares, without any client's B."""
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
 from fedmllm.algorithms.base import Algorithm, register
 from fedmllm.models.adapter import load_adapter_state
-from fedmllm.strategies.aggregate import InvalidReply, lora_role, weighted_average
+from fedmllm.strategies.aggregate import lora_role
 
 
 @register
@@ -20,52 +21,20 @@ class FedSALoRA(Algorithm):
     adapter_stage = False  # each client's B starts local from zero: a pre-trained B would not reach them
     align = False
     stage_key = "fedsa_lora"
-    dp_refusal = "uploads each client's B (record lora-b) beside the shared A, unclipped and un-noised"
+    personal = True
 
     def travels(self, key: str) -> bool:
         return lora_role(key) != "B"
 
-    def traffic(self, shared, total, own):
-        return total, shared  # B goes up too, for the server's evaluation
-
-    def strategy_class(self) -> type:
-        return _strategy()
-
     def prepare(self, r) -> None:
-
         own_b = r.store.get("lora_b") or {
             k: np.zeros(tuple(p.shape), np.float32) for k, p in r.params.items() if lora_role(k) == "B"
         }
         load_adapter_state(r.model, {**r.arrays, **own_b})
 
+    def evaluation_model(self, r) -> None:
+        self.prepare(r)  # the global A + this client's own B
+
     def finish(self, r, state):
-        own_b = {k: v for k, v in state.items() if lora_role(k) == "B"}
-        r.store.put("lora_b", own_b)
-        return state, {"lora-b": own_b}  # for the server's centralized evaluation only; never sent back
-
-
-@functools.cache
-def _strategy() -> type:
-    from fedmllm.records import from_record
-    from fedmllm.strategies.fused import FusedAverage
-
-    class FedSALoRAStrategy(FusedAverage):
-        """Averages the shared A; keeps the average of the clients' B for evaluation (`fixed`)."""
-
-        state_attrs = ()
-
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.fixed: dict = {}  # the clients' average B: completes the global adapter, never sent
-
-        def check_extras(self, reference: dict, extras: dict) -> None:
-            if "lora-b" not in extras:
-                raise InvalidReply("no 'lora-b' record: the client does not run aggregator=fedsa_lora")
-
-        def aggregate_train(self, server_round: int, replies):
-            valid = list(replies)
-            weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in valid]
-            self.fixed = weighted_average([from_record(m.content["lora-b"]) for m in valid], weights)
-            return super().aggregate_train(server_round, valid)
-
-    return FedSALoRAStrategy
+        r.store.put("lora_b", {k: v for k, v in state.items() if lora_role(k) == "B"})
+        return state, {}

@@ -26,6 +26,9 @@ class FFALoRA(Algorithm):
     def frozen_in_adapter_stage(self, key: str) -> bool:
         return lora_role(key) == "A"  # the clients' A is derived from the seed and frozen: train B only
 
+    def evaluation_model(self, r) -> None:
+        self.prepare(r)  # the seed's A + the global B
+
     def prepare(self, r) -> None:
 
         init_lora_a(r.model, r.seed)  # the same A in every process: derived from the run seed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,11 @@ from fedmllm.conf import run_settings
 from fedmllm.config import NodeIdentity, from_run_config, node_identity, typed
 from fedmllm.data import task_for
 from fedmllm.data.collate import Collator
+from fedmllm.evaluation.heldout import eval_options, evaluate
 from fedmllm.faults import byzantine
 from fedmllm.models import get_model
-from fedmllm.models.adapter import payload_bytes, trainable_bytes
+from fedmllm.models.adapter import payload_bytes, save_peft, trainable_bytes
+from fedmllm.models.load import resolve_path
 from fedmllm.partitioning import client_partition
 from fedmllm.partitioning.materialise import read_client, read_task
 from fedmllm.stages.cache import model_config
@@ -39,14 +42,20 @@ class TrainRequest:
     extra: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     state: dict[str, np.ndarray] | None = None  # the ClientStore kept in Context.state
     base_overrides: tuple[str, ...] = ()
+    evaluate: bool = False  # an evaluate message: evaluate this client's model on its held-out split
 
 
 def train_request(req: TrainRequest):
-    """Compose the config, run the client's round: (adapter, metrics, extra records, state to keep)."""
+    """Compose the config, run the client's round: (adapter, metrics, extra records, state to keep).
+    An evaluate request (`req.evaluate`) evaluates instead: ({}, metrics, {}, state)."""
 
     ident = node_identity(req.node_config)
     cfg = from_run_config(req.run_config, req.base_overrides)
-    store = ClientStore(req.state, client_state_path(cfg, ident.partition_id), int(req.config["server-round"]))
+    server_round = int(req.config["server-round"])
+    if req.evaluate:  # the state as this round's training left it (a state file of this round counts)
+        store = ClientStore(req.state, client_state_path(cfg, ident.partition_id), server_round + 1)
+        return {}, evaluate_round(cfg, ident, req.arrays, server_round, req.extra, store), {}, store.flat
+    store = ClientStore(req.state, client_state_path(cfg, ident.partition_id), server_round)
     arrays = req.arrays
     if is_encoded(arrays):  # transport.down_codec: the new adapter's difference from the one this client holds
         arrays = decode_download(arrays, store.get(MODEL), settings_of(cfg).block)
@@ -84,6 +93,78 @@ def local_data(cfg: dict[str, Any], ident: NodeIdentity):
         ]
     task, pool, _ = sources.load_task(run.dataset, run.seed, run.prompt)
     return task, [s for i in ids for s in client_partition(pool, cfg, i, ident.num_partitions)]
+
+
+def hold_out(samples: list, fraction: float, seed: int, partition_id: int) -> tuple[list, list]:
+    """(train, test) of a client's samples: `fraction` of them (at least one, never all) drawn with
+    the run's seed and the partition id for the client's own evaluation (eval.client_fraction);
+    ([samples], []) when the fraction is 0 or there are fewer than two samples."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    k = min(len(samples) - 1, max(1, round(fraction * len(samples))))
+    test = set(np.random.default_rng([seed, partition_id, 0xE7A1]).choice(len(samples), k, replace=False).tolist())
+    return [s for i, s in enumerate(samples) if i not in test], [s for i, s in enumerate(samples) if i in test]
+
+
+def personal_dir(cfg: dict[str, Any], partition_id: int) -> Path | None:
+    """Where a client saves its personal adapter (PEFT format), beside its state files."""
+    path = client_state_path(cfg, partition_id)
+    return path.with_name(f"partition-{partition_id}-personal") if path is not None else None
+
+
+EVAL_KEYS = ("accuracy", "macro_f1")  # what a client's evaluation reply carries besides its counts
+
+
+def evaluate_round(
+    cfg: dict[str, Any],
+    ident: NodeIdentity,
+    arrays: dict[str, np.ndarray],
+    server_round: int,
+    extra: dict[str, dict[str, np.ndarray]] | None = None,
+    store: ClientStore | None = None,
+) -> dict[str, float]:
+    """Evaluate the model this client would train from (the global adapter; a `personal`
+    algorithm's with what the client keeps) on the client's held-out split (eval.client_fraction):
+    metrics accuracy, macro_f1, num-examples (held-out samples; 0: nothing to evaluate) and
+    partition-id, the same keys from every client. A personal model is also saved, PEFT format,
+    in the client's state directory (`personal_dir`)."""
+    algorithm = algorithm_of(cfg)
+    run = run_settings(cfg)
+    pid = ident.partition_id
+    empty = {**{k: float("nan") for k in EVAL_KEYS}, "num-examples": 0, "partition-id": pid}
+    if algorithm.sits_out(pid):
+        return empty
+    task, samples = local_data(cfg, ident)
+    _, test = hold_out(samples, float(run.eval.client_fraction), run.seed, pid)
+    if not test:
+        return empty
+    lm = get_model(model_config(cfg), algorithm.client_peft(cfg, pid, ident.lora_rank))
+    if store is None:
+        store = ClientStore(path=client_state_path(cfg, pid), server_round=server_round + 1)
+    local = LocalRound(
+        algorithm, lm.model, arrays, extra or {}, store, run.seed, round_seed(run.seed, server_round, pid)
+    )
+    local.prepare_evaluation()
+    collator = Collator(lm.processor, lm.family, task)
+    bar = tqdm(total=len(test), desc=f"client {pid} eval round {server_round}", leave=False, file=sys.stderr)
+    metrics = evaluate(
+        lm.model,
+        collator,
+        test,
+        None,
+        run.train.eval_batch_size,
+        bar,
+        blind=False,
+        **eval_options(run.eval, run.dataset),
+    )
+    bar.close()
+    if algorithm.personal and (out := personal_dir(cfg, pid)) is not None:
+        save_peft(lm.model, out, base=resolve_path(cfg["model"]))
+    return {
+        **{k: float(metrics.get(k, float("nan"))) for k in EVAL_KEYS},
+        "num-examples": len(test),
+        "partition-id": pid,
+    }
 
 
 def sit_out_metrics(partition_id: int) -> dict[str, Any]:
@@ -162,6 +243,7 @@ def train_round(
     )
     local.prepare()
     task, samples = local_data(cfg, ident)
+    samples, _ = hold_out(samples, float(run.eval.client_fraction), run.seed, ident.partition_id)
     collator = Collator(lm.processor, lm.family, task)
     train = round_lr(run.train, server_round, run.num_rounds)  # the round's lr (round_schedule)
     if algorithm.pooled and not train.local_epochs:  # centralized: the federation's steps per round

@@ -24,6 +24,10 @@ def make_client_app(base_overrides: tuple[str, ...] = ()) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, base_overrides)
 
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, base_overrides, evaluate=True)
+
     return app
 
 
@@ -40,8 +44,12 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return call_next(msg, context)
 
 
-def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...] = ()) -> Message:
-    """One train message: run the client's round, reply (and keep its state)."""
+def handle_train(
+    msg: Message, context: Context, base_overrides: tuple[str, ...] = (), evaluate: bool = False
+) -> Message:
+    """One train message: run the client's round, reply (and keep its state). `evaluate`: an
+    evaluate message (eval.client_fraction): evaluate the client's model on its held-out split and
+    reply with the metrics alone."""
 
     node_identity(context.node_config)  # first: a misconfigured SuperNode fails in a second
     saved = context.state.array_records.get(STATE_KEY)
@@ -53,11 +61,14 @@ def handle_train(msg: Message, context: Context, base_overrides: tuple[str, ...]
         extra={k: from_record(v) for k, v in msg.content.array_records.items() if k != "arrays"},
         state=from_record(saved) if saved is not None else None,
         base_overrides=tuple(base_overrides),
+        evaluate=evaluate,
     )
     if worker.wanted(context.node_config):
         out, metrics, extra_out, state = worker.call(request)
     else:
         out, metrics, extra_out, state = train_request(request)
+    if evaluate:
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     if state:
         context.state[STATE_KEY] = to_record(state)
     if set(out) == set(request.arrays):  # the reply in the order it was sent (Flower's clipping mods compare it)

@@ -111,6 +111,12 @@ class LocalRound:
         # the global values the penalties pull towards, only when a penalty is on
         self.anchor = {k: p.detach().clone() for k, p in self.trainable.items()} if self.has_penalty else {}
 
+    def prepare_evaluation(self) -> None:
+        """Load the model the client evaluates on its own split (the algorithm's evaluation_model)."""
+        self.params = adapter_params(self.model)
+        self.algorithm.evaluation_model(self)
+        self.release()
+
     # --- during training ---------------------------------------------------------------------
     def penalty(self):
         """FedProx (mu/2)||theta - theta_g||^2 over the trained adapter tensors, plus FedMLLM's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedmllm.config import Number, integer, need, rate
+from fedmllm.config import Number, integer, need, number, rate
 from fedmllm.partitioning.scenarios import EVAL_SCENARIOS
 
 MODES = ("score", "generate")
@@ -32,8 +32,16 @@ class EvalSettings:
     scenario: str = "aligned"
     mrate: Number = 0.0
     fedmllm: FedMLLMSampling = field(default_factory=FedMLLMSampling)
+    # > 0: every client holds this share of its partition out of training and evaluates its own
+    # model on it (Flower's client-side evaluation), every eval_every rounds and the last
+    client_fraction: Number = 0.0
 
     def __post_init__(self) -> None:
+        need(
+            number(self.client_fraction) and 0 <= self.client_fraction < 1,
+            f"eval.client_fraction={self.client_fraction!r} must be in [0, 1): the share of each client's "
+            "partition it holds out to evaluate its own model on (e.g. 0.2; 0: no client-side evaluation)",
+        )
         need(
             self.scenario in EVAL_SCENARIOS,
             f"eval.scenario={self.scenario!r}: choose one of aligned, missing, image_only, text_only",

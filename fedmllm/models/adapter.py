@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 import numpy as np
@@ -269,3 +272,31 @@ def trainable_bytes(model) -> int:
 def payload_bytes(arrays: dict[str, np.ndarray]) -> int:
     """Bytes of a payload's tensors."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def save_peft(model, out: Path, *, base: str | None = None, processor=None, files: tuple[Path, ...] = ()) -> Path:
+    """Write the model's adapter in PEFT format into `out` (loadable with
+    `PeftModel.from_pretrained(base, out)`): `base` is what adapter_config.json names as the base
+    model, `processor` is saved beside it, `files` are linked or copied in. Written aside, then
+    renamed: a crash mid-write never leaves a half adapter under `out`."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if base is not None:
+        for config in getattr(model, "peft_config", {}).values():
+            config.base_model_name_or_path = base
+    model.save_pretrained(tmp, save_embedding_layers=False)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    for src in files:
+        _link_or_copy(Path(src), tmp / Path(src).name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import zipfile
@@ -18,7 +17,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from fedmllm.common import write_atomically
-from fedmllm.models.adapter import load_adapter_state
+from fedmllm.models.adapter import load_adapter_state, save_peft
 from fedmllm.stages.cache import WEIGHTS
 
 
@@ -38,27 +37,7 @@ def save_checkpoint(
     in (hard links where the filesystem allows: the stage-1 weights are the same file every round)."""
     out = Path(run_dir) / "checkpoints" / f"round-{server_round}"
     load_adapter_state(model, arrays)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if base is not None:
-        for config in getattr(model, "peft_config", {}).values():
-            config.base_model_name_or_path = base
-    # write aside, then rename: a crash mid-write never leaves a half checkpoint under round-<N>
-    model.save_pretrained(tmp, save_embedding_layers=False)
-    if processor is not None:
-        processor.save_pretrained(tmp)
-    for src in files:
-        _link_or_copy(Path(src), tmp / Path(src).name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
+    return save_peft(model, out, base=base, processor=processor, files=files)
 
 
 STATE_FILE = "fedmllm-state.npz"  # next to the PEFT files: what resuming needs that they do not hold

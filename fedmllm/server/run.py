@@ -55,7 +55,9 @@ def build_strategy(cfg: dict[str, Any], **settings):
     checks = {k: kwargs.pop(k) for k in ("max_update_norm", "max_num_examples") if k in kwargs}
     run = run_settings(cfg)
     kwargs.setdefault("fraction_train", run.clients_per_round / run.num_clients)
-    kwargs.setdefault("fraction_evaluate", 0.0)  # evaluation is centralized on the server
+    # the server evaluates the global adapter itself; with eval.client_fraction every client also
+    # evaluates its own model on its held-out split, every eval_every rounds and the last
+    kwargs.setdefault("fraction_evaluate", 1.0 if run.eval.client_fraction > 0 else 0.0)
     strategy = algorithm.strategy_class()(**kwargs)
     if run.privacy.enabled:  # Flower's central-DP wrapper over it (fedmllm.privacy)
         strategy = private_strategy(
@@ -66,10 +68,12 @@ def build_strategy(cfg: dict[str, Any], **settings):
             num_rounds=run.num_rounds,
             seed=run.seed,
         )
+    every, last = run.eval_every, run.num_rounds
     return AdapterStrategy(
         strategy,
         free_rank=algorithm.free_rank,
         transport=settings_of(cfg),
+        client_eval=(lambda r: r % every == 0 or r == last) if run.eval.client_fraction > 0 else None,
         **checks,
         **settings,
     )
@@ -153,8 +157,10 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
                 bytes_down=stats.bytes_down,
                 bytes_up_per_client={str(k): v for k, v in stats.bytes_up_per_client.items()},
                 clients=stats.clients,  # per reply: partition-id, num-examples, train-loss, bytes, dropped
-                **stats.extra,  # flora_truncation_error; align_seconds, align_loss
+                **stats.extra,  # flora_truncation_error; align_seconds, align_loss; epsilon; client_accuracy_*
             )
+            if stats.client_eval:  # each client's accuracy on its own held-out split
+                row["client_eval"] = stats.client_eval
         else:
             row.update(train_loss=None, bytes_up=0, bytes_down=0, bytes_up_per_client={}, clients=[])
         if server_round == 0 and stage1 is not None:

@@ -71,6 +71,9 @@ class RoundStats:
     train_loss: float | None = None
     aggregated: bool = False
     extra: dict[str, float] = field(default_factory=dict)
+    # client-side evaluation (eval.client_fraction): per client partition-id, accuracy, macro_f1,
+    # num-examples (held-out samples), or `dropped`
+    client_eval: list[dict] = field(default_factory=list)
 
     @property
     def bytes_up(self) -> int:
@@ -89,7 +92,9 @@ class AdapterStrategy(Strategy):
     (adapter tensors that do not travel but complete the global adapter: FFA-LoRA's A),
     `round_offset` (rounds a resumed run had done), `post_aggregate(server_round, arrays) ->
     (arrays or None, stats)` (replaces the aggregate before it becomes the global adapter: the
-    server's global alignment), `on_round(RoundStats)` (called once per round, after aggregation).
+    server's global alignment), `on_round(RoundStats)` (called once per round, after aggregation),
+    `client_eval(server_round) -> bool` (the rounds whose clients evaluate their own model on their
+    held-out split, through the wrapped strategy's configure_evaluate; None: never).
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class AdapterStrategy(Strategy):
         post_aggregate: Callable | None = None,
         on_round: Callable[[RoundStats], None] | None = None,
         transport: TransportSettings | None = None,
+        client_eval: Callable[[int], bool] | None = None,
     ):
         for name, value in (("max_update_norm", max_update_norm), ("max_num_examples", max_num_examples)):
             if value is not None and not (
@@ -119,6 +125,7 @@ class AdapterStrategy(Strategy):
         self.post_aggregate = post_aggregate
         self.on_round = on_round
         self.transport = transport if transport is not None and transport.active else None
+        self.client_eval = client_eval
         self._held: dict[int, dict] = {}  # transport.down_codec: each node's global adapter as it decoded it
         self.rounds_aggregated = 0  # rounds whose replies were aggregated (a run with none fails)
         self.dropped: list[tuple[int, str]] = []  # (round, reason) of every dropped reply
@@ -420,14 +427,51 @@ class AdapterStrategy(Strategy):
         self.dropped.append((server_round, reason))
         row["dropped"] = reason
 
-    # --- evaluation is centralized on the server: delegated as Flower's --------------------------------
+    # --- client-side evaluation (eval.client_fraction); the server's own is the run's evaluate_fn ----------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
+        if self.client_eval is None or not self.client_eval(server_round):
+            return []
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        """Each client's accuracy on its own held-out split into the round's RoundStats
+        (`client_eval`), and their mean, spread (population std) and worst client into its `extra`
+        (client_accuracy_mean, client_accuracy_std, client_accuracy_min, client_accuracy_worst: the
+        worst client's partition id). Clients with nothing to evaluate are left out."""
+        rows = []
+        for msg in replies:
+            if msg.has_error():
+                rows.append({"partition-id": int(msg.metadata.src_node_id), "dropped": msg.error.reason})
+                continue
+            records = list(msg.content.metric_records.values())
+            metrics = records[0] if records else {}
+            n = metrics.get("num-examples", 0)
+            if not (isinstance(n, (int, float)) and n > 0):
+                continue
+            row = {
+                "partition-id": int(metrics.get("partition-id", msg.metadata.src_node_id)),
+                "num-examples": int(n),
+            }
+            row.update({k: float(metrics[k]) for k in ("accuracy", "macro_f1") if k in metrics})
+            rows.append(row)
+        rows.sort(key=lambda r: r["partition-id"])
+        self._stats.client_eval = rows
+        scored = [r for r in rows if np.isfinite(r.get("accuracy", np.nan))]
+        if not scored:
+            return None
+        acc = np.asarray([r["accuracy"] for r in scored])
+        worst = scored[int(acc.argmin())]
+        summary = {
+            "client_accuracy_mean": float(acc.mean()),
+            "client_accuracy_std": float(acc.std()),
+            "client_accuracy_min": float(acc.min()),
+            "client_accuracy_worst": worst["partition-id"],
+        }
+        self._stats.extra.update(summary)
+        return MetricRecord(summary)
 
 
 def _float32(record: ArrayRecord) -> ArrayRecord:

@@ -164,6 +164,13 @@ def format_round(row: dict[str, Any]) -> str:
         + (f"unparsed {row['unparsed']}/{row.get('eval_samples', '?')} | " if "unparsed" in row else "")
         + f"up {_mb(row.get('bytes_up'))}{_per_client(row)} down {_mb(row.get('bytes_down'))} | "
         + (f"align {row['align_seconds']:.0f}s (loss {row['align_loss']:.3f}) | " if "align_seconds" in row else "")
+        + (
+            f"clients' own acc {row['client_accuracy_mean']:.3f} ± {row['client_accuracy_std']:.3f} "
+            f"(worst {row['client_accuracy_min']:.3f}, client {row['client_accuracy_worst']}) | "
+            if "client_accuracy_mean" in row
+            else ""
+        )
+        + (f"eps {row['epsilon']:.2f} | " if "epsilon" in row else "")
         + f"{row.get('seconds', 0):.0f}s"
     )
 

@@ -14,7 +14,7 @@ import yaml
 from fedmllm.evaluation.metrics import MODALITY_ORDER
 
 # Final-round columns, in this order, when at least one job logged them.
-BASE_METRICS = ("accuracy", "macro_f1", "auroc", "accuracy_no_image")
+BASE_METRICS = ("accuracy", "macro_f1", "auroc", "accuracy_no_image", "client_accuracy_mean", "client_accuracy_min")
 IGNORED_KEYS = ("out_dir",)  # differs per job by construction
 # Settings whose jobs are replicates of one another in the grouped tables: the seed, and the
 # client a local-only baseline trains (FedMLLM reports the spread over clients).
@@ -237,6 +237,32 @@ def grid_table(jobs: list[Job], metric: str = "accuracy") -> tuple[list[str], li
     return ["scenario", *methods], table
 
 
+def personal_table(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """Global vs personalized accuracy per scenario and method: the server's held-out accuracy of
+    the global adapter beside the clients' accuracy of their own model on their own held-out split
+    (eval.client_fraction; FedSA-LoRA's personal A + own B), mean over clients and the worst client,
+    each "mean ± std (n)" over the finished jobs. None unless some job evaluated on its clients."""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for j in jobs:
+        final = final_row(j.rows)
+        if j.status == "ok" and final.get("client_accuracy_mean") is not None:
+            cells.setdefault((scenario_label(j.config), method_label(j.config)), []).append(final)
+    if not cells:
+        return None
+    columns = ["scenario", "method", "global", "personalized (client mean)", "worst client"]
+    table = [
+        {
+            "scenario": s,
+            "method": m,
+            "global": _pm([r.get("accuracy") for r in rows]),
+            "personalized (client mean)": _pm([r["client_accuracy_mean"] for r in rows]),
+            "worst client": _pm([r.get("client_accuracy_min") for r in rows]),
+        }
+        for (s, m), rows in cells.items()
+    ]
+    return columns, table
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -388,5 +414,15 @@ def write_report(
             "jobs: seeds, and a local baseline's clients), as FedMLLM's tables.\n\n" + part
         )
         paths["grid_csv"] = write_csv(multirun_dir / "report_grid.csv", *grid)
+    personal = personal_table(jobs)
+    if personal is not None:
+        part = to_markdown(*personal)
+        markdown += "\nGlobal vs personalized accuracy (final round):\n\n" + part
+        text += (
+            "\n## Global vs personalized\n\nFinal round: the server's held-out accuracy of the global adapter, "
+            "and each client's accuracy of its own model on its own held-out split (eval.client_fraction), "
+            "mean over clients and the worst client; mean ± sample standard deviation (n finished jobs).\n\n" + part
+        )
+        paths["personal_csv"] = write_csv(multirun_dir / "report_personal.csv", *personal)
     paths["md"].write_text(text)
     return markdown, paths
