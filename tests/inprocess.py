@@ -8,6 +8,7 @@ Node contexts (Context.state) persist across rounds, as a SuperNode's do.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 from flwr.app import Context, RecordDict
@@ -34,8 +35,10 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         from fedmllm.client.app import make_client_app
 
-        app = make_client_app(self.overrides)  # the ClientApp with its mods (privacy's clipping)
-        return [app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        app = make_client_app(self.overrides)  # the ClientApp with its mods (privacy's clipping, SecAgg+)
+        # each node gets its own copy, as over the wire: Flower's workflows share one RecordDict
+        # between messages, and SecAgg+'s client mod consumes entries of it
+        return [app(copy.deepcopy(m), self.contexts[m.metadata.dst_node_id]) for m in messages]
 
     # The strategies use only the two methods above.
     def set_run(self, run_id):

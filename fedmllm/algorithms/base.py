@@ -34,6 +34,7 @@ ROBUST_DP_REFUSAL = (
     "computes a median, trimmed mean or Krum choice of the replies, whose sensitivity to one client is not "
     "the clipping_norm / n of a mean that the noise is calibrated to"
 )
+ROBUST_SECURE_REFUSAL = "computes a statistic of the individual replies, which the server never sees"
 SERVER_OPTIMIZER_DP_REFUSAL = (
     "steps a server optimizer (momentum, adaptive moments) from the mean before Flower's wrapper adds the "
     "noise, so its state carries un-noised updates into later rounds"
@@ -73,6 +74,9 @@ class Algorithm:
     # client only where the aggregate is the equal-weight mean of n updates clipped to C, released
     # as it is (FedAvg, FedProx, FFA-LoRA, FedSA-LoRA's shared A).
     dp_refusal: ClassVar[str] = ""
+    # Why secure aggregation (secure_aggregation=true, SecAgg+: the server sees only the clients'
+    # sum) does not compose with it; "": it does (its strategy works from the mean of the replies).
+    secure_refusal: ClassVar[str] = ""
     # Clients keep part of their model across rounds (FedSA-LoRA's B): client-side evaluation
     # (eval.client_fraction) evaluates each client's personal model, which it saves in PEFT format.
     personal: ClassVar[bool] = False
@@ -143,6 +147,17 @@ class Algorithm:
             out.append(
                 f"eval.client_fraction: aggregator={self.name}'s clients train their own rank on top of the global "
                 "adapter, which has no one model to evaluate on a client; drop eval.client_fraction"
+            )
+        secure = self.secure_refusal or (ROBUST_SECURE_REFUSAL if self.robust else "")
+        if cfg.get("secure_aggregation") and secure:
+            out.append(
+                f"secure_aggregation=true does not compose with aggregator={self.name}: it {secure}; use the "
+                "FedAvg family (fedavg, fedprox, fedavgm, fedadam, ...), ffa_lora or fedsa_lora, or secure_aggregation=false"
+            )
+        if cfg.get("secure_aggregation") and self.section.get("max_update_norm") is not None:
+            out.append(
+                "secure_aggregation=true with aggregator.max_update_norm: the server never sees one client's update "
+                "to measure its norm; drop max_update_norm (privacy=dp_client_fixed bounds it on the clients)"
             )
         align = typed(AlignSettings, (cfg.get("server_stage") or {}).get("align"), "server_stage.align")
         if align.enabled and not self.align:

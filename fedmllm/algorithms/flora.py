@@ -27,6 +27,7 @@ class FLoRA(Algorithm):
     align = False
     free_rank = True
     stage_key = "flora"
+    secure_refusal = "stacks each client's own LoRA factors, which needs them one by one"
     dp_refusal = (
         "stacks each client's own LoRA factors into the global adapter, where one client's update is whole, "
         "not a clipped share of a mean"

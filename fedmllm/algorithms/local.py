@@ -13,6 +13,7 @@ from fedmllm.algorithms.base import Algorithm, register
 class Local(Algorithm):
     name = "local"
     client_keys = ("adaptive_reg", "only")
+    secure_refusal = "trains one partition alone: there is no sum to hide it in"
     dp_refusal = "trains one partition alone (centralized: every partition's samples pooled), with no mean over clients to hide one in"
 
     @property

@@ -18,6 +18,9 @@ from fedmllm.strategies.aggregate import InvalidReply, scaffold_client_variate, 
 class Scaffold(Algorithm):
     name = "scaffold"
     align = False
+    secure_refusal = (
+        "sends control-variate corrections (record dc) beside the adapter, which the masked sum does not carry"
+    )
     dp_refusal = "sends its control-variate corrections (record dc) beside the adapter, unclipped and un-noised"
     stage_key = "scaffold"
 

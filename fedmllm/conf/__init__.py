@@ -31,7 +31,7 @@ from fedmllm.models.adapter import PeftSettings
 from fedmllm.models.load import ModelSettings, local_checkpoint_replaces_build
 from fedmllm.partitioning import PartitionerSettings
 from fedmllm.partitioning.scenarios import ScenarioSettings
-from fedmllm.privacy import PrivacySettings
+from fedmllm.privacy import PrivacySettings, SecAggSettings
 from fedmllm.stages import ServerStageSettings
 from fedmllm.tracking import LoggerSettings
 from fedmllm.training import TrainSettings
@@ -71,6 +71,8 @@ class RunSettings:
     transport: TransportSettings = field(default_factory=TransportSettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secure_aggregation: bool = False
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
 
     def __post_init__(self) -> None:
         for key in ("num_clients", "num_rounds", "clients_per_round", "eval_every"):
@@ -135,6 +137,23 @@ class RunSettings:
                 f"privacy={self.privacy.name} with transport (codec={self.transport.codec}, topk={self.transport.topk}, "
                 f"down_codec={self.transport.down_codec}): the update is clipped and noised as fp32 against the one "
                 "global adapter every client received; use the transport defaults (fp32) with privacy",
+            )
+        if self.secure_aggregation:
+            need(
+                not self.transport.active,
+                f"secure_aggregation with transport (codec={self.transport.codec}, down_codec="
+                f"{self.transport.down_codec}): SecAgg+ masks the adapter's fp32 values quantized its own way; "
+                "use the transport defaults (fp32) with it",
+            )
+            need(
+                self.clients_per_round >= 2,
+                f"secure_aggregation needs clients_per_round >= 2 (the sum of one client is its adapter); got {self.clients_per_round}",
+            )
+            need(
+                self.privacy.name in ("none", "dp_client_fixed"),
+                f"secure_aggregation with privacy={self.privacy.name}: the server sees only the clients' sum, so it "
+                "can neither clip each update (dp_server_fixed) nor read each client's clipping bit "
+                "(dp_client_adaptive); use privacy=dp_client_fixed, which clips on the clients",
             )
         if self.resume:
             need(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
@@ -36,6 +37,7 @@ from fedmllm.stages.align import Aligner
 from fedmllm.stages.cache import WEIGHTS, model_config
 from fedmllm.stages.vision import ensure_pretrained, format_summary
 from fedmllm.strategies.private import private_strategy
+from fedmllm.strategies.secure import secure_start
 from fedmllm.strategies.wrapper import AdapterStrategy
 from fedmllm.tracking import MetricsLog, format_round, plot_run, read_metrics
 from fedmllm.transport import settings_of
@@ -201,8 +203,10 @@ def run_server(grid, cfg: dict[str, Any]) -> Path:
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     train_config = ConfigRecord({"seed": run.seed})
+    # under secure aggregation each round's training goes through Flower's SecAgg+ workflow
+    start = functools.partial(secure_start, strategy, run.secagg) if run.secure_aggregation else strategy.start
     try:
-        strategy.start(
+        start(
             grid=grid,
             initial_arrays=to_record(initial),
             num_rounds=n_rounds - done,

@@ -123,7 +123,8 @@ class _Private:
             if list(arrays) != order and set(arrays) == set(order):  # Flower clips by position
                 m.content[key] = to_record({k: arrays[k] for k in order})
             next(iter(m.content.metric_records.values()))[weight_key] = 1.0  # equal weights
-        self._replies, self._round = max(1, len(replies)), server_round
+        # the clients in the mean: the replies, or under secure aggregation the clients in its one sum
+        self._replies, self._round = max(1, getattr(self, "secure_count", None) or len(replies)), server_round
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return None, metrics

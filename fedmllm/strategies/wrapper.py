@@ -271,12 +271,70 @@ class AdapterStrategy(Strategy):
             stats.bytes_up_per_client[row["partition-id"]] = row["bytes"] = nbytes
             valid.append(msg)
             rows.append(row)
-        stats.clients.sort(key=lambda c: c["partition-id"])
         if dense_bytes:
             stats.extra["transport_ratio"] = sent_bytes / dense_bytes  # the uploads' bytes / their fp32 bytes
+        return self._aggregate(server_round, valid, rows, metric_keys)
+
+    def aggregate_secure(
+        self, server_round: int, mean: dict | None, client_metrics: list[dict], failures: list[str]
+    ) -> ArrayRecord | None:
+        """A secure aggregation round (strategies.secure): the clients' mean, unmasked by SecAgg+,
+        in place of their replies; `client_metrics`: each client's training metrics (with its
+        `node-id`). The wrapped strategy aggregates the mean as one reply of the round's clients
+        (the DP wrapper noising for their number). Returns the new global adapter, or None."""
+        server_round += self.round_offset
+        stats = self._stats
+        for metrics in client_metrics:
+            row = _client_row(metrics, metrics["node-id"])
+            row["bytes"] = 0  # the masked vector: what a client uploaded cannot be read, nor counted as an adapter
+            stats.clients.append(row)
+        for reason in failures:
+            self.dropped.append((server_round, reason))
+            log(WARNING, "round %s: secure aggregation: %s", server_round, reason)
+        if mean is None or not client_metrics:
+            self._aggregate(server_round, [], [], None)
+            return None
+        n = len(client_metrics)
+        losses = [m["train-loss"] for m in client_metrics if np.isfinite(m.get("train-loss", np.nan))]
+        reply = Message(
+            content=RecordDict(
+                {
+                    self.arrayrecord_key: to_record({k: np.asarray(v, np.float32) for k, v in mean.items()}),
+                    "metrics": MetricRecord(
+                        {self.weighted_by_key: float(n), "train-loss": float(np.mean(losses)) if losses else 0.0}
+                    ),
+                }
+            ),
+            dst_node_id=0,
+            message_type="train",
+        )
+        self.strategy.secure_count = n  # a DP wrapper's noise: for the n clients in the mean
+        try:
+            arrays, _ = self._aggregate(server_round, [reply], [{}], {self.weighted_by_key, "train-loss"}, clients=n)
+        finally:
+            self.strategy.secure_count = None
+        return arrays
+
+    def _aggregate(
+        self,
+        server_round: int,
+        valid: list[Message],
+        rows: list[dict],
+        metric_keys: set[str] | None,
+        clients: int | None = None,
+    ):
+        """The wrapped strategy's aggregation of the valid replies (dropping those it names as
+        unusable), the float32 aggregate, post_aggregate, and the round's report. `clients`: the
+        clients behind the replies (secure aggregation: one mean of that many), else one each."""
+        stats = self._stats
+        stats.clients.sort(key=lambda c: c["partition-id"])
         arrays, metrics = None, None
         need = max(1, self.min_train_nodes - len(self.empty_nodes))
-        while len(valid) >= need:
+
+        def count() -> int:
+            return clients if clients is not None and valid else len(valid)
+
+        while count() >= need:
             try:
                 arrays, metrics = self.strategy.aggregate_train(server_round, valid)
                 norms = getattr(self.strategy, "update_norms", None) or {}  # privacy: the clipped norms
@@ -291,12 +349,12 @@ class AdapterStrategy(Strategy):
                     self._drop(server_round, valid[i].metadata.src_node_id, rows[i], reason)
                 valid = [m for i, m in enumerate(valid) if i not in err.reasons]
                 rows = [r for i, r in enumerate(rows) if i not in err.reasons]
-        if len(valid) < need:
+        if count() < need:
             log(
                 WARNING,
                 "round %s: %d valid replies < min_train_nodes=%d; no aggregation",
                 server_round,
-                len(valid),
+                count(),
                 self.min_train_nodes,
             )
         if arrays is not None:
