@@ -1,0 +1,44 @@
+#!/bin/sh
+# Secure aggregation in a deployment (docs/benchmarks.md "Secure aggregation"): a SuperLink and N
+# SuperNodes on this machine (scripts/deploy.sh up), the same run with and without
+# secure_aggregation=true, for the tiny model and the demo model; then the wall time per round
+# (rounds after the first: the first also starts every node's worker and loads its model) side by
+# side with the ratio. Evaluation only at round 0 and the last (eval_every=100), so the rounds time
+# training and aggregation.
+#   bench/secure.sh            # N=10, 4 rounds, 1 local step
+#   N=4 ROUNDS=3 bench/secure.sh
+set -e
+cd "$(dirname "$0")/.."
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+N=${N:-10}
+ROUNDS=${ROUNDS:-4}
+OUT=${OUT:-multirun/secure/$(date +%Y-%m-%d_%H-%M-%S)}
+PY=${PY:-.venv/bin/python}
+COMMON="num_clients=$N clients_per_round=$N num_rounds=$ROUNDS eval_every=100 train.local_steps=1 dataset.eval_samples=16"
+for model in tiny-llava smol-llava; do
+  stage=""
+  [ "$model" = tiny-llava ] && stage="server_stage=none"
+  for secure in false true; do
+    scripts/deploy.sh up "$N" "model=$model $stage $COMMON secure_aggregation=$secure out_dir=$OUT/$model-$secure"
+  done
+done
+$PY - "$OUT" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+def per_round(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    t = [r["seconds"] for r in rows]
+    return [b - a for a, b in zip(t[1:], t[2:])]  # rounds 2.. (round 1 starts the workers)
+
+print("| model | nodes | plain s/round | SecAgg+ s/round | ratio | final accuracy plain / SecAgg+ |")
+print("|---|---|---|---|---|---|")
+for model in ("tiny-llava", "smol-llava"):
+    plain, secure = out / f"{model}-false", out / f"{model}-true"
+    p, s = statistics.median(per_round(plain)), statistics.median(per_round(secure))
+    acc = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]).get("accuracy") for d in (plain, secure)]
+    nodes = len(json.loads((plain / "metrics.jsonl").read_text().splitlines()[1])["clients"])
+    print(f"| {model} | {nodes} | {p:.1f} | {s:.1f} | {s / p:.2f}x | {acc[0]:.3f} / {acc[1]:.3f} |")
+PY
