@@ -5,8 +5,8 @@
 # (rounds after the first: the first also starts every node's worker and loads its model) side by
 # side with the ratio. Evaluation only at round 0 and the last (eval_every=100), so the rounds time
 # training and aggregation.
-#   bench/secure.sh            # N=10, 4 rounds, 1 local step
-#   N=4 ROUNDS=3 bench/secure.sh
+#   bench/secure.sh                                  # N=10, 4 rounds, 1 local step, both models
+#   N=4 ROUNDS=3 MODELS=smol-llava bench/secure.sh   # the demo's 4 nodes
 set -e
 cd "$(dirname "$0")/.."
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
@@ -15,14 +15,15 @@ ROUNDS=${ROUNDS:-4}
 OUT=${OUT:-multirun/secure/$(date +%Y-%m-%d_%H-%M-%S)}
 PY=${PY:-.venv/bin/python}
 COMMON="num_clients=$N clients_per_round=$N num_rounds=$ROUNDS eval_every=100 train.local_steps=1 dataset.eval_samples=16"
-for model in tiny-llava smol-llava; do
+MODELS=${MODELS:-tiny-llava smol-llava}
+for model in $MODELS; do
   stage=""
   [ "$model" = tiny-llava ] && stage="server_stage=none"
   for secure in false true; do
     scripts/deploy.sh up "$N" "model=$model $stage $COMMON secure_aggregation=$secure out_dir=$OUT/$model-$secure"
   done
 done
-$PY - "$OUT" <<'PY'
+$PY - "$OUT" $MODELS <<'PY'
 import json, statistics, sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def per_round(run):
 
 print("| model | nodes | plain s/round | SecAgg+ s/round | ratio | final accuracy plain / SecAgg+ |")
 print("|---|---|---|---|---|---|")
-for model in ("tiny-llava", "smol-llava"):
+for model in sys.argv[2:]:
     plain, secure = out / f"{model}-false", out / f"{model}-true"
     p, s = statistics.median(per_round(plain)), statistics.median(per_round(secure))
     acc = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]).get("accuracy") for d in (plain, secure)]
