@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -132,6 +133,19 @@ def all_finite(arr: np.ndarray) -> bool:
         if np.isfinite(np.sum(arr, dtype=arr.dtype)):
             return True
     return bool(np.isfinite(arr).all())
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm over all tensors of `arrays` minus `reference` (float64); a tensor the reference
+    lacks, or holds at another shape (FLoRA's other-rank factors), counts whole."""
+    sq = 0.0
+    for k, v in arrays.items():
+        diff = v.astype(np.float64)
+        ref = reference.get(k)
+        if ref is not None and ref.shape == v.shape:
+            diff -= ref
+        sq += float(np.vdot(diff, diff))
+    return math.sqrt(sq)
 
 
 def check_weight(num_examples) -> None:

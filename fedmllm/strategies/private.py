@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import (
 from fedmllm.config import ConfigError
 from fedmllm.privacy import CONFIG_KEY, PrivacySettings, epsilon
 from fedmllm.records import from_record, to_record
+from fedmllm.strategies.aggregate import update_norm
 
 
 class _Private:
@@ -119,8 +120,8 @@ class _Private:
         key, weight_key = self.strategy.arrayrecord_key, self.strategy.weighted_by_key
         order = list(self._sent)
         for m in replies:
-            arrays = from_record(m.content[key])
-            if list(arrays) != order and set(arrays) == set(order):  # Flower clips by position
+            if list(m.content[key].keys()) != order and set(m.content[key].keys()) == set(order):
+                arrays = from_record(m.content[key])  # Flower clips by position: the sent order
                 m.content[key] = to_record({k: arrays[k] for k in order})
             next(iter(m.content.metric_records.values()))[weight_key] = 1.0  # equal weights
         # the clients in the mean: the replies, or under secure aggregation the clients in its one sum
@@ -166,15 +167,6 @@ class PrivateClientFixed(_Private, DifferentialPrivacyClientSideFixedClipping):
 
 class PrivateClientAdaptive(_Private, DifferentialPrivacyClientSideAdaptiveClipping):
     """Flower's DifferentialPrivacyClientSideAdaptiveClipping (privacy=dp_client_adaptive)."""
-
-
-def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """L2 norm over all tensors of `arrays` minus `reference`."""
-    sq = 0.0
-    for k, v in arrays.items():
-        d = v.astype(np.float64) - reference[k]
-        sq += float(np.vdot(d, d))
-    return math.sqrt(sq)
 
 
 def private_strategy(

@@ -1,4 +1,4 @@
-"""Secure aggregation of the adapter (`secure_aggregation.enabled=true`): Flower's SecAgg+ protocol
+"""Secure aggregation of the adapter (`secure_aggregation=true`, settings `secagg`): Flower's SecAgg+ protocol
 (`flwr.server.workflow.SecAggPlusWorkflow` on the server, `secaggplus_mod` on the clients), so the
 server learns only the clients' mean, never one client's adapter.
 
@@ -11,7 +11,7 @@ SecAgg+ workflow:
    privacy put in, the bytes it sends); `_Bridge.configure_fit` hands those nodes and that config
    to the workflow as FitIns, with the adapter's key order (legacy Parameters have no keys);
 2. the workflow runs the four SecAgg+ stages; on the clients `client.app.secure_mod` runs
-   `secaggplus_mod` over the client's round (`client.app.legacy_train`), which masks the trained
+   `secaggplus_mod` over the client's round (`client.app.secure_train`), which masks the trained
    adapter, quantized within +-`clipping_range` to `quantization_range` levels;
 3. the workflow unmasks only the sum; `_Bridge.aggregate_fit` gives the mean to the AdapterStrategy
    as one reply (`AdapterStrategy.aggregate_secure`), so the algorithm's strategy (FedAvg, FedProx,

@@ -51,6 +51,7 @@ from fedmllm.strategies.aggregate import (
     check_reply,
     check_weight,
     unreadable,
+    update_norm,
 )
 from fedmllm.transport import TransportSettings, encode_download
 from fedmllm.transport import decode as transport_decode
@@ -469,14 +470,7 @@ class AdapterStrategy(Strategy):
         has a larger L2 norm over all tensors, naming the norm."""
         if self.max_update_norm is None or self._reference is None:
             return
-        sq = 0.0
-        for k, v in arrays.items():
-            diff = v.astype(np.float64)
-            ref = self._reference.get(k)
-            if ref is not None and ref.shape == v.shape:  # FLoRA's other-rank factors count whole
-                diff -= ref
-            sq += float(np.vdot(diff, diff))
-        norm = float(np.sqrt(sq))
+        norm = update_norm(arrays, self._reference)
         if not norm <= self.max_update_norm:
             raise InvalidReply(f"update norm {norm:.4g} > aggregator.max_update_norm={self.max_update_norm:g}")
 
