@@ -148,10 +148,36 @@ start_all() {  # start N [key=value ...]
   done
 }
 
-run_app() {  # run "OVERRIDES": the app in this project on the SuperLink, streaming its log
+run_status() {  # run_status ID: pending, starting, running, finished:completed, finished:failed, ...; empty if unknown
+  timeout 120 flwr ls "$CONN" --run-id "$1" --format json 2>/dev/null \
+    | "${PYTHON:-python3}" -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])' 2>/dev/null || true
+}
+
+run_app() {  # run "OVERRIDES": the app in this project on the SuperLink, streaming its log until the run ends
   write_connection
   cd "$ROOT"
-  flwr run . "$CONN" --run-config "overrides='${1:-}'" --stream
+  local out="$LOGS/run-app.out" rc=0
+  flwr run . "$CONN" --run-config "overrides='${1:-}'" --stream 2>&1 | tee "$out" || rc=$?
+  # The stream can end before the run does (its reconnect fails on a loaded SuperLink), so the
+  # run's status, not the stream, says when it ended and how.
+  local id status unknown=0 announced=""
+  id="$(grep -o 'Successfully started run [0-9]*' "$out" | grep -o '[0-9]*$' | head -n 1 || true)"
+  [ -n "$id" ] || return $((rc ? rc : 1))
+  while :; do
+    status="$(run_status "$id")"
+    case "$status" in
+      pending | starting | running)
+        unknown=0
+        [ -n "${announced:-}" ] || echo "deploy.sh: the log stream ended while run $id is $status; waiting for it (its log: flwr log $id $CONN)" >&2
+        announced=1; sleep 15 ;;
+      finished:completed) return 0 ;;
+      finished:*) echo "deploy.sh: run $id $status; its log: flwr log $id $CONN --show" >&2; return 1 ;;
+      *)  # flwr ls failed or answered nothing: retry a few times, then trust the stream's exit code
+        unknown=$((unknown + 1))
+        [ "$unknown" -lt 3 ] || { echo "deploy.sh: cannot read run $id's status (flwr ls $CONN --run-id $id)" >&2; return $((rc ? rc : 1)); }
+        sleep 5 ;;
+    esac
+  done
 }
 
 stop_all() {

@@ -394,6 +394,9 @@ def test_deploy_sh_fails_a_supernode_that_does_not_trust_the_superlink(tmp_path)
         "FLWR_HOME": str(tmp_path / "home"),
         "FEDMLLM_PORT": str(port),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        # the handshake fails seconds after start, later on a loaded machine (over the default 5 s
+        # once, beside a training job); a SuperNode that fails exits early, so a longer settle costs nothing
+        "FEDMLLM_NODE_SETTLE": "60",
     }
     sh = [str(root / "scripts" / "deploy.sh")]
 

@@ -79,3 +79,43 @@ def test_secure_aggregation_with_client_side_dp_noises_for_the_clients_in_the_su
         assert r["dp_noise_std"] == pytest.approx(1.0 * 0.001 / 3)  # three clients in the mean, not one reply
         assert r["dp_update_norm_max"] <= 0.001 * (1 + 1e-3) + 4 * 2 * 8.0 / 4194304  # clipped on each client
     assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"]
+
+
+def test_server_app_grid_pulls_replies_every_half_second_and_keeps_the_timeout(monkeypatch):
+    """Flower's deployment grid sleeps 3 s between pulls; SecAgg+'s four stages a round would pay it
+    four times. The ServerApp's PollingGrid pulls at PULL_INTERVAL, returns every reply, and stops
+    at the timeout with what arrived."""
+    from types import SimpleNamespace
+
+    import fedmllm.server.app as server_app
+
+    class Fake:
+        def __init__(self, ready_after: int):
+            self.pulls, self.ready_after = 0, ready_after
+
+        def push_messages(self, messages):
+            return [f"id-{m}" for m in messages]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if self.pulls < self.ready_after:
+                return []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ids)[:1]]
+
+    clock = {"t": 0.0}
+    sleeps: list[float] = []
+
+    def sleep(s):
+        sleeps.append(s)
+        clock["t"] += s
+
+    monkeypatch.setattr(server_app.time, "sleep", sleep)
+    monkeypatch.setattr(server_app.time, "monotonic", lambda: clock["t"])
+    fake = Fake(ready_after=3)  # nothing for two pulls, then one reply a pull
+    replies = server_app.PollingGrid(fake).send_and_receive(["a", "b"], timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-a", "id-b"]
+    assert fake.pulls == 4 and sleeps == [server_app.PULL_INTERVAL] * 3 and server_app.PULL_INTERVAL < 3
+    sleeps.clear()
+    slow = Fake(ready_after=10**6)  # never answers: the timeout ends the wait, nothing returned
+    assert list(server_app.PollingGrid(slow, interval=0.5).send_and_receive(["a"], timeout=1.2)) == []
+    assert sum(sleeps) == pytest.approx(1.2) and slow.pulls == 4
