@@ -39,6 +39,9 @@ CONFIG_KEY = "dp-clipping"
 # secure aggregation: the FitIns config entry naming the adapter's tensors in order (legacy
 # Parameters carry none; strategies.secure writes it, client.app's secure_train reads it)
 SECURE_KEYS = "fedmllm-adapter-keys"
+# secure aggregation: the metric by which the one reply that carries the unmasked mean names how
+# many clients are in it (strategies.wrapper writes it; the DP wrapper noises for that many)
+SUM_CLIENTS_KEY = "secure-sum-clients"
 
 
 @dataclass

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedmllm.config import ConfigError
-from fedmllm.privacy import CONFIG_KEY, PrivacySettings, epsilon
+from fedmllm.privacy import CONFIG_KEY, SUM_CLIENTS_KEY, PrivacySettings, epsilon
 from fedmllm.records import from_record, to_record
 from fedmllm.strategies.aggregate import update_norm
 
@@ -124,8 +124,9 @@ class _Private:
                 arrays = from_record(m.content[key])  # Flower clips by position: the sent order
                 m.content[key] = to_record({k: arrays[k] for k in order})
             next(iter(m.content.metric_records.values()))[weight_key] = 1.0  # equal weights
-        # the clients in the mean: the replies, or under secure aggregation the clients in its one sum
-        self._replies, self._round = max(1, getattr(self, "secure_count", None) or len(replies)), server_round
+        # the clients in the mean: one a reply, or under secure aggregation the clients in its one sum
+        self._replies = max(1, sum(_clients_in(m) for m in replies))
+        self._round = server_round
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return None, metrics
@@ -198,3 +199,9 @@ def private_strategy(
         )
     out.dp_setup(settings, z, sample_size, population, seed)
     return out
+
+
+def _clients_in(reply: Message) -> int:
+    """The clients behind a reply: 1, or the count a secure-aggregation mean carries."""
+    metrics = next(iter(reply.content.metric_records.values()), None)
+    return int(metrics.get(SUM_CLIENTS_KEY, 1)) if metrics is not None else 1

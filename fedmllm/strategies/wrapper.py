@@ -42,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmllm.models.adapter import payload_bytes
+from fedmllm.privacy import SUM_CLIENTS_KEY
 from fedmllm.records import declared, from_record, to_record
 from fedmllm.strategies.aggregate import (
     REPLY_ERRORS,
@@ -302,18 +303,19 @@ class AdapterStrategy(Strategy):
                 {
                     self.arrayrecord_key: to_record({k: np.asarray(v, np.float32) for k, v in mean.items()}),
                     "metrics": MetricRecord(
-                        {self.weighted_by_key: float(n), "train-loss": float(np.mean(losses)) if losses else 0.0}
+                        {
+                            self.weighted_by_key: float(n),
+                            "train-loss": float(np.mean(losses)) if losses else 0.0,
+                            SUM_CLIENTS_KEY: float(n),  # a DP wrapper's noise: for the n clients in the mean
+                        }
                     ),
                 }
             ),
             dst_node_id=0,
             message_type="train",
         )
-        self.strategy.secure_count = n  # a DP wrapper's noise: for the n clients in the mean
-        try:
-            arrays, _ = self._aggregate(server_round, [reply], [{}], {self.weighted_by_key, "train-loss"}, clients=n)
-        finally:
-            self.strategy.secure_count = None
+        keys = {self.weighted_by_key, "train-loss", SUM_CLIENTS_KEY}
+        arrays, _ = self._aggregate(server_round, [reply], [{}], keys, clients=n)
         return arrays
 
     def _aggregate(
