@@ -94,7 +94,7 @@ def test_server_app_grid_pulls_replies_every_half_second_and_keeps_the_timeout(m
             self.pulls, self.ready_after = 0, ready_after
 
         def push_messages(self, messages):
-            return [f"id-{m}" for m in messages]
+            return [f"id-{m.name}" for m in messages]
 
         def pull_messages(self, ids):
             self.pulls += 1
@@ -111,11 +111,14 @@ def test_server_app_grid_pulls_replies_every_half_second_and_keeps_the_timeout(m
 
     monkeypatch.setattr(server_app.time, "sleep", sleep)
     monkeypatch.setattr(server_app.time, "monotonic", lambda: clock["t"])
+    def msg(name):
+        return SimpleNamespace(name=name, metadata=SimpleNamespace(message_type="train"))
+
     fake = Fake(ready_after=3)  # nothing for two pulls, then one reply a pull
-    replies = server_app.PollingGrid(fake).send_and_receive(["a", "b"], timeout=60)
+    replies = server_app.PollingGrid(fake).send_and_receive([msg("a"), msg("b")], timeout=60)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-a", "id-b"]
     assert fake.pulls == 4 and sleeps == [server_app.PULL_INTERVAL] * 3 and server_app.PULL_INTERVAL < 3
     sleeps.clear()
     slow = Fake(ready_after=10**6)  # never answers: the timeout ends the wait, nothing returned
-    assert list(server_app.PollingGrid(slow, interval=0.5).send_and_receive(["a"], timeout=1.2)) == []
+    assert list(server_app.PollingGrid(slow, interval=0.5).send_and_receive([msg("a")], timeout=1.2)) == []
     assert sum(sleeps) == pytest.approx(1.2) and slow.pulls == 4

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from logging import INFO
 from typing import Iterable
 
 from flwr.app import Context, Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmllm.config import from_run_config
@@ -50,8 +52,12 @@ class PollingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull until every reply is in or `timeout` seconds have passed."""
+        messages = list(messages)
+        kinds = sorted({m.metadata.message_type for m in messages})
+        start = time.monotonic()
         pending = set(self.push_messages(messages))
-        end = None if timeout is None else time.monotonic() + timeout
+        sent = len(pending)
+        end = None if timeout is None else start + timeout
         replies: list[Message] = []
         while pending:
             got = list(self.pull_messages(pending))
@@ -60,6 +66,10 @@ class PollingGrid(Grid):
             if not pending or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(self.interval if end is None else max(0.0, min(self.interval, end - time.monotonic())))
+        # where a round's time goes: each message round trip, from the push to the last reply
+        log(
+            INFO, "%s: %d of %d replies in %.1f s", "/".join(kinds), sent - len(pending), sent, time.monotonic() - start
+        )
         return replies
 
 
