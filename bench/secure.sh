@@ -10,6 +10,9 @@
 set -e
 cd "$(dirname "$0")/.."
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+# the SuperLink's state in memory: 10 smol-llava workers loading at once on 2 cores locked its SQLite
+# file past its timeout ("database is locked"), failing heartbeats and pulls in round 1
+export FEDMLLM_DATABASE=${FEDMLLM_DATABASE:-memory}
 N=${N:-10}
 ROUNDS=${ROUNDS:-4}
 OUT=${OUT:-multirun/secure/$(date +%Y-%m-%d_%H-%M-%S)}

@@ -26,6 +26,8 @@
 #                      `start` registers the keys it uses; across machines run `register` on the server
 #   FEDMLLM_DATA_DIR   data-dir for every SuperNode `start` launches (a `fedmllm partition` dir)
 #   FEDMLLM_LORA_RANKS space-separated lora-rank per SuperNode, e.g. "4 8" (aggregator=flora)
+#   FEDMLLM_DATABASE   the SuperLink's state (default $FLWR_HOME/state.db: a restarted SuperLink resumes it);
+#                      "memory": Flower's in-memory state, no SQLite "database is locked" on a loaded host
 #   FEDMLLM_NODE_SETTLE seconds a started SuperNode must stay up to count as started (default 5 with TLS, 0 without)
 # Telemetry, update checks and the SuperLink's run-time dependency installation are off.
 set -euo pipefail
@@ -39,6 +41,8 @@ SUPERLINK="${FEDMLLM_SUPERLINK:-127.0.0.1:$PORT}"
 NODE_PORT="${FEDMLLM_NODE_PORT:-$((PORT + 10))}"
 TLS_DIR="${FEDMLLM_TLS_DIR:-}"
 NODE_AUTH="${FEDMLLM_NODE_AUTH:-0}"
+DATABASE="${FEDMLLM_DATABASE:-$FLWR_HOME/state.db}"
+[ "$DATABASE" = memory ] && DATABASE=":flwr-in-memory:"
 CONN=fedmllm-deploy
 PIDS="$FLWR_HOME/pids"
 LOGS="$FLWR_HOME/logs"
@@ -85,7 +89,7 @@ start_superlink() {
                             --ssl-keyfile "$TLS_DIR/server.key")
   [ "$NODE_AUTH" = 1 ] && tls+=(--enable-supernode-auth)
   launch superlink flower-superlink "${tls[@]}" --host "$BIND" --port "$PORT" \
-    --disable-runtime-dependency-installation --database "$FLWR_HOME/state.db"
+    --disable-runtime-dependency-installation --database "$DATABASE"
   local host=$BIND; [ "$host" = 0.0.0.0 ] && host=127.0.0.1
   wait_port superlink "$host" "$PORT"
   write_connection
