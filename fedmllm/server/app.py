@@ -67,9 +67,15 @@ class PollingGrid(Grid):
                 break
             time.sleep(self.interval if end is None else max(0.0, min(self.interval, end - time.monotonic())))
         # where a round's time goes: each message round trip, from the push to the last reply
-        log(
-            INFO, "%s: %d of %d replies in %.1f s", "/".join(kinds), sent - len(pending), sent, time.monotonic() - start
-        )
+        if sent:
+            log(
+                INFO,
+                "%s: %d of %d replies in %.1f s",
+                "/".join(kinds),
+                sent - len(pending),
+                sent,
+                time.monotonic() - start,
+            )
         return replies
 
 
