@@ -111,6 +111,7 @@ def test_server_app_grid_pulls_replies_every_half_second_and_keeps_the_timeout(m
 
     monkeypatch.setattr(server_app.time, "sleep", sleep)
     monkeypatch.setattr(server_app.time, "monotonic", lambda: clock["t"])
+
     def msg(name):
         return SimpleNamespace(name=name, metadata=SimpleNamespace(message_type="train"))
 
