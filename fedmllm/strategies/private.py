@@ -119,14 +119,15 @@ class _Private:
         replies = list(replies)
         key, weight_key = self.strategy.arrayrecord_key, self.strategy.weighted_by_key
         order = list(self._sent)
+        clients = 0  # in the mean: one a reply, or under secure aggregation the clients in its one sum
         for m in replies:
             if list(m.content[key].keys()) != order and set(m.content[key].keys()) == set(order):
                 arrays = from_record(m.content[key])  # Flower clips by position: the sent order
                 m.content[key] = to_record({k: arrays[k] for k in order})
-            next(iter(m.content.metric_records.values()))[weight_key] = 1.0  # equal weights
-        # the clients in the mean: one a reply, or under secure aggregation the clients in its one sum
-        self._replies = max(1, sum(_clients_in(m) for m in replies))
-        self._round = server_round
+            metrics = next(iter(m.content.metric_records.values()))
+            clients += int(metrics.get(SUM_CLIENTS_KEY, 1))
+            metrics[weight_key] = 1.0  # equal weights
+        self._replies, self._round = max(1, clients), server_round
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return None, metrics
@@ -199,9 +200,3 @@ def private_strategy(
         )
     out.dp_setup(settings, z, sample_size, population, seed)
     return out
-
-
-def _clients_in(reply: Message) -> int:
-    """The clients behind a reply: 1, or the count a secure-aggregation mean carries."""
-    metrics = next(iter(reply.content.metric_records.values()), None)
-    return int(metrics.get(SUM_CLIENTS_KEY, 1)) if metrics is not None else 1
