@@ -10,7 +10,7 @@ Part 1, `check`: tiny-llava (random weights) on easy-vqa through the code a run 
 - NF4 load (bnb 4-bit, bf16 compute on a GPU) and the reload from the pre-quantized cache, which
   must score a batch as the freshly quantized model did;
 - stage 1 and the adapter stage (few steps), two rounds of two clients through
-  `fedmllm.client.train_round`, FedAvg over the adapter, held-out evaluation with and without images.
+  `fedmllm.client.rounds.train_round`, FedAvg over the adapter, held-out evaluation with and without images.
 Asserts: the language model's linear layers are bnb `Linear4bit` (NF4), every parameter is on one
 device (the GPU when there is one), replies hold adapter tensors only, losses are finite.
 
@@ -137,7 +137,7 @@ def server_side(cfg, quiet: bool = False):
 def one_round(cfg, arrays, server_round: int, proximal_mu: float = 0.0, extra=None) -> list[tuple[dict, dict]]:
     """Every client's `train_round` from `arrays`: their (adapter, metrics) replies, asserted
     adapter-only (the global adapter's keys) with a finite train loss."""
-    from fedmllm.client import train_round
+    from fedmllm.client.rounds import train_round
     from fedmllm.config import NodeIdentity
 
     n = cfg["num_clients"]

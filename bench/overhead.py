@@ -23,7 +23,7 @@ DEFAULT = ["num_rounds=2", "num_clients=2", "clients_per_round=2", "train.local_
 
 def centralized(overrides: list[str]) -> None:
     """Train sequentially in one process: same partitions, batches and evaluations."""
-    from fedmllm.client import local_data
+    from fedmllm.client.rounds import local_data
     from fedmllm.config import NodeIdentity, compose
     from fedmllm.data import load_task
     from fedmllm.data.collate import Collator

@@ -12,14 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException, ValidationError
-
 CONF_MODULE = "fedmllm.conf"
 OVERRIDES_KEY = "overrides"  # the only run_config key fedmllm reads
 
@@ -53,6 +45,8 @@ def unknown_setting(overrides: list[str] | tuple[str, ...]) -> str | None:
     """One line naming the first override whose key no config node has (with the closest known
     key), or None. Group choices (`model=...`, `+experiment=...`) are applied first, each sweep at
     its first value, so keys a group brings count as known; `hydra.*` and deletions are Hydra's."""
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     groups = set(_GROUPS) | {p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()}
@@ -120,6 +114,13 @@ def _compose(overrides: list[str], keep_unset: bool = False) -> dict[str, Any]:
     """Hydra's composition of the packaged config (no validation); ConfigError on Hydra's errors.
     `keep_unset`: keep the schema's keys no yaml set (as `???`)."""
 
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     gh = GlobalHydra.instance()
     was_initialized = gh.is_initialized()
     try:
@@ -151,6 +152,8 @@ _KINDS = (
 def _type_problem(err: BaseException) -> str | None:
     """One line for a value of the wrong type under a schema (OmegaConf's ValidationError, maybe
     wrapped by Hydra): the key, the value and what it must be."""
+
+    from omegaconf.errors import ValidationError
 
     seen: BaseException | None = err
     while seen is not None and not isinstance(seen, ValidationError):
@@ -213,6 +216,8 @@ def schema(cls: type) -> Any:
     """Dataclass `cls` as a Hydra schema (an OmegaConf structured node): its fields and their
     types, every value unset (`???`), so that composition checks each key and type and the yaml
     files keep supplying the values. Nested dataclass fields are schemas of their own."""
+
+    from omegaconf import MISSING, OmegaConf
 
     node = OmegaConf.structured(cls)
 

@@ -96,18 +96,30 @@ def test_no_algorithm_name_is_compared_as_a_string_outside_its_module():
 
 
 def test_algorithms_and_the_client_app_load_without_torch_and_the_algorithms_without_flwr():
-    """The ClientApp process hands training to the node's worker and never imports torch; the
-    algorithm modules (imported by training code on a GPU machine without flwr) import neither."""
+    """The ClientApp process hands training to the node's worker and imports neither torch nor the
+    client's round (nor Hydra); the algorithm modules (imported by training code on a GPU machine without flwr) import neither."""
     code = textwrap.dedent("""
         import sys
         import fedmllm.algorithms as a
         for name in a.builtin_names():
             a.algorithm_class(name)
-        import fedmllm.client, fedmllm.client.local
+        import fedmllm.client.rounds, fedmllm.client.local
         assert 'flwr' not in sys.modules and 'torch' not in sys.modules, 'algorithms'
         import fedmllm.client.app, fedmllm.server.app
         heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules)
         assert not heavy, heavy
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # deployment starts one flwr-clientapp process per message, which hands the request to the
+    # node's worker: alone, the ClientApp imports neither the client's round nor Hydra (about 1 s
+    # of start-up a message on a 2-core machine)
+    code = textwrap.dedent("""
+        import sys
+        import fedmllm.client.app
+        light = ('hydra', 'omegaconf', 'tqdm', 'fedmllm.client.rounds', 'fedmllm.data', 'fedmllm.models', 'torch')
+        loaded = sorted(m for m in light if m in sys.modules)
+        assert not loaded, loaded
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedmllm.client import hold_out
+from fedmllm.client.rounds import hold_out
 from fedmllm.config import ConfigError, compose
 
 

@@ -282,7 +282,7 @@ def test_partition_of_10000_samples_keeps_every_sample(tmp_path):
 
 @pytest.mark.parametrize("scenario", ["scenario=aligned", "scenario=missing", "scenario=cross", "scenario=hybrid"])
 def test_clients_read_the_materialised_partition_and_build_the_same_on_the_fly(tmp_path, scenario):
-    from fedmllm.client import local_data
+    from fedmllm.client.rounds import local_data
     from fedmllm.partitioning.materialise import write_partitions
 
     cfg = _cfg(scenario)
@@ -390,7 +390,7 @@ def test_run_simulation_lists_empty_partitions_up_front(monkeypatch, capsys):
 
 
 def test_an_empty_client_replies_its_adapter_unchanged_with_zero_examples(tiny_cfg, monkeypatch):
-    import fedmllm.client as client
+    import fedmllm.client.rounds as client
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
     from fedmllm.stages.cache import model_config
@@ -451,7 +451,7 @@ def test_a_site_with_its_partition_folder_needs_nothing_else_of_the_dataset(tmp_
     import shutil
 
     import fedmllm.data
-    from fedmllm.client import local_data
+    from fedmllm.client.rounds import local_data
     from fedmllm.config import node_identity
     from fedmllm.data.fixtures import write_hateful_memes
     from fedmllm.partitioning.materialise import write_partitions

@@ -214,7 +214,7 @@ def test_a_non_finite_or_non_positive_weight_drops_the_reply_not_the_round(bad):
 
 
 def test_client_weight_is_its_partition_size_unless_examples_seen():
-    from fedmllm.client import aggregation_weight
+    from fedmllm.client.rounds import aggregation_weight
 
     assert aggregation_weight({}, 37, 12) == 37  # default: partition_size
     assert aggregation_weight({"weight_by": "examples_seen"}, 37, 12) == 12

@@ -55,7 +55,7 @@ def wait_dead(pid: int, timeout: float = 10) -> bool:
 
 def request(cfg_overrides: list[str], node_config: dict, server_round: int = 1):
     from fedmllm.algorithms import server_peft
-    from fedmllm.client import TrainRequest
+    from fedmllm.client.request import TrainRequest
     from fedmllm.config import compose
     from fedmllm.models import get_model
     from fedmllm.models.adapter import adapter_state
@@ -80,7 +80,7 @@ def test_wanted_reads_node_config_and_defaults_to_off_outside_flwr_clientapp():
 
 
 def test_training_in_the_worker_equals_training_in_process_and_the_worker_is_reused(sockets, supernode):
-    from fedmllm.client import train_request
+    from fedmllm.client.rounds import train_request
 
     ov = tiny_overrides("server_stage=none", "model.quantization=none")
     req = request(ov, {"partition-id": 0, "num-partitions": 2})

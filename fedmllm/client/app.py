@@ -1,4 +1,4 @@
-"""Flower ClientApp: read the Context, run fedmllm.client.train_request (in this process, or in
+"""Flower ClientApp: read the Context, run fedmllm.client.rounds.train_request (in this process, or in
 the SuperNode's long-lived worker in deployment: fedmllm.client.worker), build the reply."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
-from fedmllm.client import TrainRequest, train_request, worker
+from fedmllm.client import worker
+from fedmllm.client.request import TrainRequest
 from fedmllm.config import node_identity
 from fedmllm.privacy import CONFIG_KEY, SECURE_KEYS
 from fedmllm.records import from_record, to_record
@@ -76,7 +77,9 @@ def run_request(context: Context, arrays, config, extra, base_overrides=(), eval
     )
     if worker.wanted(context.node_config):
         out, metrics, extra_out, state = worker.call(request)
-    else:
+    else:  # imported here: a deployment's one-message processes hand the request to the worker
+        from fedmllm.client.rounds import train_request
+
         out, metrics, extra_out, state = train_request(request)
     if state and not evaluate:
         context.state[STATE_KEY] = to_record(state)

@@ -37,7 +37,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fedmllm.client import train_request
 from fedmllm.config import ConfigError
 
 IDLE_S = 900.0
@@ -221,7 +220,7 @@ def connect_or_start(supernode_pid: int | None = None) -> socket.socket:
 
 
 def call(request: Any, supernode_pid: int | None = None) -> Any:
-    """Run `fedmllm.client.train_request(request)` in this SuperNode's worker and return its result;
+    """Run `fedmllm.client.rounds.train_request(request)` in this SuperNode's worker and return its result;
     an exception raised there is raised here (a worker that dies mid-message: WorkerError)."""
     with connect_or_start(supernode_pid) as conn:
         _send(conn, ("train", request))
@@ -274,6 +273,7 @@ def _portable(err: BaseException) -> BaseException:
 
 def serve(path: Path, supernode_pid: int, idle_s: float = IDLE_S) -> None:
     """Listen on `path` and train one message at a time until stopped, idle or orphaned."""
+    from fedmllm.client.rounds import train_request  # the worker's imports (torch's come with its first model)
 
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

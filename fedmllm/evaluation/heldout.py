@@ -1,6 +1,6 @@
 """Evaluation of an adapter on held-out samples: the server's centralized evaluation of the
 global adapter (fedmllm.server.evaluate) and each client's of its own model on its own held-out
-split (fedmllm.client, eval.client_fraction)."""
+split (fedmllm.client.rounds, eval.client_fraction)."""
 
 from __future__ import annotations
 
