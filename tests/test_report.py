@@ -10,6 +10,7 @@ from fedmllm.tracking.report import (
     flatten,
     job_status,
     load_job,
+    method_label,
     parse_overrides,
     results_table,
     settings,
@@ -344,3 +345,14 @@ def test_report_puts_global_and_personalized_accuracy_side_by_side(tmp_path):
         ("missing (m=0.3)", "fedavg", "0.650 (1)", "0.600 (1)", "0.500 (1)"),
         ("missing (m=0.3)", "fedsa_lora", "0.650 (1)", "0.800 (1)", "0.700 (1)"),
     ]
+
+
+def test_a_run_without_the_servers_pre_trained_adapter_is_its_own_method():
+    stages = {"server_stage.pretrain.enabled": True, "aggregator.name": "fedavg"}
+    assert method_label({**stages, "server_stage.pretrain.lora.enabled": True}) == "fedavg"
+    assert method_label({**stages, "server_stage.pretrain.lora.enabled": False}) == "fedavg (no pre-trained adapter)"
+    # no server stages at all (server_stage=none): nothing was left out, the label stays
+    assert (
+        method_label({**stages, "server_stage.pretrain.enabled": False, "server_stage.pretrain.lora.enabled": False})
+        == "fedavg"
+    )

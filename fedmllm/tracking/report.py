@@ -210,12 +210,17 @@ def scenario_label(config: dict[str, Any]) -> str:
 
 def method_label(config: dict[str, Any]) -> str:
     """A job's method column: the aggregator (fedavg, local, centralized, ...) with FedMLLM's
-    modality-agnostic prompt (+aug) and adaptive regularization (+adareg) when on."""
+    modality-agnostic prompt (+aug) and adaptive regularization (+adareg) when on, and "(no
+    pre-trained adapter)" when the server's stages ran without the one that trains the initial
+    adapter (`server_stage.pretrain.lora.enabled=false`: the adapter starts from PEFT's init, as
+    FedSA-LoRA's always does), so such a control never pools with the default runs."""
     label = str(config.get("aggregator.name", "fedavg"))
     if config.get("prompt.name") == "aug":
         label += "+aug"
     if config.get("train.adaptive_reg.enabled") or config.get("aggregator.client.adaptive_reg"):
         label += "+adareg"
+    if config.get("server_stage.pretrain.enabled") and config.get("server_stage.pretrain.lora.enabled") is False:
+        label += " (no pre-trained adapter)"
     return label
 
 
