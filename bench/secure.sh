@@ -31,10 +31,12 @@ for model in $MODELS; do
   [ "$model" = tiny-llava ] && stage="server_stage=none train.local_steps=1"
   for secure in false true; do
     scripts/deploy.sh up "$N" "model=$model $stage $COMMON secure_aggregation=$secure out_dir=$OUT/$model-$secure"
+    # the ServerApp's log: its round trips ("train: 10 of 10 replies in 12.3 s"), one per SecAgg+ stage
+    cp "${FLWR_HOME:-.flwr}/logs/run-app.out" "$OUT/$model-$secure/serverapp.log" 2>/dev/null || true
   done
 done
 $PY - "$OUT" $MODELS <<'PY'
-import json, statistics, sys
+import json, re, statistics, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
@@ -52,4 +54,9 @@ for model in sys.argv[2:]:
     acc = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]).get("accuracy") for d in (plain, secure)]
     nodes = len(json.loads((plain / "metrics.jsonl").read_text().splitlines()[1])["clients"])
     print(f"| {model} | {nodes} | {p:.1f} | {s:.1f} | {s / p:.2f}x | {acc[0]:.3f} / {acc[1]:.3f} |")
+for model in sys.argv[2:]:  # each round trip of each run, in order (SecAgg+: 4 a round)
+    for secure in ("false", "true"):
+        log = out / f"{model}-{secure}" / "serverapp.log"
+        trips = re.findall(r"(\d+) of (\d+) replies in ([\d.]+) s", log.read_text(errors="replace")) if log.exists() else []
+        print(f"{model} secure_aggregation={secure} round trips (s):", " ".join(t[2] for t in trips) or "-")
 PY
