@@ -52,7 +52,7 @@ def train_request(req: TrainRequest):
         cfg,
         ident,
         arrays,
-        int(req.config["server-round"]),
+        server_round,
         float(req.config.get("proximal-mu", 0.0)),
         req.extra,
         store,
