@@ -32,6 +32,10 @@ LAZY = {
     "dp_accounting": "heavy (about a second: scipy, mpmath); only a run with privacy on reads it",
     "fedmllm.strategies.private": "imports flwr",
     "easy_vqa": "an optional package: its absence is reported with the fix",
+    # the one-message flwr-clientapp process: it imports config and the worker client only
+    "fedmllm.client.rounds": "imports data, models, algorithms and tqdm; the ClientApp loads it only to train in-process",
+    "hydra": "about 0.3 s; only the functions that compose a config need it, the ClientApp does not",
+    "omegaconf": "imported with Hydra, for the same reason",
 }
 
 
