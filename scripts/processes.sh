@@ -32,15 +32,28 @@ settle() {  # settle NAME SECONDS: die with its log and exit code if NAME exits 
   done
 }
 
-stop_one() {  # TERM the process group, KILL it after 10 s
-  local name=$1 pid
-  [ -f "$PIDS/$name.pid" ] || return 0
-  pid="$(cat "$PIDS/$name.pid")"
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$PIDS/$name.pid"
-  echo "stopped $name (PID $pid)"
+stop_one() { stop "$1"; }
+
+stop() {  # stop NAME...: TERM every process group at once, KILL the ones still up after 10 s
+  local name pid pids=() names=()
+  for name in "$@"; do
+    [ -f "$PIDS/$name.pid" ] || continue
+    pid="$(cat "$PIDS/$name.pid")"
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    pids+=("$pid"); names+=("$name")
+  done
+  [ "${#pids[@]}" -gt 0 ] || return 0
+  for _ in $(seq 50); do  # a SuperNode takes 2-3 s to leave the SuperLink, longer after a run
+    local up=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && up=1; done
+    [ "$up" = 0 ] && break
+    sleep 0.2
+  done
+  for i in "${!pids[@]}"; do
+    kill -KILL -- "-${pids[$i]}" 2>/dev/null || true
+    rm -f "$PIDS/${names[$i]}.pid"
+    echo "stopped ${names[$i]} (PID ${pids[$i]})"
+  done
 }
 
 wait_port() {  # wait_port NAME HOST PORT: until it accepts connections (its process must stay up)
