@@ -55,7 +55,9 @@ def run_cli(args, timeout=600):
 def tiny_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"run-{request.param}")
     before = ray_processes()
-    proc = run_cli(["run", *tiny_overrides(f"model.quantization={request.param}"), f"hydra.run.dir={out}"])
+    # the 4-bit run names its dir the Hydra way, the unquantized one with out_dir= (the user's way)
+    where = f"hydra.run.dir={out}" if request.param == "4bit" else f"out_dir={out}"
+    proc = run_cli(["run", *tiny_overrides(f"model.quantization={request.param}"), where])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     proc.ray_before = before
     return out, proc, request.param
@@ -147,74 +149,62 @@ def test_bad_override_fails_in_one_line_without_traceback():
     assert "Traceback" not in proc.stderr
 
 
-def test_sweep_runs_one_job_per_value(tmp_path):
+def test_sweep_runs_one_job_per_value_and_a_failed_job_does_not_stop_it(tmp_path):
+    """Job 0 trains; job 1 aggregates no round (every reply over the norm bound) and fails, after
+    job 0 left a trained adapter in the sweep process; it still starts from the same initial
+    adapter. The sweep exits non-zero naming the failed job, and the report marks it."""
     before = ray_processes()
     proc = run_cli(
         [
             "run",
             "-m",
-            *tiny_overrides("train.local_steps=1", "num_rounds=1"),
-            "aggregator=fedprox,fedadam",
+            *tiny_overrides("train.local_steps=1", "num_rounds=1", "aggregator=fedprox"),
+            "aggregator.max_update_norm=null,1e-12",
             f"hydra.sweep.dir={tmp_path}",
         ]
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
-    assert len(runs) == 2
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no round of 1 aggregated" in proc.stderr
+    assert f"1 job(s) of the sweep failed: 1 ({tmp_path}/1)" in proc.stderr
+    runs = [tmp_path / "0", tmp_path / "1"]
     import yaml
 
-    names = {yaml.safe_load((r / "config.yaml").read_text())["aggregator"]["name"] for r in runs}
-    assert names == {"fedprox", "fedadam"}
-    for r in runs:  # each job trained and evaluated its round
-        rows = read_metrics(r)
-        assert [row["round"] for row in rows] == [0, 1] and rows[1]["bytes_up"] > 0
-    # Every job starts from the same initial adapter (same seed): the second job must not inherit
-    # the first job's trained adapter from the sweep process's model cache.
+    bounds = [yaml.safe_load((r / "config.yaml").read_text())["aggregator"]["max_update_norm"] for r in runs]
+    assert bounds == [None, 1e-12]
+    assert yaml.safe_load((runs[1] / "config.yaml").read_text())["aggregator"]["name"] == "fedprox"
+    rows = read_metrics(runs[0])
+    assert [row["round"] for row in rows] == [0, 1] and rows[1]["bytes_up"] > 0
+    rows = read_metrics(runs[1])  # round 1 ran and is logged; every reply was dropped
+    assert [row["round"] for row in rows] == [0, 1] and rows[1]["bytes_up"] == 0
+    assert all("aggregator.max_update_norm=1e-12" in c["dropped"] for c in rows[1]["clients"])
+    # Every job starts from the same initial adapter (same seed): job 1 must not inherit job 0's
+    # trained adapter from the sweep process's model cache.
     round0 = [np.load(r / "predictions" / "round-0.npz")["scores"] for r in runs]
     np.testing.assert_allclose(round0[0], round0[1], atol=1e-5)
-    round1 = [np.load(r / "predictions" / "round-1.npz")["scores"] for r in runs]
-    assert not np.allclose(round0[1], round1[1])
+    round1 = np.load(runs[0] / "predictions" / "round-1.npz")["scores"]
+    assert not np.allclose(round0[0], round1)
     assert_none_left(before)
-    # The sweep's report: one row per job, the swept aggregator as its column.
+    # The sweep's report: one row per job, the swept setting as its column, the failed job marked.
     proc = run_cli(["report", str(tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("| job | aggregator | status |")
-    assert "| 0 | fedprox | ok | 1 |" in proc.stdout and "| 1 | fedadam | ok | 1 |" in proc.stdout
+    assert proc.stdout.startswith("| job | aggregator.max_update_norm | status |"), proc.stdout[:300]
+    assert (
+        "| 0 | null | ok | 1 |" in proc.stdout and "| 1 | 1e-12 | failed (no round aggregated) | 1 |" in proc.stdout
+    ), proc.stdout
     assert all((tmp_path / f"report.{ext}").is_file() for ext in ("md", "csv", "png"))
 
 
-def test_out_dir_is_where_the_run_writes(tmp_path):
+def test_out_dir_is_where_the_run_writes_and_is_refused_in_a_sweep(tiny_run, tmp_path):
     """`out_dir=DIR` on the command line is the run's directory (it used to be replaced by Hydra's
-    dated one); in a sweep it would be one directory for every job, so it is refused there."""
-    out = tmp_path / "mine"
-    proc = run_cli(
-        ["run", *tiny_overrides("server_stage=none", "train.local_steps=1", "num_rounds=1"), f"out_dir={out}"]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == f"run dir: {out}"
-    assert [r["round"] for r in read_metrics(out)] == [0, 1]
-    assert (out / ".hydra" / "overrides.yaml").is_file()
-    proc = run_cli(["run", "-m", "model=tiny-llava", "seed=1,2", f"out_dir={out}"], timeout=120)
-    assert proc.returncode == 2 and f"hydra.sweep.dir={out}" in proc.stderr
+    dated one; tiny_run's unquantized run passes it); in a sweep it would be one directory for every
+    job, so it is refused there."""
+    out, proc, quant = tiny_run
+    if quant == "none":  # the run given out_dir=
+        assert proc.stdout.strip().splitlines()[-1] == f"run dir: {out}"
+        assert [r["round"] for r in read_metrics(out)] == [0, 1, 2]
+        assert (out / ".hydra" / "overrides.yaml").is_file()
+        assert f"out_dir={out}" in (out / ".hydra" / "overrides.yaml").read_text()
+        return
+    proc = run_cli(["run", "-m", "model=tiny-llava", "seed=1,2", f"out_dir={tmp_path}"], timeout=120)
+    assert proc.returncode == 2 and f"hydra.sweep.dir={tmp_path}" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
-    """Job 0 aggregates no round (every reply over the norm bound) and fails; job 1 still runs;
-    the sweep exits non-zero naming the failed job."""
-    before = ray_processes()
-    proc = run_cli(
-        [
-            "run",
-            "-m",
-            *tiny_overrides("train.local_steps=1", "num_rounds=1", "server_stage=none", "dataset.eval_samples=4"),
-            "aggregator.max_update_norm=1e-12,null",
-            f"hydra.sweep.dir={tmp_path}",
-        ]
-    )
-    assert proc.returncode == 2
-    assert "no round of 1 aggregated" in proc.stderr
-    assert f"1 job(s) of the sweep failed: 0 ({tmp_path}/0)" in proc.stderr
-    rows = read_metrics(tmp_path / "1")
-    assert [r["round"] for r in rows] == [0, 1] and rows[1]["bytes_up"] > 0
-    assert_none_left(before)

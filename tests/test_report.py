@@ -103,6 +103,14 @@ def test_job_status():
     assert job_status(rounds([0.5, 0.6, 0.7]), 2) == ("ok", "")
     assert job_status(rounds([0.5, 0.6, 0.7]), 2, truncated=True)[0] == "incomplete"
     assert job_status(rounds([0.5]), None) == ("ok", "")
+    # every round ran and dropped every reply (the run raised NoRoundAggregated); one kept reply is a round
+    dropped = [{"partition-id": 0, "dropped": "update norm 0.1 > aggregator.max_update_norm=1e-12"}]
+    rows = rounds([0.5, 0.5, 0.5])
+    for r in rows[1:]:
+        r["clients"] = dropped
+    assert job_status(rows, 2) == ("failed", "no round aggregated")
+    rows[2]["clients"] = [*dropped, {"partition-id": 1}]
+    assert job_status(rows, 2) == ("ok", "")
 
 
 def test_swept_keys_are_the_overrides_that_differ(sweep):

@@ -66,9 +66,19 @@ def job_status(rows: list[dict[str, Any]], num_rounds: int | None, truncated: bo
     last = rows[-1].get("round")
     if num_rounds is not None and (last is None or last < num_rounds):
         return "incomplete", f"round {last} of {num_rounds}"
+    trained = [r for r in rows if (r.get("round") or 0) >= 1]
+    if trained and not any(_aggregated(r) for r in trained):  # the run raised NoRoundAggregated
+        return "failed", "no round aggregated"
     if truncated:
         return "incomplete", "metrics.jsonl ends in a partial line"
     return "ok", ""
+
+
+def _aggregated(row: dict[str, Any]) -> bool:
+    """Whether a round's row holds an aggregated update: one client reply kept (rows without a
+    client list, as baselines may write, count as aggregated)."""
+    clients = row.get("clients")
+    return clients is None or any(not c.get("dropped") for c in clients)
 
 
 def settings(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
