@@ -132,10 +132,12 @@ start_supernode() {  # start_supernode I N [key=value ...]
   # a SuperNode that cannot trust the SuperLink (TLS handshake: exit 305) exits within seconds: say
   # so instead of "started". On by default with TLS only: as a default without TLS the wait shifted
   # the timing of the SuperLink-restart fault test, which then hung once (docs/reliability.md)
-  local wait="${FEDMLLM_NODE_SETTLE:-$([ -n "$TLS_DIR" ] && echo 5 || echo 0)}"
-  [ "$wait" = 0 ] || settle "supernode-$i" "$wait"
+  # `start` settles all its SuperNodes at once (SETTLE_LATER=1): N nodes wait 5 s, not 5N s
+  [ "$(settle_seconds)" = 0 ] || [ -n "${SETTLE_LATER:-}" ] || settle "$(settle_seconds)" "supernode-$i"
   echo "supernode $i of $n -> $SUPERLINK (PID $(cat "$PIDS/supernode-$i.pid"), log $LOGS/supernode-$i.log)"
 }
+
+settle_seconds() { echo "${FEDMLLM_NODE_SETTLE:-$([ -n "$TLS_DIR" ] && echo 5 || echo 0)}"; }
 
 start_all() {  # start N [key=value ...]
   local n=${1:-}; shift || true
@@ -148,8 +150,11 @@ start_all() {  # start N [key=value ...]
     [ -n "${FEDMLLM_DATA_DIR:-}" ] && extra+=("data-dir=$FEDMLLM_DATA_DIR")
     [ ${#ranks[@]} = 0 ] || extra+=("lora-rank=${ranks[$i]}")
     [ "$NODE_AUTH" = 1 ] && register "$TLS_DIR/node-$i.key.pub"
-    start_supernode "$i" "$n" "${extra[@]}"
+    SETTLE_LATER=1 start_supernode "$i" "$n" "${extra[@]}"
   done
+  local names=()
+  for i in $(seq 0 $((n - 1))); do names+=("supernode-$i"); done
+  [ "$(settle_seconds)" = 0 ] || settle "$(settle_seconds)" "${names[@]}"
 }
 
 run_status() {  # run_status ID: pending, starting, running, finished:completed, finished:failed, ...; empty if unknown

@@ -17,17 +17,18 @@ launch() {  # launch NAME CMD...: own process group (setsid), PID in $PIDS/NAME.
   echo $! > "$PIDS/$name.pid"
 }
 
-settle() {  # settle NAME SECONDS: die with its log and exit code if NAME exits within SECONDS of starting
-  local name=$1 seconds=$2 pid code
-  pid="$(cat "$PIDS/$name.pid")"
+settle() {  # settle SECONDS NAME...: die with its log and exit code if a NAME exits within SECONDS of starting
+  local seconds=$1 name pid code; shift
   for _ in $(seq "$((seconds * 5))"); do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    for name in "$@"; do
+      pid="$(cat "$PIDS/$name.pid")"
+      kill -0 "$pid" 2>/dev/null && continue
       code=0; wait "$pid" 2>/dev/null || code=$?
       tail -n 20 "$LOGS/$name.log" >&2 || true
       rm -f "$PIDS/$name.pid"
       local flwr; flwr="$(grep -o 'Exit Code: [0-9]*' "$LOGS/$name.log" | tail -n 1 || true)"
       die "$name exited at start with code $code${flwr:+ (Flower: $flwr; 305 is a failed TLS handshake with the SuperLink)}; its log: $LOGS/$name.log"
-    fi
+    done
     sleep 0.2
   done
 }

@@ -26,9 +26,10 @@ AGGREGATORS = sorted(p.stem for p in (Path(__file__).parents[1] / "fedmllm/conf/
 # what an aggregator needs beyond the tiny run's two clients
 EXTRA = {
     "flora": ["aggregator.client.ranks=[4,8]", "aggregator.client.max_rank=16"],
-    "krum": ["num_clients=5", "clients_per_round=5", "partitioner=iid"],  # n > 2f + 2
-    "multikrum": ["num_clients=5", "clients_per_round=5", "partitioner=iid"],
-    "bulyan": ["num_clients=7", "clients_per_round=7", "partitioner=iid"],  # n >= 4f + 3
+    # n > 2f + 2 and n >= 4f + 3 clients; one local step each keeps the extra clients cheap
+    "krum": ["num_clients=5", "clients_per_round=5", "partitioner=iid", "train.local_steps=1"],
+    "multikrum": ["num_clients=5", "clients_per_round=5", "partitioner=iid", "train.local_steps=1"],
+    "bulyan": ["num_clients=7", "clients_per_round=7", "partitioner=iid", "train.local_steps=1"],
 }
 
 
