@@ -129,15 +129,16 @@ start_supernode() {  # start_supernode I N [key=value ...]
   launch "supernode-$i" flower-supernode $(tls_link_args) --superlink "$SUPERLINK" "${auth[@]}" \
     --host 127.0.0.1 --port "$((NODE_PORT + i))" \
     --node-config "$conf"
-  # a SuperNode that cannot trust the SuperLink (TLS handshake: exit 305) exits within seconds: say
-  # so instead of "started". On by default with TLS only: as a default without TLS the wait shifted
-  # the timing of the SuperLink-restart fault test, which then hung once (docs/reliability.md)
-  # `start` settles all its SuperNodes at once (SETTLE_LATER=1): N nodes wait 5 s, not 5N s
-  [ "$(settle_seconds)" = 0 ] || [ -n "${SETTLE_LATER:-}" ] || settle "$(settle_seconds)" "supernode-$i"
   echo "supernode $i of $n -> $SUPERLINK (PID $(cat "$PIDS/supernode-$i.pid"), log $LOGS/supernode-$i.log)"
 }
 
-settle_seconds() { echo "${FEDMLLM_NODE_SETTLE:-$([ -n "$TLS_DIR" ] && echo 5 || echo 0)}"; }
+settle_supernodes() {  # settle_supernodes NAME...: all at once, so N SuperNodes wait 5 s, not 5N s
+  # a SuperNode that cannot trust the SuperLink (TLS handshake: exit 305) exits within seconds: say
+  # so instead of "started". On by default with TLS only: as a default without TLS the wait shifted
+  # the timing of the SuperLink-restart fault test, which then hung once (docs/reliability.md)
+  local wait="${FEDMLLM_NODE_SETTLE:-$([ -n "$TLS_DIR" ] && echo 5 || echo 0)}"
+  [ "$wait" = 0 ] || settle "$wait" "$@"
+}
 
 start_all() {  # start N [key=value ...]
   local n=${1:-}; shift || true
@@ -145,16 +146,16 @@ start_all() {  # start N [key=value ...]
   start_superlink
   local ranks=(${FEDMLLM_LORA_RANKS:-})
   [ ${#ranks[@]} = 0 ] || [ ${#ranks[@]} = "$n" ] || die "FEDMLLM_LORA_RANKS has ${#ranks[@]} ranks for $n SuperNodes; give one per node"
+  local names=()
   for i in $(seq 0 $((n - 1))); do
     local extra=("$@")
     [ -n "${FEDMLLM_DATA_DIR:-}" ] && extra+=("data-dir=$FEDMLLM_DATA_DIR")
     [ ${#ranks[@]} = 0 ] || extra+=("lora-rank=${ranks[$i]}")
     [ "$NODE_AUTH" = 1 ] && register "$TLS_DIR/node-$i.key.pub"
-    SETTLE_LATER=1 start_supernode "$i" "$n" "${extra[@]}"
+    start_supernode "$i" "$n" "${extra[@]}"
+    names+=("supernode-$i")
   done
-  local names=()
-  for i in $(seq 0 $((n - 1))); do names+=("supernode-$i"); done
-  [ "$(settle_seconds)" = 0 ] || settle "$(settle_seconds)" "${names[@]}"
+  settle_supernodes "${names[@]}"
 }
 
 run_status() {  # run_status ID: pending, starting, running, finished:completed, finished:failed, ...; empty if unknown
@@ -209,7 +210,7 @@ status() {
 cmd="${1:-}"; shift || true
 case "$cmd" in
   superlink) start_superlink ;;
-  supernode) start_supernode "$@" ;;
+  supernode) start_supernode "$@"; settle_supernodes "supernode-$1" ;;
   register) [ $# = 1 ] || die "register needs one public key file, e.g. node-2.key.pub"; register "$1" ;;
   start) start_all "$@" ;;
   run) run_app "${1:-}" ;;
